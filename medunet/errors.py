@@ -1,0 +1,54 @@
+"""Typed errors that a pipeline can catch and route (e.g. to manual review).
+
+Every error medunet raises on purpose is a :class:`MedunetError`; the CLI prints
+its message on one line and exits non-zero. Messages name the case and the file
+(never patient identifiers) and say how to fix the problem where we know how.
+"""
+
+from __future__ import annotations
+
+
+class MedunetError(Exception):
+    """Base class of all errors raised by medunet on purpose."""
+
+
+class ConfigError(MedunetError):
+    """A configuration file or override is invalid."""
+
+
+class DataError(MedunetError):
+    """An input file or datalist entry is missing, unreadable or inconsistent.
+
+    Args:
+        message: what is wrong.
+        case: the case name, when the problem belongs to one case.
+        path: the offending file, when there is one.
+    """
+
+    def __init__(self, message: str, *, case: str | None = None, path: str | None = None) -> None:
+        self.case = case
+        self.path = path
+        self.problem = message
+        parts = []
+        if case is not None:
+            parts.append(f"case {case!r}")
+        if path is not None:
+            parts.append(f"file {path}")
+        prefix = ", ".join(parts)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+class GeometryError(MedunetError):
+    """A result would not lie exactly on its input's grid."""
+
+
+class CheckpointError(MedunetError):
+    """A checkpoint is missing, corrupt, unsafe or incompatible."""
+
+
+class OutputExistsError(MedunetError):
+    """An output file exists and overwriting was not allowed."""
+
+
+class TrainingError(MedunetError):
+    """Training cannot continue (e.g. a non-finite loss)."""

@@ -1,0 +1,216 @@
+"""NIfTI reading and writing: owns the array + affine contract.
+
+Reading returns a channel-first ``MetaTensor`` whose affine is the file's full
+world (RAS+) affine, exactly as MONAI's ``NibabelReader`` would build it, after
+checks that turn bad files into one-line :class:`DataError` messages.
+
+Writing puts a label array on the grid of a reference image: same shape, same
+affine, same qform/sform codes, integer dtype, written to a temporary name and
+renamed so a crash never leaves a valid-looking half file.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.utils import SpaceKeys
+
+from medunet.errors import DataError, GeometryError, OutputExistsError
+from medunet.io.atomic import atomic_path
+
+#: Refuse files that declare more voxels than this (a corrupt header must not allocate terabytes).
+MAX_VOXELS = 2_000_000_000
+#: Tolerance of "same grid" comparisons between affines (relative to the voxel size).
+AFFINE_TOLERANCE = 1e-3
+
+ImageSource = str | Path | nib.Nifti1Image
+
+
+def spacing_of(affine: np.ndarray) -> np.ndarray:
+    """Voxel spacing in mm (column norms of the affine's 3x3 part)."""
+    return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+
+
+def same_grid(affine_a: np.ndarray, affine_b: np.ndarray, *, tolerance: float = AFFINE_TOLERANCE) -> bool:
+    """True when two affines describe the same grid within ``tolerance`` of a voxel."""
+    a = np.asarray(affine_a, dtype=np.float64)
+    b = np.asarray(affine_b, dtype=np.float64)
+    scale = max(float(spacing_of(a).max()), 1e-6)
+    return bool(np.allclose(a[:3, :4], b[:3, :4], rtol=0.0, atol=tolerance * scale))
+
+
+def describe_affine(affine: np.ndarray) -> str:
+    """Short text for error messages: spacing, origin and axis codes."""
+    affine = np.asarray(affine, dtype=np.float64)
+    codes = "".join(nib.aff2axcodes(affine))
+    spacing = ", ".join(f"{s:.4g}" for s in spacing_of(affine))
+    origin = ", ".join(f"{o:.4g}" for o in affine[:3, 3])
+    return f"spacing ({spacing}) mm, origin ({origin}), axes {codes}"
+
+
+def read_nifti(source: ImageSource, *, case: str | None = None) -> nib.Nifti1Image:
+    """Open a NIfTI file (header only; voxels are read later), with clear errors."""
+    if isinstance(source, nib.Nifti1Image):
+        return source
+    path = Path(source)
+    if not path.is_file():
+        raise DataError("file does not exist", case=case, path=str(path))
+    if not path.name.endswith((".nii", ".nii.gz")):
+        raise DataError("not a NIfTI file (expected .nii or .nii.gz)", case=case, path=str(path))
+    if path.stat().st_size == 0:
+        raise DataError("file is empty (0 bytes)", case=case, path=str(path))
+    try:
+        image = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for corrupt headers; all mean "unreadable"
+        raise DataError(f"cannot read NIfTI header ({type(exc).__name__}: {exc})", case=case, path=str(path)) from None
+    if not isinstance(image, nib.Nifti1Image):  # Nifti2Image subclasses Nifti1Image
+        raise DataError(f"unsupported image type {type(image).__name__}", case=case, path=str(path))
+    if int(np.prod(image.shape, dtype=np.int64)) > MAX_VOXELS:
+        raise DataError(f"declares {image.shape} voxels, more than medunet accepts", case=case, path=str(path))
+    return image
+
+
+def spatial_shape_3d(shape: Sequence[int], *, case: str | None, path: str | None) -> tuple[int, int, int]:
+    """The 3D shape of an image; trailing singleton dimensions are dropped, anything else is refused."""
+    dims = list(shape)
+    while len(dims) > 3 and dims[-1] == 1:
+        dims.pop()
+    if len(dims) != 3:
+        kind = "2D" if len(dims) < 3 else f"{len(dims)}D"
+        raise DataError(
+            f"expected a 3D volume, got a {kind} image of shape {tuple(shape)}; "
+            "give each channel as its own file in the datalist's image list",
+            case=case,
+            path=path,
+        )
+    if min(dims) < 1:
+        raise DataError(f"has an empty dimension, shape {tuple(shape)}", case=case, path=path)
+    return dims[0], dims[1], dims[2]
+
+
+def read_voxels(image: nib.Nifti1Image, *, case: str | None, path: str | None, dtype: type = np.float32) -> np.ndarray:
+    """Read an image's voxels as a 3D array (scaling applied), refusing truncated files and NaN/Inf."""
+    shape = spatial_shape_3d(image.shape, case=case, path=path)
+    try:
+        data = np.asarray(image.dataobj, dtype=None)
+    except (EOFError, OSError, ValueError, zlib.error) as exc:
+        raise DataError(
+            f"cannot read voxel data: the file is truncated or corrupt ({type(exc).__name__})", case=case, path=path
+        ) from None
+    data = data.reshape(shape)
+    if np.issubdtype(data.dtype, np.complexfloating) or data.dtype.fields is not None:
+        raise DataError(f"unsupported voxel type {data.dtype} (RGB or complex)", case=case, path=path)
+    if np.issubdtype(data.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            raise DataError(f"contains {bad} NaN/Inf voxels", case=case, path=path)
+    return data.astype(dtype, copy=False)
+
+
+def to_meta_tensor(channels: Sequence[np.ndarray], affine: np.ndarray, *, source: str) -> MetaTensor:
+    """Stack per-channel 3D arrays into a channel-first MetaTensor carrying the world affine."""
+    affine_t = torch.as_tensor(np.asarray(affine, dtype=np.float64))
+    shape = channels[0].shape
+    meta = {
+        "original_affine": affine_t.clone(),
+        "spatial_shape": np.asarray(shape),
+        "space": SpaceKeys.RAS,
+        "original_channel_dim": 0 if len(channels) > 1 else float("nan"),
+        "filename_or_obj": source,
+    }
+    array = np.stack([np.ascontiguousarray(c) for c in channels], axis=0)
+    return MetaTensor(torch.from_numpy(array), affine=affine_t, meta=meta)
+
+
+def load_volume(
+    sources: ImageSource | Sequence[ImageSource], *, case: str | None = None, dtype: type = np.float32
+) -> tuple[MetaTensor, nib.Nifti1Image]:
+    """Read one or more channels of a case into a channel-first MetaTensor.
+
+    Returns:
+        The tensor (C, X, Y, Z) and the first channel's NIfTI image, the reference grid for outputs.
+
+    Raises:
+        DataError: missing/unreadable/truncated file, not 3D, NaN/Inf voxels, or channels on different grids.
+    """
+    if isinstance(sources, (str, Path, nib.Nifti1Image)):
+        sources = [sources]
+    if not sources:
+        raise DataError("no image file given", case=case)
+    images = [read_nifti(s, case=case) for s in sources]
+    names = [str(s) if not isinstance(s, nib.Nifti1Image) else "<in-memory image>" for s in sources]
+    reference = images[0]
+    ref_shape = spatial_shape_3d(reference.shape, case=case, path=names[0])
+    channels = []
+    for image, name in zip(images, names):
+        shape = spatial_shape_3d(image.shape, case=case, path=name)
+        if shape != ref_shape or not same_grid(image.affine, reference.affine):
+            raise DataError(
+                f"channel grid differs from the first channel's: shape {shape} vs {ref_shape}, "
+                f"{describe_affine(image.affine)} vs {describe_affine(reference.affine)}",
+                case=case,
+                path=name,
+            )
+        channels.append(read_voxels(image, case=case, path=name, dtype=dtype))
+    return to_meta_tensor(channels, reference.affine, source=names[0]), reference
+
+
+def label_dtype(num_classes: int) -> np.dtype:
+    """Smallest unsigned dtype holding labels 0..num_classes-1 (uint8 up to 256 classes)."""
+    if num_classes <= 256:
+        return np.dtype(np.uint8)
+    if num_classes <= 65536:
+        return np.dtype(np.uint16)
+    return np.dtype(np.uint32)
+
+
+def mask_image(labels: np.ndarray, reference: nib.Nifti1Image, *, num_classes: int) -> nib.Nifti1Image:
+    """A label image on ``reference``'s grid: same shape, affine, qform/sform and codes.
+
+    Raises:
+        GeometryError: ``labels`` does not have the reference's 3D shape.
+    """
+    shape = tuple(int(s) for s in reference.shape[:3])
+    if tuple(labels.shape) != shape:
+        raise GeometryError(f"mask shape {tuple(labels.shape)} differs from the input's {shape}; refusing to write it")
+    dtype = label_dtype(num_classes)
+    header = reference.header.copy()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header.set_slope_inter(1.0, 0.0)
+    header["cal_min"] = 0
+    header["cal_max"] = max(num_classes - 1, 0)
+    header["descrip"] = b"medunet segmentation"
+    header.set_intent("label")
+    image = nib.Nifti1Image(labels.astype(dtype, copy=False), reference.affine, header)
+    # nibabel may rewrite the codes when given an affine: restore the reference's qform/sform exactly.
+    ref_header = reference.header
+    image.set_qform(ref_header.get_qform(), code=int(ref_header["qform_code"]))
+    image.set_sform(ref_header.get_sform(), code=int(ref_header["sform_code"]))
+    if not np.allclose(image.affine, reference.affine, atol=1e-6):
+        raise GeometryError("mask affine would differ from the input's; refusing to write it")  # pragma: no cover
+    return image
+
+
+def write_mask(
+    labels: np.ndarray, reference: nib.Nifti1Image, path: str | Path, *, num_classes: int, overwrite: bool = False
+) -> Path:
+    """Write ``labels`` on ``reference``'s grid to ``path`` atomically.
+
+    Raises:
+        OutputExistsError: ``path`` exists and ``overwrite`` is False.
+        GeometryError: the labels do not fit the reference grid.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"output {path} already exists; pass --overwrite to replace it")
+    image = mask_image(labels, reference, num_classes=num_classes)
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
+    return path

@@ -1,0 +1,64 @@
+"""Device, precision and seeding choices shared by training and inference."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from medunet.errors import ConfigError
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` -> the first CUDA GPU when there is one, else the CPU; otherwise the named device.
+
+    Raises:
+        ConfigError: CUDA was asked for and is not available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} was asked for but CUDA is not available; use --device cpu")
+    return device
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``train.amp``: None means full precision (always on CPU)."""
+    if device.type != "cuda" or mode == "off":
+        return None
+    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
+    """Mixed precision when ``dtype`` is set, otherwise nothing."""
+    if dtype is None:
+        yield
+    else:
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            yield
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def derived_seed(seed: int, epoch: int) -> int:
+    """A seed for one epoch that depends only on the run's seed and the epoch number.
+
+    Reseeding every epoch from this makes a resumed run draw exactly the random numbers an
+    uninterrupted run would have drawn, whatever happened before.
+    """
+    return (seed * 1_000_003 + epoch * 7_919 + 12_345) % 2**31

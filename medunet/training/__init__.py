@@ -1,0 +1,1 @@
+"""Training: the loop, optimisation schedule, checkpoints and run-folder records."""

@@ -1,0 +1,85 @@
+"""Datasets and loaders for training and validation.
+
+Deterministic preprocessing is cached (in memory with ``CacheDataset`` or on disk
+with ``PersistentDataset``) so an epoch re-runs only the random transforms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.data import CacheDataset, Dataset, PersistentDataset, ThreadDataLoader, list_data_collate
+from monai.transforms import Compose
+
+from medunet.config import Config
+from medunet.errors import MedunetError
+from medunet.io.datalist import Case
+from medunet.transforms import augmentation, preprocessing
+
+
+def unwrap_error(exc: BaseException) -> BaseException:
+    """The MedunetError behind MONAI's "applying transform" wrappers, or ``exc`` itself."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, MedunetError):
+            return seen
+        seen = seen.__cause__ or seen.__context__  # type: ignore[assignment]
+    return exc
+
+
+def make_dataset(
+    cases: Sequence[Case], transform: Compose, config: Config, *, cache_dir: Path, progress: bool
+) -> Dataset:
+    """A dataset that caches ``transform`` up to its first random step, as ``data.cache`` says."""
+    items = [c.as_dict() for c in cases]
+    try:
+        if config.data.cache == "memory":
+            return CacheDataset(items, transform, num_workers=config.data.cache_workers, progress=progress)
+        if config.data.cache == "disk":
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            return PersistentDataset(items, transform, cache_dir=cache_dir)
+        return Dataset(items, transform)
+    except Exception as exc:  # re-raise the typed error a transform raised, without MONAI's wrapper
+        cause = unwrap_error(exc)
+        if cause is exc:
+            raise
+        raise cause from None
+
+
+def training_loader(
+    cases: Sequence[Case], config: Config, *, num_classes: int, in_channels: int, cache_dir: Path, progress: bool
+) -> tuple[Dataset, ThreadDataLoader, torch.Generator]:
+    """Training dataset, its loader (shuffled, class-balanced patches) and the loader's generator."""
+    pre = preprocessing(config, num_classes=num_classes, in_channels=in_channels, with_label=True)
+    aug = augmentation(config, num_classes=num_classes)
+    dataset = make_dataset(cases, Compose([*pre.transforms, *aug.transforms]), config, cache_dir=cache_dir, progress=progress)
+    generator = torch.Generator()
+    loader = ThreadDataLoader(
+        dataset,
+        batch_size=min(config.train.batch_size, len(cases)),
+        shuffle=True,
+        drop_last=False,
+        num_workers=config.data.loader_workers,
+        collate_fn=list_data_collate,
+        generator=generator,
+        buffer_size=1,
+        pin_memory=torch.cuda.is_available(),
+    )
+    return dataset, loader, generator
+
+
+def validation_dataset(
+    cases: Sequence[Case], config: Config, *, num_classes: int, in_channels: int, cache_dir: Path, progress: bool
+) -> Dataset:
+    """Whole preprocessed validation volumes with their labels."""
+    pre = preprocessing(config, num_classes=num_classes, in_channels=in_channels, with_label=True)
+    return make_dataset(cases, pre, config, cache_dir=cache_dir, progress=progress)
+
+
+def batch_cases(batch: dict[str, Any]) -> list[str]:
+    """Case names in a collated batch (for error messages)."""
+    names = batch.get("case", [])
+    return sorted(set(names)) if isinstance(names, (list, tuple)) else [str(names)]

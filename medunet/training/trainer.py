@@ -1,0 +1,317 @@
+"""The training loop: patches in, checkpoints and records out.
+
+One call, :func:`train`, runs a whole training (or resumes one) in a run folder:
+
+    config.yaml  split.json  metrics.csv  train_curve.png  log.txt  best.pt  last.pt
+
+Each epoch reseeds every generator from (seed, epoch), so resuming from ``last.pt``
+continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from monai.metrics import DiceMetric
+from monai.networks.utils import one_hot
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from tqdm.auto import tqdm
+
+from medunet import __version__
+from medunet.config import Config, config_to_dict, save_config
+from medunet.errors import DataError, MedunetError, TrainingError
+from medunet.inference.sliding import predict_probabilities
+from medunet.io.datalist import Case, Datalist, load_datalist, split_cases
+from medunet.networks import SegmentationNetwork, build_network
+from medunet.runtime import amp_dtype, autocast, derived_seed, seed_everything, select_device
+from medunet.training.checkpoint import FORMAT_VERSION, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from medunet.training.data import batch_cases, training_loader, unwrap_error, validation_dataset
+from medunet.training.optim import build_optimizer, build_scheduler
+from medunet.training.records import MetricsLog, dice_column, write_split
+
+log = logging.getLogger("medunet")
+
+
+@dataclass
+class TrainResult:
+    """What a training run achieved."""
+
+    run_dir: Path
+    best_dice: float
+    best_epoch: int
+    epochs_completed: int
+    class_dice: dict[str, float] = field(default_factory=dict)
+    stopped_early: bool = False
+
+
+def resolve_labels(datalist: Datalist, config: Config) -> dict[int, str]:
+    """Class names: the datalist's "labels", else data.labels, else found from the training labels."""
+    if datalist.labels:
+        return datalist.labels
+    if config.data.labels:
+        return {int(k): v for k, v in config.data.labels.items()}
+    highest = 0
+    for case in datalist.training:
+        assert case.label is not None
+        data = np.asarray(nib.load(str(case.label)).dataobj)
+        highest = max(highest, int(np.nanmax(data)) if data.size else 0)
+    log.warning("no \"labels\" in the datalist or config; found classes 0..%d in the training labels", highest)
+    return {i: ("background" if i == 0 else f"class_{i}") for i in range(max(highest, 1) + 1)}
+
+
+def split_for_run(datalist: Datalist, config: Config, run_dir: Path, resume: bool) -> tuple[list[Case], list[Case]]:
+    """Training and validation cases: the datalist's lists, the saved split on resume, or a new seeded split."""
+    if datalist.validation:
+        train, val = list(datalist.training), list(datalist.validation)
+        write_split(run_dir, [c.name for c in train], [c.name for c in val], seed=config.data.split_seed, source="datalist")
+        return train, val
+    saved = run_dir / "split.json"
+    if resume and saved.is_file():
+        import json
+
+        names = set(json.loads(saved.read_text())["validation"])
+        return [c for c in datalist.training if c.name not in names], [c for c in datalist.training if c.name in names]
+    train, val = split_cases(datalist.training, val_fraction=config.data.val_fraction, seed=config.data.split_seed)
+    write_split(run_dir, [c.name for c in train], [c.name for c in val], seed=config.data.split_seed, source="random")
+    return train, val
+
+
+class DeepSupervisionLoss(torch.nn.Module):
+    """DiceCE on the main output plus halving-weight DiceCE on each deep-supervision head."""
+
+    def __init__(self, config: Config, num_classes: int) -> None:
+        super().__init__()
+        lc = config.loss
+        weight = torch.tensor(lc.class_weights, dtype=torch.float32) if lc.class_weights else None
+        if weight is not None and len(weight) != num_classes:
+            raise DataError(f"loss.class_weights needs {num_classes} values (one per class), got {len(weight)}")
+        self.dice_ce = DiceCELoss(
+            include_background=lc.include_background,
+            to_onehot_y=True,
+            softmax=True,
+            lambda_dice=lc.dice_weight,
+            lambda_ce=lc.ce_weight,
+            weight=weight,
+        )
+
+    def forward(self, outputs: list[torch.Tensor], label: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        weights = [0.5**i for i in range(len(outputs))]
+        total = sum(w * self.dice_ce(o.float(), label) for w, o in zip(weights, outputs))
+        return total / sum(weights)  # type: ignore[return-value]
+
+
+def _cycle(loader: Any, count: int) -> Iterator[dict[str, Any]]:
+    done = 0
+    while done < count:
+        for batch in loader:
+            yield batch
+            done += 1
+            if done >= count:
+                return
+
+
+@torch.no_grad()
+def validate(
+    model: SegmentationNetwork, dataset: Any, config: Config, *, num_classes: int, device: torch.device, amp: torch.dtype | None
+) -> np.ndarray:
+    """Mean Dice per foreground class over the validation volumes (NaN for classes absent everywhere)."""
+    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+    for i in range(len(dataset)):
+        item = dataset[i]
+        image = torch.as_tensor(item["image"])[None]
+        label = torch.as_tensor(item["label"])[None].to(device)
+        probs = predict_probabilities(model, image, config, device=device, amp=amp)
+        pred = one_hot(probs.argmax(dim=1, keepdim=True), num_classes)
+        metric(y_pred=pred, y=one_hot(label.long(), num_classes))
+    return metric.aggregate().cpu().numpy().astype(np.float64)
+
+
+def train(
+    datalist_path: str | Path,
+    run_dir: str | Path,
+    config: Config,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train (or resume) a model on a datalist; see the module docstring for the run folder.
+
+    Raises:
+        MedunetError: bad data, config or checkpoint, or a non-finite loss.
+    """
+    run_dir = Path(run_dir)
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    if resume and not last_path.is_file():
+        raise TrainingError(f"cannot resume: {last_path} does not exist")
+    if not resume and last_path.exists():
+        raise TrainingError(f"run folder {run_dir} already holds a training run; pass --resume to continue it or choose another -o")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    try:
+        return _train(Path(datalist_path), run_dir, config, resume=resume, progress=progress)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _train(datalist_path: Path, run_dir: Path, config: Config, *, resume: bool, progress: bool) -> TrainResult:
+    tc = config.train
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    device = select_device(tc.device)
+    amp = amp_dtype(tc.amp, device)
+    datalist = load_datalist(datalist_path, allow_outside_root=config.data.allow_outside_root)
+    labels = resolve_labels(datalist, config)
+    class_names = [labels[i] for i in sorted(labels)]
+    num_classes = len(class_names)
+    in_channels = len(datalist.training[0].image)
+    train_cases, val_cases = split_for_run(datalist, config, run_dir, resume)
+    save_config(config, run_dir / "config.yaml")
+    log.info(
+        "medunet %s: %d training / %d validation cases, %d classes %s, device %s%s",
+        __version__, len(train_cases), len(val_cases), num_classes, class_names, device,
+        f", AMP {amp}" if amp else "",
+    )
+
+    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else run_dir / "cache"
+    seed_everything(tc.seed)
+    log.info("preprocessing and caching %d volumes", len(train_cases) + len(val_cases))
+    train_ds, loader, generator = training_loader(
+        train_cases, config, num_classes=num_classes, in_channels=in_channels, cache_dir=cache_dir / "train", progress=progress
+    )
+    val_ds = validation_dataset(
+        val_cases, config, num_classes=num_classes, in_channels=in_channels, cache_dir=cache_dir / "val", progress=progress
+    )
+
+    model = build_network(config.model, in_channels=in_channels, out_channels=num_classes).to(device)
+    loss_fn = DeepSupervisionLoss(config, num_classes).to(device)
+    optimizer = build_optimizer(config.optim, model)
+    scheduler = build_scheduler(config.optim, optimizer, tc.max_epochs)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    metrics = MetricsLog(run_dir, class_names[1:])
+    best_dice, best_epoch, stale, start_epoch = -1.0, 0, 0, 0
+    if resume:
+        state = load_checkpoint(last_path, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        restore_rng(state["rng"])
+        start_epoch = int(state["epoch"])
+        best_dice, best_epoch, stale = float(state["best_dice"]), int(state["best_epoch"]), int(state["stale_validations"])
+        metrics = MetricsLog(run_dir, class_names[1:], rows=state["history"][:start_epoch])
+        metrics.write_csv()
+        log.info("resuming after epoch %d (best mean Dice %.4f at epoch %d)", start_epoch, best_dice, best_epoch)
+
+    def checkpoint(epoch: int) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "medunet_version": __version__,
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "rng": capture_rng(),
+            "config": config_to_dict(config),
+            "labels": {str(i): n for i, n in enumerate(class_names)},
+            "in_channels": in_channels,
+            "modality": datalist.modality or config.data.modality,
+            "best_dice": best_dice,
+            "best_epoch": best_epoch,
+            "stale_validations": stale,
+            "history": metrics.rows,
+        }
+
+    iterations = tc.iterations_per_epoch or len(loader)
+    stopped_early = False
+    class_dice: dict[str, float] = {}
+    for epoch in range(start_epoch, tc.max_epochs):
+        started = time.perf_counter()
+        epoch_seed = derived_seed(tc.seed, epoch)
+        seed_everything(epoch_seed)
+        train_ds.transform.set_random_state(seed=epoch_seed)  # type: ignore[union-attr]
+        generator.manual_seed(epoch_seed)
+        model.train()
+        losses = []
+        bar = tqdm(total=iterations, desc=f"epoch {epoch + 1}/{tc.max_epochs}", unit="batch", disable=not progress, leave=False)
+        try:
+            batches = _cycle(loader, iterations)
+            for batch in batches:
+                image, label = batch["image"].to(device), batch["label"].to(device)
+                with autocast(device, amp):
+                    loss = loss_fn(model(image), label)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"loss became {loss.item()} at epoch {epoch + 1} on a batch of cases {batch_cases(batch)}; "
+                        f"stopped, {last_path.name} keeps the last good state. Lower optim.lr or check those cases"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if config.optim.grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+                bar.update()
+        except MedunetError:
+            raise
+        except RuntimeError as exc:
+            cause = unwrap_error(exc)
+            if isinstance(cause, MedunetError):
+                raise cause from None
+            raise
+        finally:
+            bar.close()
+        lr = optimizer.param_groups[0]["lr"]
+        row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": lr}
+        validated = (epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.max_epochs
+        improved = False
+        if validated:
+            dice = validate(model, val_ds, config, num_classes=num_classes, device=device, amp=amp)
+            mean = float(np.nanmean(dice)) if np.isfinite(dice).any() else 0.0
+            class_dice_now = {n: float(d) for n, d in zip(class_names[1:], dice)}
+            row["val_dice_mean"] = mean
+            row.update({dice_column(n): d for n, d in class_dice_now.items()})
+            improved = mean > best_dice
+            if improved:
+                best_dice, best_epoch, stale, class_dice = mean, epoch + 1, 0, class_dice_now
+            else:
+                stale += 1
+            if isinstance(scheduler, ReduceLROnPlateau):
+                scheduler.step(mean)
+        if not isinstance(scheduler, ReduceLROnPlateau):
+            scheduler.step()
+        row["epoch_seconds"] = time.perf_counter() - started
+        metrics.add(row, draw=validated)
+        state = checkpoint(epoch + 1)
+        save_checkpoint(state, last_path)
+        if improved:
+            save_checkpoint(state, best_path)
+        message = f"epoch {epoch + 1}/{tc.max_epochs}: loss {row['train_loss']:.4f}, lr {lr:.3g}, {row['epoch_seconds']:.1f} s"
+        if validated:
+            per_class = ", ".join(f"{n} {d:.3f}" for n, d in zip(class_names[1:], dice))
+            message += f", val Dice {row['val_dice_mean']:.4f} ({per_class}){' *best*' if improved else ''}"
+        log.info(message)
+        patience = tc.early_stopping_patience
+        if validated and patience is not None and stale >= patience:
+            log.info("early stopping: no better validation Dice for %d validations", stale)
+            stopped_early = True
+            break
+    if math.isinf(best_dice) or best_dice < 0:
+        best_dice = 0.0
+    return TrainResult(run_dir, best_dice, best_epoch, len(metrics.rows), class_dice, stopped_early)

@@ -1,0 +1,192 @@
+"""Diagnostic PNGs: training curves and image/label overlays.
+
+Both plots use matplotlib's object API with the Agg canvas (no pyplot, no
+``matplotlib.use``), so importing this module never changes global backend state
+and works on headless machines. PNGs are written atomically, so a crash never
+leaves a half-written figure that a report or dashboard would pick up.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgba
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+
+from medunet.io.atomic import atomic_path
+
+_DPI = 100
+_ALPHA = 0.4
+#: One distinct colour per label value (label 1 -> first colour, ...; cycles after 10).
+_CLASS_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4",
+                  "#42d4f4", "#f032e6", "#bfef45", "#ffe119", "#469990")
+#: (view name, slice axis): axial slices along axis 2, coronal along 1, sagittal along 0.
+_VIEWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))
+
+
+def _save(fig: Figure, out_png: Path) -> None:
+    """Render ``fig`` with Agg and write it to ``out_png`` atomically."""
+    FigureCanvasAgg(fig)
+    with atomic_path(Path(out_png)) as tmp:
+        fig.savefig(tmp, format="png", dpi=_DPI)
+
+
+def _num(value: float | int | str | None) -> float:
+    """Parse a CSV/log cell as float; None, "" and unparsable cells become NaN."""
+    if value is None or value == "":
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def plot_training_curve(
+    rows: Sequence[Mapping[str, float | int | str | None]],
+    out_png: Path,
+    *,
+    class_names: Sequence[str],
+) -> None:
+    """Plot training loss and validation Dice per epoch to a 10x4 in PNG.
+
+    Left: training loss (log scale when all values are positive). Right: mean
+    validation Dice (thick) and per-class Dice (thin) at the epochs that were
+    validated. The title names the best mean Dice and its epoch, so a run's
+    progress can be judged at a glance without opening the metrics CSV.
+    """
+    if not rows:
+        raise ValueError("rows must be a non-empty sequence of epoch rows, got 0 rows")
+    epochs = np.array([_num(r.get("epoch")) for r in rows])
+    epochs = np.where(np.isfinite(epochs), epochs, np.arange(1, len(rows) + 1))
+    loss = np.array([_num(r.get("train_loss")) for r in rows])
+    mean = np.array([_num(r.get("val_dice_mean")) for r in rows])
+    val = np.isfinite(mean)
+
+    fig = Figure(figsize=(10, 4), dpi=_DPI, layout="constrained")
+    ax_loss, ax_dice = fig.subplots(1, 2, sharex=True)
+    ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if np.ptp(epochs) < 2:  # too few epochs for integer ticks on an autoscaled axis
+        ax_loss.set_xlim(epochs.min() - 1, epochs.max() + 1)
+    finite = np.isfinite(loss)
+    ax_loss.plot(epochs[finite], loss[finite], marker=".", color="tab:blue")
+    if finite.any() and (loss[finite] > 0).all():
+        ax_loss.set_yscale("log")
+    ax_loss.set(title="training loss", xlabel="epoch", ylabel="loss")
+    ax_loss.grid(alpha=0.3)
+
+    ax_dice.set(title="validation Dice", xlabel="epoch", ylabel="Dice", ylim=(0.0, 1.0))
+    ax_dice.grid(alpha=0.3)
+    if val.any():
+        ax_dice.plot(epochs[val], mean[val], marker="o", lw=2.5, color="black", label="mean")
+        for i, name in enumerate(class_names):
+            dice = np.array([_num(r.get(f"val_dice_{name}")) for r in rows])[val]
+            ax_dice.plot(epochs[val], dice, marker=".", lw=1,
+                         color=_CLASS_COLOURS[i % len(_CLASS_COLOURS)], label=name)
+        ax_dice.legend(loc="lower right", fontsize="small")
+        best = int(np.nanargmax(np.where(val, mean, np.nan)))
+        fig.suptitle(f"best mean Dice {mean[best]:.4f} at epoch {epochs[best]:g}")
+    else:
+        ax_dice.text(0.5, 0.5, "no validation yet", transform=ax_dice.transAxes,
+                     ha="center", va="center", color="grey")
+        fig.suptitle("best mean Dice: no validation yet")
+    _save(fig, out_png)
+
+
+def _check_volume(name: str, array: np.ndarray, shape: tuple[int, ...] | None) -> None:
+    """Raise ValueError unless ``array`` is 3D (and has ``shape`` when given)."""
+    if array.ndim != 3:
+        raise ValueError(f"{name} must be a 3D array, got shape {array.shape}")
+    if shape is not None and array.shape != shape:
+        raise ValueError(f"{name} must have the image's shape {shape}, got {array.shape}")
+
+
+def _centre(prediction: np.ndarray, reference: np.ndarray | None) -> tuple[int, ...]:
+    """Voxel index of the prediction's foreground centroid, else the reference's, else the centre."""
+    for labels in (prediction, reference):
+        if labels is not None and (labels > 0).any():
+            return tuple(int(round(c)) for c in np.argwhere(labels > 0).mean(axis=0))
+    return tuple(n // 2 for n in prediction.shape)
+
+
+def _draw_labels(ax: Axes, labels: np.ndarray, aspect: float) -> None:
+    """Overlay a 2D label slice (display orientation): filled colour per class plus a contour."""
+    rgba = np.zeros(labels.shape + (4,))
+    for value in np.unique(labels[labels > 0]):
+        colour = _CLASS_COLOURS[(int(value) - 1) % len(_CLASS_COLOURS)]
+        mask = labels == value
+        rgba[mask] = to_rgba(colour, _ALPHA)
+        if min(mask.shape) >= 2 and not mask.all():
+            ax.contour(mask.astype(float), levels=[0.5], colors=[colour], linewidths=1.0)
+    ax.imshow(rgba, origin="lower", aspect=aspect, interpolation="nearest")
+
+
+def save_overlay(
+    image: np.ndarray,
+    prediction: np.ndarray,
+    out_png: Path,
+    *,
+    reference: np.ndarray | None = None,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    title: str = "",
+    window: tuple[float, float] | None = None,
+) -> None:
+    """Save axial/coronal/sagittal slices of ``image`` with label overlays to a PNG.
+
+    Slices pass through the centroid of the predicted foreground (else the
+    reference's, else the volume centre), so the structure of interest is shown.
+    Rows are views; columns are the plain image, image + reference (only when
+    ``reference`` is given) and image + prediction, for quick visual QA of a
+    segmentation. Pixels keep their physical aspect ratio via ``spacing``; the
+    intensity window is ``window`` or the image's 1st..99th percentiles.
+    """
+    image, prediction = np.asarray(image), np.asarray(prediction)
+    _check_volume("image", image, None)
+    _check_volume("prediction", prediction, image.shape)
+    if reference is not None:
+        reference = np.asarray(reference)
+        _check_volume("reference", reference, image.shape)
+    if len(spacing) != 3 or not all(s > 0 for s in spacing):
+        raise ValueError(f"spacing must be 3 positive numbers, got {tuple(spacing)}")
+
+    if window is None:
+        low, high = (float(v) for v in np.nanpercentile(image, [1.0, 99.0]))
+    else:
+        low, high = float(window[0]), float(window[1])
+    high = high if high > low else low + 1.0
+    columns: list[tuple[str, np.ndarray | None]] = [("image", None)]
+    if reference is not None:
+        columns.append(("reference", np.rint(reference).astype(np.int64)))
+    columns.append(("prediction", np.rint(prediction).astype(np.int64)))
+    centre = _centre(prediction, reference)
+
+    fig = Figure(figsize=(3 * len(columns), 3 * len(_VIEWS)), dpi=_DPI, layout="constrained")
+    axes = fig.subplots(len(_VIEWS), len(columns), squeeze=False)
+    for row, (view, axis) in enumerate(_VIEWS):
+        index = centre[axis]
+        horizontal, vertical = (a for a in range(3) if a != axis)
+        aspect = spacing[vertical] / spacing[horizontal]
+        for col, (name, labels) in enumerate(columns):
+            ax = axes[row, col]
+            # Transpose so the first remaining axis runs left-right, the second bottom-up.
+            ax.imshow(np.take(image, index, axis=axis).T, cmap="gray", vmin=low, vmax=high,
+                      origin="lower", aspect=aspect, interpolation="nearest")
+            if labels is not None:
+                _draw_labels(ax, np.take(labels, index, axis=axis).T, aspect)
+            ax.set_title(f"{name}: {view} {index}", fontsize="small")
+            ax.set_axis_off()
+
+    present = sorted({int(v) for _, lab in columns if lab is not None for v in np.unique(lab) if v > 0})
+    if present:
+        handles = [Patch(color=_CLASS_COLOURS[(v - 1) % len(_CLASS_COLOURS)], alpha=0.8,
+                         label=f"label {v}") for v in present]
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5), fontsize="small")
+    if title:
+        fig.suptitle(title)
+    _save(fig, out_png)
