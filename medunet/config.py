@@ -544,9 +544,25 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return values
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
-    values = read_yaml(path) if path is not None else {}
+#: What the MRI preset changes from the (CT) defaults; configs/mri.yaml holds the same values.
+MRI_PRESET: dict[str, dict[str, Any]] = {
+    "data": {"modality": "MRI", "normalization": "zscore", "target_spacing": [1.0, 1.0, 1.0]},
+    "augmentation": {"patch_size": [128, 128, 128]},
+}
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), *, modality: str = "CT") -> Config:
+    """Load a YAML config and apply ``--set`` overrides.
+
+    Without ``path`` the built-in preset of ``modality`` is used: the defaults for CT,
+    :data:`MRI_PRESET` for MRI.
+    """
+    if path is not None:
+        values = read_yaml(path)
+    elif modality.upper() in ("MR", "MRI"):
+        values = _deep_copy(MRI_PRESET)
+    else:
+        values = {}
     values = apply_overrides(values, overrides)
     try:
         return config_from_dict(values)
