@@ -1,0 +1,21 @@
+# The two commands a newcomer needs (each installs everything first, into .venv):
+#   make demo   -- synthetic CT data, a short training, inference, scores and a picture
+#   make test   -- the whole test suite
+VENV ?= .venv
+
+.PHONY: setup demo test lint docs
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/medunet demo --out medunet-demo --overwrite
+
+test: setup
+	$(VENV)/bin/python -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check medunet tests scripts
+
+docs: setup
+	$(VENV)/bin/python scripts/gen_config_reference.py
