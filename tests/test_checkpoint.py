@@ -123,7 +123,8 @@ def test_truncated_checkpoint(tmp_path: Path) -> None:
                 strict=True,
                 raises=IndexError,
                 reason="load_checkpoint lets IndexError from torch's weights-only unpickler escape "
-                "(a file starting with 't' is read as the pickle TUPLE opcode); only RuntimeError/EOFError/OSError/ValueError are wrapped",
+                "(a file starting with 't' is read as the pickle TUPLE opcode); "
+                "only RuntimeError/EOFError/OSError/ValueError are wrapped",
             ),
         ),
     ],
@@ -269,7 +270,7 @@ def test_warmup_goes_from_tenth_to_one() -> None:
     factors = [lr_factor(cfg, e, 20) for e in range(8)]
     assert factors[0] == pytest.approx(0.1)
     assert factors[5:] == pytest.approx([1.0, 1.0, 1.0])
-    assert all(a < b for a, b in zip(factors[:6], factors[1:6]))
+    assert all(a < b for a, b in zip(factors[:5], factors[1:6], strict=True))
     assert factors[:5] == pytest.approx([0.1, 0.28, 0.46, 0.64, 0.82])
 
 
@@ -287,7 +288,7 @@ def test_cosine_reaches_min_lr() -> None:
     assert factors[0] == pytest.approx(1.0)
     assert factors[10] == pytest.approx(1e-5 / 1e-3)
     assert factors[5] == pytest.approx(0.01 + 0.99 * 0.5)
-    assert all(a > b for a, b in zip(factors, factors[1:]))
+    assert all(a > b for a, b in zip(factors[:-1], factors[1:], strict=True))
     assert lr_factor(cfg, 15, 10) == pytest.approx(0.01)  # stays at the floor past the end
 
 

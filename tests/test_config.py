@@ -51,7 +51,9 @@ def test_shipped_configs_load_and_round_trip(name: str, modality: str) -> None:
     assert cfg.data.modality == modality
     assert config_from_dict(config_to_dict(cfg)) == cfg
     stride = cfg.model.total_stride()
-    assert all(p % s == 0 for p, s in zip(cfg.augmentation.patch_size, stride)), "patch must be divisible by the total stride"
+    assert all(p % s == 0 for p, s in zip(cfg.augmentation.patch_size, stride, strict=True)), (
+        "patch must be divisible by the total stride"
+    )
 
 
 # --- unknown keys ----------------------------------------------------------------
@@ -212,7 +214,12 @@ def test_last_override_wins() -> None:
 def non_default_config() -> Config:
     return config_from_dict(
         {
-            "data": {"modality": "MRI", "normalization": "zscore", "ct_window": [-100, 300], "labels": {"0": "bg", "1": "tumour"}},
+            "data": {
+                "modality": "MRI",
+                "normalization": "zscore",
+                "ct_window": [-100, 300],
+                "labels": {"0": "bg", "1": "tumour"},
+            },
             "augmentation": {"patch_size": [64, 64, 32], "samples_per_volume": 4},
             "model": {
                 "name": "dynunet",
@@ -284,9 +291,7 @@ def test_ct_window_wrong_length() -> None:
 
 
 def test_total_stride_anisotropic() -> None:
-    cfg = load_config(
-        overrides=["model.features=[8, 16, 32, 64]", "model.strides=[[1, 1, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2]]"]
-    )
+    cfg = load_config(overrides=["model.features=[8, 16, 32, 64]", "model.strides=[[1, 1, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2]]"])
     assert cfg.model.level_strides() == [(1, 1, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2)]
     assert cfg.model.total_stride() == (8, 8, 4)
     assert ModelConfig(features=(4, 8, 16), strides=((1, 2, 1), (2, 1, 3), (1, 1, 2))).total_stride() == (2, 2, 6)
@@ -334,3 +339,43 @@ def test_config_is_frozen() -> None:
     cfg = Config()
     with pytest.raises(AttributeError):
         cfg.train.max_epochs = 5  # type: ignore[misc]
+
+
+# --- value checks -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("orientation", ["RA", "RASL", "XYZ", "RA1"])
+def test_orientation_must_be_three_axis_codes(orientation: str) -> None:
+    with pytest.raises(ConfigError, match="data.orientation"):
+        load_config(overrides=[f"data.orientation={orientation}"])
+
+
+def test_orientation_lower_case_accepted() -> None:
+    assert load_config(overrides=["data.orientation=lps"]).data.orientation.upper() == "LPS"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="DataConfig.__post_init__ checks only length and letters, so an orientation naming one axis twice "
+    "(RLS, RRS) is accepted and MONAI's Orientationd then silently builds a degenerate affine",
+)
+@pytest.mark.parametrize("orientation", ["RLS", "RRS", "ASA"])
+def test_orientation_must_name_three_different_axes(orientation: str) -> None:
+    with pytest.raises(ConfigError, match="data.orientation"):
+        load_config(overrides=[f"data.orientation={orientation}"])
+
+
+@pytest.mark.parametrize("value", ["0", "-1e-3"])
+def test_lr_must_be_positive(value: str) -> None:
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(overrides=[f"optim.lr={value}"])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="OptimConfig checks `lr <= 0`, which NaN passes; the float coercion also turns the YAML string 'nan' into NaN",
+)
+@pytest.mark.parametrize("value", ["nan", ".nan"])
+def test_lr_nan_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(overrides=[f"optim.lr={value}"])

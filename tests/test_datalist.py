@@ -157,9 +157,7 @@ def test_absolute_path_refused_unless_allowed(tmp_path: Path) -> None:
     touch(outside, "a.nii.gz", "a_seg.nii.gz")
     root = tmp_path / "root"
     root.mkdir()
-    path = write_datalist(
-        root, {"training": [{"image": str(outside / "a.nii.gz"), "label": str(outside / "a_seg.nii.gz")}]}
-    )
+    path = write_datalist(root, {"training": [{"image": str(outside / "a.nii.gz"), "label": str(outside / "a_seg.nii.gz")}]})
     with pytest.raises(DataError, match="absolute path") as info:
         load_datalist(path)
     assert str(path) in str(info.value)
@@ -170,6 +168,13 @@ def test_absolute_path_refused_unless_allowed(tmp_path: Path) -> None:
 def test_absolute_path_refused_even_inside_root(tmp_path: Path) -> None:
     touch(tmp_path, "a.nii.gz", "a_seg.nii.gz")
     path = write_datalist(tmp_path, {"training": [{"image": str(tmp_path / "a.nii.gz"), "label": "a_seg.nii.gz"}]})
+    with pytest.raises(DataError, match="absolute path"):
+        load_datalist(path)
+
+
+def test_home_relative_path_counts_as_absolute(tmp_path: Path) -> None:
+    touch(tmp_path, "a_seg.nii.gz")
+    path = write_datalist(tmp_path, {"training": [{"image": "~/a.nii.gz", "label": "a_seg.nii.gz"}]})
     with pytest.raises(DataError, match="absolute path"):
         load_datalist(path)
 

@@ -72,8 +72,11 @@ def test_dynunet_without_deep_supervision_returns_one_output() -> None:
 
 
 def test_dynunet_anisotropic_strides() -> None:
-    cfg = ModelConfig(features=(4, 8, 16, 32), strides=((1, 1, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2)),
-                      kernel_sizes=((3, 3, 1), (3, 3, 3), (3, 3, 3), (3, 3, 3)))
+    cfg = ModelConfig(
+        features=(4, 8, 16, 32),
+        strides=((1, 1, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2)),
+        kernel_sizes=((3, 3, 1), (3, 3, 3), (3, 3, 3), (3, 3, 3)),
+    )
     assert cfg.total_stride() == (8, 8, 4)
     net = build_network(cfg, in_channels=1, out_channels=2)
     net.train()
@@ -94,3 +97,17 @@ def test_unknown_name_lists_valid_names() -> None:
 def test_unetpp_needs_five_levels() -> None:
     with pytest.raises(ConfigError, match="5 model.features"):
         build_network(ModelConfig(name="unet++", features=(4, 8, 16, 32)), in_channels=1, out_channels=2)
+
+
+def test_unetpp_main_output_is_the_full_depth_decoder() -> None:
+    """BasicUNetPlusPlus returns [x_0_1, x_0_2, x_0_3, x_0_4]; x_0_4 (the full network) must be the main output."""
+    torch.manual_seed(0)
+    net = build_network(ModelConfig(name="unet++", features=TINY["unet++"]), in_channels=1, out_channels=2)
+    net.eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        raw = net.net(x)
+        main = net(x)
+    assert len(raw) == 4
+    torch.testing.assert_close(main, raw[-1])
+    assert not torch.allclose(main, raw[0])

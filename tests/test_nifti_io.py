@@ -31,7 +31,7 @@ def save(array: np.ndarray, path: Path, affine: np.ndarray = OBLIQUE, *, qform_c
 
 
 def ramp(shape: tuple[int, ...] = SHAPE, offset: float = 0.0) -> np.ndarray:
-    return (np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape) + offset)
+    return np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape) + offset
 
 
 def assert_only(folder: Path, expected: set[str]) -> None:
@@ -129,6 +129,20 @@ def test_truncated_file_refused_quickly(tmp_path: Path, name: str) -> None:
     assert "trunc" in str(info.value)
 
 
+def test_header_declaring_huge_volume_refused_before_reading(tmp_path: Path) -> None:
+    header = nib.Nifti1Header()
+    header.set_data_shape((30000, 30000, 3000))  # 2.7e12 voxels declared (dims are int16)
+    header.set_data_dtype(np.float32)
+    header["vox_offset"] = 352
+    path = tmp_path / "huge.nii"
+    path.write_bytes(header.binaryblock + b"\x00" * 4 + b"\x00" * 64)  # header, empty extension flag, a few bytes
+    start = time.perf_counter()
+    with pytest.raises(DataError, match="more than medunet accepts") as info:
+        load_volume(path, case="h")
+    assert time.perf_counter() - start < 5.0
+    assert str(path) in str(info.value)
+
+
 def test_zero_byte_file_refused(tmp_path: Path) -> None:
     path = tmp_path / "empty.nii.gz"
     path.write_bytes(b"")
@@ -200,7 +214,7 @@ def test_label_dtype(num_classes: int, dtype: type) -> None:
     assert np.iinfo(label_dtype(num_classes)).max >= num_classes - 1
 
 
-@pytest.mark.parametrize("qform_code, sform_code", [(1, 1), (1, 2), (2, 0), (1, 4)])
+@pytest.mark.parametrize("qform_code, sform_code", [(1, 1), (1, 2), (2, 0), (0, 1), (1, 4)])
 def test_write_mask_keeps_grid_and_codes(tmp_path: Path, qform_code: int, sform_code: int) -> None:
     ref_path = save(ramp(), tmp_path / "in" / "img.nii.gz", qform_code=qform_code, sform_code=sform_code)
     reference = nib.load(str(ref_path))

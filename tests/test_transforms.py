@@ -31,7 +31,9 @@ def save(array: np.ndarray, affine: np.ndarray, path: Path) -> str:
 
 def to_axcodes(array: np.ndarray, codes: str) -> np.ndarray:
     """Store a RAS-voxel-ordered array as it would lie in a file with these axis codes."""
-    ornt = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(tuple("RAS")), nib.orientations.axcodes2ornt(tuple(codes)))
+    ornt = nib.orientations.ornt_transform(
+        nib.orientations.axcodes2ornt(tuple("RAS")), nib.orientations.axcodes2ornt(tuple(codes))
+    )
     return nib.orientations.apply_orientation(array, ornt)
 
 
@@ -171,7 +173,8 @@ def test_ct_window_maps_to_unit_range(tmp_path: Path) -> None:
     hu[1, 0, 0] = -60.0
     path = save(hu, np.eye(4), tmp_path / "ct.nii.gz")
     config = cfg(data={"ct_window": "soft_tissue", "target_spacing": None, "crop_foreground": False})
-    out = preprocessing(config, num_classes=2, in_channels=1, with_label=False)({"case": "c", "image": [path]})["image"][0].numpy()
+    chain = preprocessing(config, num_classes=2, in_channels=1, with_label=False)
+    out = chain({"case": "c", "image": [path]})["image"][0].numpy()
     np.testing.assert_allclose(out[0, 0, :4], [0.0, 0.5, 1.0, 1.0], atol=1e-6)
     assert out[1, 0, 0] == pytest.approx(0.25)
     assert out[3, 3, 3] == 0.0  # air clipped to 0
@@ -234,7 +237,9 @@ def test_crop_foreground_off_keeps_shape(tmp_path: Path) -> None:
 @pytest.fixture()
 def preprocessed(ct_case: dict) -> dict:
     config = cfg(data={"target_spacing": [2.0, 2.0, 2.0]})
-    return preprocessing(config, num_classes=3, in_channels=1, with_label=True)({k: ct_case[k] for k in ("case", "image", "label")})
+    return preprocessing(config, num_classes=3, in_channels=1, with_label=True)(
+        {k: ct_case[k] for k in ("case", "image", "label")}
+    )
 
 
 @pytest.mark.parametrize("spatial", [False, True])
@@ -269,7 +274,8 @@ def test_augmentation_is_reproducible_with_seed(preprocessed: dict) -> None:
     config = cfg(augmentation={"patch_size": [16, 16, 8], "samples_per_volume": 2})
     a = augmentation(config, num_classes=3).set_random_state(seed=5)(preprocessed)
     b = augmentation(config, num_classes=3).set_random_state(seed=5)(preprocessed)
-    for x, y in zip(a, b):
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x["image"].as_tensor(), y["image"].as_tensor())
         torch.testing.assert_close(x["label"].as_tensor(), y["label"].as_tensor())
 

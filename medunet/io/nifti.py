@@ -28,6 +28,8 @@ from medunet.io.atomic import atomic_path
 MAX_VOXELS = 2_000_000_000
 #: Tolerance of "same grid" comparisons between affines (relative to the voxel size).
 AFFINE_TOLERANCE = 1e-3
+#: Largest |cosine| between voxel axes still taken as orthogonal (rounding in headers, not real shear).
+SHEAR_TOLERANCE = 1e-3
 
 ImageSource = str | Path | nib.Nifti1Image
 
@@ -35,6 +37,14 @@ ImageSource = str | Path | nib.Nifti1Image
 def spacing_of(affine: np.ndarray) -> np.ndarray:
     """Voxel spacing in mm (column norms of the affine's 3x3 part)."""
     return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+
+
+def shear_of(affine: np.ndarray) -> float:
+    """Largest |cosine| between two voxel axes of the affine (0 for an orthogonal grid)."""
+    columns = np.asarray(affine, dtype=np.float64)[:3, :3]
+    unit = columns / np.maximum(np.linalg.norm(columns, axis=0), 1e-12)
+    gram = unit.T @ unit
+    return float(np.abs(gram - np.diag(np.diag(gram))).max())
 
 
 def same_grid(affine_a: np.ndarray, affine_b: np.ndarray, *, tolerance: float = AFFINE_TOLERANCE) -> bool:
@@ -71,6 +81,13 @@ def read_nifti(source: ImageSource, *, case: str | None = None) -> nib.Nifti1Ima
         raise DataError(f"cannot read NIfTI header ({type(exc).__name__}: {exc})", case=case, path=str(path)) from None
     if not isinstance(image, nib.Nifti1Image):  # Nifti2Image subclasses Nifti1Image
         raise DataError(f"unsupported image type {type(image).__name__}", case=case, path=str(path))
+    if shear_of(image.affine) > SHEAR_TOLERANCE:
+        raise DataError(
+            f"has a sheared affine (gantry tilt, skew {shear_of(image.affine):.3g}); medunet only writes masks on "
+            "orthogonal grids. Resample the image to an orthogonal grid first",
+            case=case,
+            path=str(path),
+        )
     if int(np.prod(image.shape, dtype=np.int64)) > MAX_VOXELS:
         raise DataError(f"declares {image.shape} voxels, more than medunet accepts", case=case, path=str(path))
     return image

@@ -1,0 +1,101 @@
+"""End to end, through the command line: train a real (tiny) network, infer, check geometry; resume exactly."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from medunet.cli import main
+from medunet.evaluation import dice_per_class
+from medunet.synthetic import write_dataset
+
+TINY = [
+    "--set", "data.target_spacing=[2.0,2.0,2.5]",
+    "--set", "augmentation.patch_size=[32,32,32]",
+    "--set", "model.features=[8,16,32,64]",
+    "--set", "inference.sw_batch_size=2",
+    "--set", "optim.lr=0.003",
+    "--device", "cpu",
+]
+
+
+def read_metrics(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data"), num_train=8, num_test=2, shape=(40, 40, 32), num_classes=2)
+
+
+@pytest.mark.slow
+def test_train_learns_and_infer_lands_on_the_input_grid(dataset: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    status = main(["-q", "train", str(dataset), "-o", str(run), *TINY,
+                   "--set", "train.max_epochs=20", "--set", "train.val_every=5"])
+    assert status == 0
+    for name in ("config.yaml", "metrics.csv", "train_curve.png", "best.pt", "last.pt", "log.txt", "split.json"):
+        assert (run / name).is_file(), name
+    rows = read_metrics(run)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 21))
+    best = max(float(r["val_dice_mean"]) for r in rows if r["val_dice_mean"])
+    assert best > 0.8, f"validation Dice {best:.3f} does not prove learning"
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    split = json.loads((run / "split.json").read_text())
+    assert len(split["validation"]) == 2 and not set(split["validation"]) & set(split["training"])
+
+    preds = tmp_path / "preds"
+    assert main(["-q", "infer", "-m", str(run), "-i", str(dataset), "-o", str(preds), "--device", "cpu"]) == 0
+    test_cases = json.loads(dataset.read_text())["test"]
+    for entry in test_cases:
+        name = Path(entry["image"]).name
+        image_path, mask_path = dataset.parent / entry["image"], preds / name
+        image, mask = nib.load(image_path), nib.load(mask_path)
+        assert mask.shape == image.shape
+        np.testing.assert_allclose(mask.affine, image.affine, atol=1e-5)
+        assert mask.get_data_dtype() == np.uint8
+        itk_image, itk_mask = sitk.ReadImage(str(image_path)), sitk.ReadImage(str(mask_path))
+        assert itk_mask.GetSize() == itk_image.GetSize()
+        np.testing.assert_allclose(itk_mask.GetOrigin(), itk_image.GetOrigin(), atol=1e-5)
+        np.testing.assert_allclose(itk_mask.GetDirection(), itk_image.GetDirection(), atol=1e-6)
+        np.testing.assert_allclose(itk_mask.GetSpacing(), itk_image.GetSpacing(), atol=1e-6)
+        reference = np.asarray(nib.load(dataset.parent / entry["label"]).dataobj)
+        predicted = np.asarray(mask.dataobj)
+        assert set(np.unique(predicted)) <= {0, 1}
+        assert dice_per_class(predicted, reference, 2)[0] > 0.75
+    report = json.loads((preds / "inference_report.json").read_text())
+    assert [c["error"] for c in report["cases"]] == [None, None]
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly_where_training_stopped(dataset: Path, tmp_path: Path) -> None:
+    common = [*TINY, "--set", "optim.scheduler=constant", "--set", "train.val_every=2",
+              "--set", "augmentation.samples_per_volume=1", "--set", "model.features=[4,8,16]"]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert main(["-q", "train", str(dataset), "-o", str(straight), *common, "--set", "train.max_epochs=4"]) == 0
+    assert main(["-q", "train", str(dataset), "-o", str(interrupted), *common, "--set", "train.max_epochs=2"]) == 0
+    assert main(["-q", "train", str(dataset), "-o", str(interrupted), "--resume", "--set", "train.max_epochs=4"]) == 0
+
+    a = torch.load(straight / "last.pt", weights_only=True)
+    b = torch.load(interrupted / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 4
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), f"weights differ after resume: {key}"
+    losses_a = [r["train_loss"] for r in read_metrics(straight)]
+    losses_b = [r["train_loss"] for r in read_metrics(interrupted)]
+    assert losses_a == losses_b and len(losses_a) == 4
+
+
+def test_resume_without_a_run_is_a_clear_error(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["train", str(dataset), "-o", str(tmp_path / "none"), "--resume"])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "last.pt" in err and "Traceback" not in err
