@@ -22,13 +22,24 @@ EXIT_ERROR = 1
 EXIT_PARTIAL = 3
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Logs to whatever ``sys.stderr`` is now (it may be replaced, e.g. by a test or a notebook)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
 def _setup_logging(debug: bool, quiet: bool) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     log.setLevel(level)
-    if not any(getattr(h, "_medunet_console", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._medunet_console = True  # type: ignore[attr-defined]
         log.addHandler(handler)
     log.propagate = False
     if not debug:

@@ -143,6 +143,16 @@ def test_header_declaring_huge_volume_refused_before_reading(tmp_path: Path) -> 
     assert str(path) in str(info.value)
 
 
+def test_sheared_affine_refused_rotated_accepted(tmp_path: Path) -> None:
+    sheared = grid_affine((1.0, 1.0, 2.0))
+    sheared[0, 2] = 0.3  # gantry tilt: the slice axis leans into x
+    path = save(ramp(), tmp_path / "tilt.nii.gz", sheared, qform_code=0, sform_code=1)
+    with pytest.raises(DataError, match="sheared") as info:
+        load_volume(path, case="tilt")
+    assert str(path) in str(info.value)
+    load_volume(save(ramp(), tmp_path / "oblique.nii.gz"))  # a rotated (oblique) grid is orthogonal: fine
+
+
 def test_zero_byte_file_refused(tmp_path: Path) -> None:
     path = tmp_path / "empty.nii.gz"
     path.write_bytes(b"")

@@ -161,6 +161,9 @@ def train(
     log.addHandler(handler)
     try:
         return _train(Path(datalist_path), run_dir, config, resume=resume, progress=progress)
+    except MedunetError as exc:  # keep the reason in the run's log.txt too (the caller reports it)
+        handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (exc,), None))
+        raise
     finally:
         log.removeHandler(handler)
         handler.close()
