@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -94,8 +95,13 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
         if self.target_spacing is not None and min(self.target_spacing) <= 0:
             raise ConfigError(f"data.target_spacing must be positive, got {list(self.target_spacing)}")
-        if len(self.orientation) != 3 or set(self.orientation.upper()) - set("LRAPSI"):
-            raise ConfigError(f"data.orientation must be 3 axis codes like 'RAS' or 'LPS', got {self.orientation!r}")
+        codes = self.orientation.upper()
+        axes = {"L": 0, "R": 0, "P": 1, "A": 1, "I": 2, "S": 2}
+        if len(codes) != 3 or set(codes) - set(axes) or len({axes[c] for c in codes}) != 3:
+            raise ConfigError(
+                f"data.orientation must be 3 axis codes naming each axis once (L/R, P/A, I/S), like 'RAS' or 'LPS'; "
+                f"got {self.orientation!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -388,7 +394,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(f"{where} must be {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        detail = f" ({errors[0].split(', ', 1)[0]})" if len(errors) == 1 else ""
+        names = " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+        raise ConfigError(f"{where} must be {names}, got {value!r}{detail}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(
@@ -398,6 +406,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        if value is None:  # a section whose fields are all commented out
+            value = {}
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where} must be a mapping of fields, got {value!r}")
         return _build(tp, value, where)
@@ -429,6 +439,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -117,16 +117,7 @@ def test_truncated_checkpoint(tmp_path: Path) -> None:
         b"",
         b"garbage text",
         b'{"format": 1}',
-        pytest.param(
-            b"these are my notes, not weights",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=IndexError,
-                reason="load_checkpoint lets IndexError from torch's weights-only unpickler escape "
-                "(a file starting with 't' is read as the pickle TUPLE opcode); "
-                "only RuntimeError/EOFError/OSError/ValueError are wrapped",
-            ),
-        ),
+        b"these are my notes, not weights",
     ],
 )
 def test_not_a_checkpoint_at_all(tmp_path: Path, content: bytes) -> None:
@@ -209,11 +200,6 @@ def test_failed_save_any_error_keeps_previous_checkpoint(tmp_path: Path, monkeyp
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="save_checkpoint wraps only OSError, but torch.save reports a full disk as RuntimeError "
-    "('[enforce fail at inline_container.cc] ... unexpected pos'), which escapes as a traceback, not a CheckpointError",
-)
 def test_disk_full_from_torch_is_a_checkpoint_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = save_checkpoint(make_state(epoch=1), tmp_path / "last.pt")
     monkeypatch.setattr(

@@ -326,10 +326,6 @@ def test_names_are_sanitised() -> None:
     assert len(set(names)) == len(names)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="unique_case_names: a numeric suffix ('a_2') can equal another case's own name, so two outputs collide",
-)
 @pytest.mark.parametrize(
     "paths",
     [

@@ -323,11 +323,6 @@ def test_atomic_path_replaces_on_success(tmp_path: Path) -> None:
     assert_only(tmp_path / "sub", {"a.txt"})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="atomic_path creates its temporary with tempfile.mkstemp (mode 0600) and never chmods it, "
-    "so every mask/config/checkpoint is written owner-only instead of honouring the umask",
-)
 def test_atomic_write_honours_umask(tmp_path: Path) -> None:
     umask = os.umask(0o022)
     os.umask(umask)

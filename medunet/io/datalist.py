@@ -82,13 +82,16 @@ def unique_case_names(paths: Sequence[Path]) -> list[str]:
     names = [
         f"{Path(p).parent.name}_{b}" if base.count(b) > 1 and Path(p).parent.name else b for p, b in zip(paths, base)
     ]
-    seen: dict[str, int] = {}
+    clean = [re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "case" for name in names]
+    taken: set[str] = set()
     result = []
-    for name in names:
-        name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "case"
-        count = seen.get(name, 0)
-        seen[name] = count + 1
-        result.append(name if count == 0 else f"{name}_{count + 1}")
+    for name in clean:
+        candidate, n = name, 1
+        while candidate in taken or (candidate != name and candidate in clean):
+            n += 1
+            candidate = f"{name}_{n}"
+        taken.add(candidate)
+        result.append(candidate)
     return result
 
 

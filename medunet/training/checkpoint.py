@@ -30,8 +30,9 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     try:
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
-    except OSError as exc:
-        raise CheckpointError(f"cannot write checkpoint {path} ({exc.strerror or exc}); the previous one is intact") from None
+    except (OSError, RuntimeError) as exc:  # torch reports a full disk as RuntimeError
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise CheckpointError(f"cannot write checkpoint {path} ({reason}); the previous one is intact") from None
     return path
 
 
@@ -58,10 +59,12 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"checkpoint {path} holds objects that are not plain weights and config; refusing to load it ({exc.__class__.__name__})"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        if "weights only" in str(exc).lower() and "unsupported global" in str(exc).lower():
+            raise CheckpointError(
+                f"checkpoint {path} holds objects that are not plain weights and config; refusing to load it"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({type(exc).__name__})") from None
+    except Exception as exc:  # torch's unpickler raises many types on junk input; all mean "unusable file"
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path} is not a medunet checkpoint (missing {[k for k in REQUIRED_KEYS if k not in state] if isinstance(state, dict) else 'everything'})")
