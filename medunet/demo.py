@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from medunet.config import Config, load_config
@@ -106,9 +107,9 @@ def run_demo(
     test_dice = dict(zip(segmenter.class_names[1:], np.mean(scores, axis=0).tolist()))
 
     first = cases[0]
-    image = read_nifti(first[1][0])
-    reference = read_nifti(out / "data" / test_entries[0]["label"])
-    prediction = read_nifti(out / "preds" / f"{first[0]}.nii.gz")
+    image = nib.as_closest_canonical(read_nifti(first[1][0]))  # RAS for display, whatever the file's axes
+    reference = nib.as_closest_canonical(read_nifti(out / "data" / test_entries[0]["label"]))
+    prediction = nib.as_closest_canonical(read_nifti(out / "preds" / f"{first[0]}.nii.gz"))
     preview = out / "preview.png"
     save_overlay(
         read_voxels(image, case=first[0], path=None),
@@ -118,6 +119,7 @@ def run_demo(
         spacing=tuple(spacing_of(image.affine)),
         title=f"{first[0]}: image / reference / prediction",
         window=segmenter.config.data.window(),
+        class_names=segmenter.class_names,
     )
     log.info("demo finished in %.0f s", time.perf_counter() - started)
     return DemoResult(out, out / "run", out / "preds", preview, result.best_dice, test_dice)

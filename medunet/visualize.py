@@ -136,6 +136,7 @@ def save_overlay(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     title: str = "",
     window: tuple[float, float] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> None:
     """Save axial/coronal/sagittal slices of ``image`` with label overlays to a PNG.
 
@@ -144,7 +145,8 @@ def save_overlay(
     Rows are views; columns are the plain image, image + reference (only when
     ``reference`` is given) and image + prediction, for quick visual QA of a
     segmentation. Pixels keep their physical aspect ratio via ``spacing``; the
-    intensity window is ``window`` or the image's 1st..99th percentiles.
+    intensity window is ``window`` or the image's 1st..99th percentiles; the legend uses
+    ``class_names`` (indexed by label value) when given.
     """
     image, prediction = np.asarray(image), np.asarray(prediction)
     _check_volume("image", image, None)
@@ -185,7 +187,8 @@ def save_overlay(
     present = sorted({int(v) for _, lab in columns if lab is not None for v in np.unique(lab) if v > 0})
     if present:
         handles = [Patch(color=_CLASS_COLOURS[(v - 1) % len(_CLASS_COLOURS)], alpha=0.8,
-                         label=f"label {v}") for v in present]
+                         label=class_names[v] if class_names and v < len(class_names) else f"label {v}")
+                   for v in present]
         fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5), fontsize="small")
     if title:
         fig.suptitle(title)

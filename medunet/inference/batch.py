@@ -98,8 +98,11 @@ def _write_preview(segmenter: Segmenter, name: str, image_path: Path, mask_path:
     from medunet.visualize import save_overlay
     from medunet.io.nifti import spacing_of
 
-    image = read_nifti(image_path, case=name)
-    mask = read_nifti(mask_path, case=name)
+    import nibabel as nib
+
+    # show anatomy the same way whatever the file's axis order: reorient both to RAS for the picture
+    image = nib.as_closest_canonical(read_nifti(image_path, case=name))
+    mask = nib.as_closest_canonical(read_nifti(mask_path, case=name))
     window = segmenter.config.data.window() if segmenter.config.data.normalization == "ct_window" else None
     save_overlay(
         read_voxels(image, case=name, path=str(image_path)),
@@ -108,4 +111,5 @@ def _write_preview(segmenter: Segmenter, name: str, image_path: Path, mask_path:
         spacing=tuple(spacing_of(image.affine)),
         title=name,
         window=window,
+        class_names=segmenter.class_names,
     )
