@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from medunet.config import Config, load_config
-from medunet.errors import DataError, GeometryError, OutputExistsError
+from medunet.errors import DataError, OutputExistsError
 from medunet.inference.segmenter import Segmenter
 from medunet.synthetic import grid_affine
 

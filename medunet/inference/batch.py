@@ -95,10 +95,10 @@ def segment_all(
 
 
 def _write_preview(segmenter: Segmenter, name: str, image_path: Path, mask_path: Path, png: Path) -> None:
-    from medunet.visualize import save_overlay
-    from medunet.io.nifti import spacing_of
-
     import nibabel as nib
+
+    from medunet.io.nifti import spacing_of
+    from medunet.visualize import save_overlay
 
     # show anatomy the same way whatever the file's axis order: reorient both to RAS for the picture
     image = nib.as_closest_canonical(read_nifti(image_path, case=name))

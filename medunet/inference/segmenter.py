@@ -26,7 +26,7 @@ from monai.data import MetaTensor
 from monai.transforms import Invertd
 
 from medunet.config import Config, apply_overrides, config_from_dict
-from medunet.errors import GeometryError, MedunetError
+from medunet.errors import GeometryError, MedunetError, OutputExistsError
 from medunet.inference.sliding import predict_probabilities
 from medunet.io.nifti import ImageSource, label_dtype, mask_image, read_nifti, same_grid, spacing_of, write_mask
 from medunet.networks import build_network
@@ -163,9 +163,7 @@ class Segmenter:
     ) -> Path:
         """Segment ``image`` and write the mask to ``output`` (.nii.gz) atomically."""
         output = Path(output)
-        if output.exists() and not overwrite:
-            from medunet.errors import OutputExistsError
-
+        if output.exists() and not overwrite:  # before the (slow) prediction, not only at writing
             raise OutputExistsError(f"output {output} already exists; pass --overwrite to replace it")
         sources = list(image) if isinstance(image, (list, tuple)) else [image]
         reference = read_nifti(sources[0], case=case)

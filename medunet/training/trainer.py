@@ -150,7 +150,7 @@ def train(
         MedunetError: bad data, config or checkpoint, or a non-finite loss.
     """
     run_dir = Path(run_dir)
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    last_path = run_dir / "last.pt"
     if resume and not last_path.is_file():
         raise TrainingError(f"cannot resume: {last_path} does not exist")
     if not resume and last_path.exists():
