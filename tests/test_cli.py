@@ -224,3 +224,18 @@ def test_datalist_escaping_its_folder_is_refused(tmp_path: Path, dataset: Path, 
     datalist.write_text(json.dumps({"training": [{"image": str(rel), "label": str(rel)}] * 2}))
     assert main(["train", str(datalist), "-o", str(tmp_path / "r")]) == EXIT_ERROR
     assert "--allow-outside-root" in one_line_error(capsys)
+
+
+def test_non_finite_loss_stops_training_and_names_the_cases(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    datalist = copy_dataset(dataset, tmp_path)
+    for entry in json.loads(datalist.read_text())["training"]:
+        image = nib.load(datalist.parent / entry["image"])
+        huge = np.where(np.asarray(image.dataobj) > -500, 3e38, 0.0).astype(np.float32)  # finite, but overflows in the network
+        save_nifti(huge, image.affine, datalist.parent / entry["image"])
+    run_dir = tmp_path / "run"
+    status = main(["train", str(datalist), "-o", str(run_dir), *FAST, "--set", "data.normalization=none"])
+    assert status == EXIT_ERROR
+    line = one_line_error(capsys)
+    assert "loss became" in line and "phantom_" in line and "optim.lr" in line
+    assert not (run_dir / "best.pt").exists() and not (run_dir / "last.pt").exists()
+    assert "loss became" in (run_dir / "log.txt").read_text()
