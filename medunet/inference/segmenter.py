@@ -136,10 +136,10 @@ class Segmenter:
         if self.config.inference.resample_probabilities:
             data[PRED] = MetaTensor(probs, meta=dict(pre_image.meta), applied_operations=list(pre_image.applied_operations))
             inverted = Invertd(keys=PRED, transform=self._preprocess, orig_keys=IMAGE, nearest_interp=False)(data)[PRED]
-            labels_t = torch.as_tensor(inverted).argmax(dim=0)
+            labels_t = torch.as_tensor(inverted).max(dim=0).indices  # argmax is ~20x slower on CPU
             inverted_affine = inverted.affine
         else:
-            hard = probs.argmax(dim=0, keepdim=True).float()
+            hard = probs.max(dim=0, keepdim=True).indices.float()
             data[PRED] = MetaTensor(hard, meta=dict(pre_image.meta), applied_operations=list(pre_image.applied_operations))
             inverted = Invertd(keys=PRED, transform=self._preprocess, orig_keys=IMAGE, nearest_interp=True)(data)[PRED]
             labels_t = torch.as_tensor(inverted)[0].round()

@@ -131,7 +131,7 @@ def validate(
         image = torch.as_tensor(item["image"])[None]
         label = torch.as_tensor(item["label"])[None].to(device)
         probs = predict_probabilities(model, image, config, device=device, amp=amp)
-        pred = one_hot(probs.argmax(dim=1, keepdim=True), num_classes)
+        pred = one_hot(probs.max(dim=1, keepdim=True).indices, num_classes)  # faster than argmax on CPU
         metric(y_pred=pred, y=one_hot(label.long(), num_classes))
     return metric.aggregate().cpu().numpy().astype(np.float64)
 

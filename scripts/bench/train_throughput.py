@@ -12,9 +12,11 @@ number of optimisation steps, in one process and one run:
   ``DeepSupervisionLoss`` (DiceCE), ``build_optimizer`` (AdamW) and the trainer's gradient clip.
   Run twice: augmentation reduced to the class-balanced crop ("crop"; the same per-patch work as
   the baseline) and medunet's default augmentation ("default").
+* reference: the medunet step on one fixed in-memory batch (no data path): the compute floor.
 
 Each side runs one warm-up epoch, then ``--epochs`` timed epochs (an epoch = cases / batch
-steps). Per step we time how long ``next(iterator)`` blocks (data wait) and the whole step.
+steps); epochs are interleaved round-robin across the sides so machine noise hits all of them.
+Per step we time how long ``next(iterator)`` blocks (data wait) and the whole step.
 The one-off cache fill is reported separately and not counted in the per-epoch numbers.
 
     python scripts/bench/train_throughput.py            # ~3 min on 2 CPU cores
@@ -28,6 +30,7 @@ import json
 import math
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -140,44 +143,53 @@ def medunet_side(cases, args, init_state, aug: str, cache_dir: Path):
     return loader, step, cache_fill
 
 
-def timed_run(loader, step, steps_per_epoch: int, epochs: int) -> dict:
-    """One warm-up epoch, then ``epochs`` timed epochs; per step: data wait and total time."""
-    waits, totals, patches = [], [], 0
+def compute_only(cases, args, init_state, steps_per_epoch: int, cache_dir: Path):
+    """The medunet step on one pre-collated batch, repeated: the step time with no data path at all."""
+    loader, step, _ = medunet_side(cases, args, init_state, "crop", cache_dir)
+    return [next(iter(loader))] * steps_per_epoch, step, 0.0
 
-    def batches():
-        while True:
-            yield from loader  # a fresh iterator (and, for DataLoader, fresh workers) every epoch
 
-    it = batches()
-    for i in range(steps_per_epoch * (1 + epochs)):
+def run_epoch(loader, step, record: dict | None) -> None:
+    """One pass over ``loader`` (a fresh iterator: for DataLoader, fresh workers); per step: data wait, total."""
+    it = iter(loader)
+    while True:
         t0 = time.perf_counter()
-        batch = next(it)
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
         t1 = time.perf_counter()
         step(batch)
         t2 = time.perf_counter()
-        if i >= steps_per_epoch:
-            waits.append(t1 - t0)
-            totals.append(t2 - t0)
-            patches += int(batch["image"].shape[0])
-    total = sum(totals)
+        if record is not None:
+            record["wait"].append(t1 - t0)
+            record["step"].append(t2 - t0)
+            record["patches"] += int(batch["image"].shape[0])
+
+
+def summary(record: dict, epochs: int) -> dict:
+    total = sum(record["step"])
     return {
-        "steps": len(totals),
-        "patches": patches,
+        "steps": len(record["step"]),
+        "patches": record["patches"],
         "total_s": total,
-        "patches_per_s": patches / total,
-        "s_per_step": total / len(totals),
+        "patches_per_s": record["patches"] / total,
         "s_per_epoch": total / epochs,
-        "data_wait_fraction": sum(waits) / total,
+        "s_per_step_mean": total / len(record["step"]),
+        "s_per_step_median": float(np.median(record["step"])),
+        "data_wait_fraction": sum(record["wait"]) / total,
+        "step_s": record["step"],
+        "wait_s": record["wait"],
     }
 
 
 def markdown(results: dict, baseline: str) -> str:
-    rows = ["| pipeline | patches/s | s/epoch | s/step | data-wait fraction | cache fill (s, once) | patches/s vs baseline |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| pipeline | patches/s | s/epoch | s/step (median) | data-wait fraction | cache fill (s, once) "
+            "| patches/s vs baseline |", "|---|---|---|---|---|---|---|"]
     base = results[baseline]["patches_per_s"]
     for name, r in results.items():
         fill = f"{r['cache_fill_s']:.2f}" if r["cache_fill_s"] else "-"
-        rows.append(f"| {name} | {r['patches_per_s']:.3f} | {r['s_per_epoch']:.2f} | {r['s_per_step']:.3f} | "
+        rows.append(f"| {name} | {r['patches_per_s']:.3f} | {r['s_per_epoch']:.2f} | {r['s_per_step_median']:.3f} | "
                     f"{r['data_wait_fraction']:.1%} | {fill} | {r['patches_per_s'] / base:.2f}x |")
     return "\n".join(rows)
 
@@ -190,11 +202,12 @@ def main() -> None:
     parser.add_argument("--patch", type=int, default=64, help="cubic patch edge in voxels")
     parser.add_argument("--batch", type=int, default=2, help="volumes per batch")
     parser.add_argument("--samples", type=int, default=2, help="patches per volume")
-    parser.add_argument("--epochs", type=int, default=4, help="timed epochs (after one warm-up epoch)")
+    parser.add_argument("--epochs", type=int, default=10, help="timed epochs (after one warm-up epoch)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every side")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes of the baseline")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # MONAI's Orientationd "labels" notice
     if args.quick:
         args.cases, args.shape, args.patch, args.epochs = 4, [64, 64, 48], 32, 1
     torch.set_num_threads(args.threads)
@@ -211,15 +224,21 @@ def main() -> None:
             "monai-tutorial (Dataset+DataLoader)": lambda: baseline_side(cases, args, init_state),
             "medunet, crop only": lambda: medunet_side(cases, args, init_state, "crop", Path(tmp) / "c1"),
             "medunet, default augmentation": lambda: medunet_side(cases, args, init_state, "default", Path(tmp) / "c2"),
+            "reference: no data path": lambda: compute_only(cases, args, init_state, steps_per_epoch, Path(tmp) / "c3"),
         }
+        built, records = {}, {}
         for name, build in sides.items():
             torch.manual_seed(0)
             np.random.seed(0)
-            loader, step, cache_fill = build()
-            r = timed_run(loader, step, steps_per_epoch, args.epochs)
-            r["cache_fill_s"] = cache_fill
-            results[name] = r
-            print(f"{name}: {r['patches_per_s']:.3f} patches/s, wait {r['data_wait_fraction']:.1%}", flush=True)
+            built[name] = build()  # (loader, step, cache fill seconds)
+            records[name] = {"wait": [], "step": [], "patches": 0}
+        # Epochs interleave across the sides (round robin), so a slow spell of the machine hits all of them.
+        for epoch in range(1 + args.epochs):
+            for name, (loader, step, _) in built.items():
+                run_epoch(loader, step, records[name] if epoch > 0 else None)  # epoch 0: warm-up
+            print(f"epoch {epoch}/{args.epochs} done" + (" (warm-up)" if epoch == 0 else ""), flush=True)
+        for name, (_, _, cache_fill) in built.items():
+            results[name] = {**summary(records[name], args.epochs), "cache_fill_s": cache_fill}
 
     baseline = next(iter(results))
     table = markdown(results, baseline)

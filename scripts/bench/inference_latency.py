@@ -1,0 +1,213 @@
+"""End-to-end inference latency per case: medunet ``Segmenter.predict_file`` vs the MONAI tutorial.
+
+Per case, both pipelines read a NIfTI CT, preprocess it (orient RAS, resample to 1.5x1.5x2.0 mm,
+CT window, foreground crop), run a sliding window (same roi, overlap, sw_batch_size, Gaussian
+blending), invert back to the input grid, take the argmax and write a .nii.gz mask:
+
+* medunet: ``Segmenter(...).predict_file(image, output)`` (checks, probability inversion,
+  post-processing, atomic write with the input's header).
+* baseline (spleen tutorial, inference section): LoadImaged, EnsureChannelFirstd, Orientationd,
+  Spacingd, ScaleIntensityRanged, CropForegroundd -> sliding_window_inference -> Invertd
+  (nearest_interp=False), mt.AsDiscreted(argmax=True), SaveImaged (uint8, as medunet writes).
+
+Both use the same untrained MONAI UNet (16-32-64-128-256, batch norm) with the same weights,
+saved once and loaded by each side. Every (pipeline, volume) pair runs in its own subprocess,
+so ``ru_maxrss`` is that pipeline's peak host RSS (torch allocations included). Each subprocess
+runs one untimed warm-up case, then ``--repeats`` timed ones; the median is reported. The two
+masks are compared voxel by voxel (Dice of the foreground) so the timings compare like with like.
+
+    python scripts/bench/inference_latency.py
+    python scripts/bench/inference_latency.py --quick --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+SPACING = (1.5, 1.5, 2.0)
+WINDOW = (-57.0, 164.0)
+FEATURES = (16, 32, 64, 128, 256)
+VOLUMES = {  # name: (shape, spacing in mm, axis codes)
+    "large": ((256, 256, 108), (1.0, 1.0, 2.5), "LPS"),
+    "small": ((128, 128, 64), (1.5, 1.5, 2.5), "RAS"),
+}
+
+
+def network() -> torch.nn.Module:
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=FEATURES, strides=(2, 2, 2, 2), num_res_units=2,
+                norm="batch")
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def medunet_runner(args: argparse.Namespace, state: dict):
+    from medunet.config import config_from_dict
+    from medunet.inference.segmenter import Segmenter
+    from medunet.networks import build_network
+
+    config = config_from_dict({
+        "data": {"target_spacing": list(SPACING), "ct_window": list(WINDOW)},
+        "augmentation": {"patch_size": [args.roi] * 3},
+        "model": {"name": "unet", "features": list(FEATURES), "norm": "batch", "deep_supervision": False},
+        "inference": {"overlap": args.overlap, "sw_batch_size": args.sw_batch_size, "blend": "gaussian", "device": "cpu"},
+    })
+    model = build_network(config.model, in_channels=1, out_channels=2)
+    model.net.load_state_dict(state)
+    seg = Segmenter(model, config, class_names=["background", "organ"], in_channels=1, device=torch.device("cpu"))
+    output = Path(args.out_dir) / "medunet.nii.gz"
+    return lambda: seg.predict_file(args.image, output, overwrite=True), output
+
+
+def monai_runner(args: argparse.Namespace, state: dict):
+    import monai.transforms as mt
+    from monai.inferers import sliding_window_inference
+
+    model = network()
+    model.load_state_dict(state)
+    model.eval()
+    pre = mt.Compose([
+        mt.LoadImaged(keys="image"),
+        mt.EnsureChannelFirstd(keys="image"),
+        mt.Orientationd(keys="image", axcodes="RAS"),
+        mt.Spacingd(keys="image", pixdim=SPACING, mode="bilinear"),
+        mt.ScaleIntensityRanged(keys="image", a_min=WINDOW[0], a_max=WINDOW[1], b_min=0.0, b_max=1.0, clip=True),
+        mt.CropForegroundd(keys="image", source_key="image", allow_smaller=True),
+    ])
+    post = mt.Compose([
+        mt.Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False, to_tensor=True),
+        mt.AsDiscreted(keys="pred", argmax=True),
+        mt.SaveImaged(keys="pred", output_dir=args.out_dir, output_postfix="seg", resample=False, output_dtype=np.uint8,
+                      separate_folder=False, print_log=False),
+    ])
+
+    def run() -> None:
+        data = pre({"image": args.image})
+        with torch.no_grad():
+            data["pred"] = sliding_window_inference(data["image"][None], (args.roi,) * 3, args.sw_batch_size, model,
+                                                    overlap=args.overlap, mode="gaussian")[0]
+        post(data)
+
+    name = Path(args.image).name.replace(".nii.gz", "")
+    return run, Path(args.out_dir) / f"{name}_seg.nii.gz"
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One pipeline on one volume: warm-up, timed repeats; prints a JSON line."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    torch.set_num_threads(args.threads)
+    state = torch.load(args.weights)
+    run, output = (medunet_runner if args.worker == "medunet" else monai_runner)(args, state)
+    setup_rss = rss_mib()
+    run()  # warm-up (lazy imports, oneDNN kernel selection)
+    times = []
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"times": times, "peak_rss_mib": peak, "setup_rss_mib": setup_rss, "output": str(output)}))
+
+
+def make_volume(path: Path, shape, spacing, axcodes: str, seed: int) -> Path:
+    from medunet.synthetic import grid_affine, make_phantom, save_nifti
+
+    image, _ = make_phantom(shape, seed=seed, num_classes=2, modality="CT")
+    ornt = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(tuple("RAS")),
+                                           nib.orientations.axcodes2ornt(tuple(axcodes)))
+    return save_nifti(nib.orientations.apply_orientation(image, ornt), grid_affine(spacing, axcodes=axcodes), path)
+
+
+def compare(image: Path, a: Path, b: Path) -> dict:
+    ref, ma, mb = nib.load(str(image)), nib.load(str(a)), nib.load(str(b))
+    x, y = np.asarray(ma.dataobj) > 0, np.asarray(mb.dataobj) > 0
+    on_grid = {n: bool(m.shape == ref.shape and np.allclose(m.affine, ref.affine, atol=1e-4)) for n, m in (("medunet", ma), ("monai", mb))}
+    dice = 2 * np.logical_and(x, y).sum() / max(1, x.sum() + y.sum())
+    return {"dice": float(dice), "voxel_agreement": float((x == y).mean()), "fg_fraction_medunet": float(x.mean()),
+            "fg_fraction_monai": float(y.mean()), "on_input_grid": on_grid}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small volume only, 1 repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--roi", type=int, default=96, help="cubic sliding-window edge in voxels")
+    parser.add_argument("--overlap", type=float, default=0.5)
+    parser.add_argument("--sw-batch-size", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every pipeline")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--worker", choices=["medunet", "monai"], help=argparse.SUPPRESS)
+    for hidden in ("--image", "--weights", "--out-dir"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    if args.quick:
+        args.repeats = 1
+    volumes = {"small": VOLUMES["small"]} if args.quick else VOLUMES
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="medunet-bench-") as tmp:
+        torch.manual_seed(0)
+        weights = Path(tmp) / "weights.pt"
+        torch.save(network().state_dict(), weights)
+        for i, (vol, (shape, spacing, axcodes)) in enumerate(volumes.items()):
+            image = make_volume(Path(tmp) / f"{vol}.nii.gz", shape, spacing, axcodes, seed=100 + i)
+            r: dict = {"shape": list(shape), "spacing": list(spacing), "axcodes": axcodes}
+            for side in ("monai", "medunet"):
+                out_dir = Path(tmp) / f"out-{vol}-{side}"
+                out_dir.mkdir()
+                cmd = [sys.executable, __file__, "--worker", side, "--image", str(image), "--weights", str(weights),
+                       "--out-dir", str(out_dir), "--repeats", str(args.repeats), "--roi", str(args.roi),
+                       "--overlap", str(args.overlap), "--sw-batch-size", str(args.sw_batch_size),
+                       "--threads", str(args.threads)]
+                done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if done.returncode:
+                    sys.exit(f"{side} on {vol} failed:\n{done.stderr}")
+                r[side] = json.loads(done.stdout.strip().splitlines()[-1])
+                r[side]["median_s"] = statistics.median(r[side]["times"])
+                print(f"{vol} {side}: median {r[side]['median_s']:.2f} s, peak RSS {r[side]['peak_rss_mib']:.0f} MiB",
+                      flush=True)
+            r["agreement"] = compare(image, Path(r["medunet"]["output"]), Path(r["monai"]["output"]))
+            results[vol] = r
+
+    lines = ["| volume | pipeline | median s/case | min s | peak RSS MiB (after setup) | time vs baseline | "
+             "peak RSS vs baseline | mask Dice vs baseline |", "|---|---|---|---|---|---|---|---|"]
+    for vol, r in results.items():
+        base = r["monai"]
+        for side, label in (("monai", "monai-tutorial"), ("medunet", "medunet predict_file")):
+            s = r[side]
+            lines.append(
+                f"| {vol} {tuple(r['shape'])} @ {tuple(r['spacing'])} mm {r['axcodes']} | {label} | {s['median_s']:.2f} | "
+                f"{min(s['times']):.2f} | {s['peak_rss_mib']:.0f} ({s['setup_rss_mib']:.0f}) | "
+                f"{s['median_s'] / base['median_s']:.2f}x | {s['peak_rss_mib'] / base['peak_rss_mib']:.2f}x | "
+                f"{'-' if side == 'monai' else format(r['agreement']['dice'], '.4f')} |")
+    setup = (f"roi {args.roi}^3, overlap {args.overlap}, sw_batch_size {args.sw_batch_size}, gaussian blending, "
+             f"target spacing {SPACING} mm, torch threads {args.threads}, 1 warm-up + {args.repeats} timed runs")
+    print(f"\n{setup}\n\n" + "\n".join(lines))
+    for vol, r in results.items():
+        print(f"{vol}: agreement {json.dumps(r['agreement'])}")
+    if args.json:
+        args.json.write_text(json.dumps({"setup": setup, "torch": torch.__version__, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
