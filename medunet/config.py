@@ -64,7 +64,7 @@ class DataConfig:
     cache: Literal["memory", "disk", "none"] = "memory"
     """Where preprocessed volumes are cached: memory (CacheDataset), disk (PersistentDataset in data.cache_dir) or none."""
     cache_dir: str | None = None
-    """Folder for the disk cache; default: <run>/cache."""
+    """Folder for the disk cache (a subfolder per preprocessing settings, so runs can share it); default: <run>/cache."""
     cache_workers: int = 2
     """Threads that preprocess volumes while the cache is filled."""
     loader_workers: int = 0

@@ -6,6 +6,8 @@ with ``PersistentDataset``) so an epoch re-runs only the random transforms.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,8 @@ import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset, ThreadDataLoader, list_data_collate
 from monai.transforms import Compose
 
-from medunet.config import Config
+from medunet import __version__
+from medunet.config import Config, config_to_dict
 from medunet.errors import MedunetError
 from medunet.io.datalist import Case
 from medunet.transforms import augmentation, preprocessing
@@ -30,6 +33,19 @@ def unwrap_error(exc: BaseException) -> BaseException:
     return exc
 
 
+def preprocessing_key(config: Config, *, num_classes: int, in_channels: int) -> str:
+    """A short hash of everything that shapes the cached (preprocessed) data.
+
+    The disk cache lives in a folder named by it, so a changed spacing, window or crop never
+    reuses volumes cached under other settings.
+    """
+    data = config_to_dict(config.data)
+    for irrelevant in ("cache", "cache_dir", "cache_workers", "loader_workers", "val_fraction", "split_seed"):
+        data.pop(irrelevant)
+    payload = json.dumps({"data": data, "classes": num_classes, "channels": in_channels, "version": __version__}, sort_keys=True)
+    return hashlib.sha1(payload.encode()).hexdigest()[:12]
+
+
 def make_dataset(
     cases: Sequence[Case], transform: Compose, config: Config, *, cache_dir: Path, progress: bool
 ) -> Dataset:
@@ -39,7 +55,7 @@ def make_dataset(
         if config.data.cache == "memory":
             return CacheDataset(items, transform, num_workers=config.data.cache_workers, progress=progress)
         if config.data.cache == "disk":
-            cache_dir.mkdir(parents=True, exist_ok=True)
+            cache_dir.mkdir(parents=True, exist_ok=True)  # already keyed by preprocessing_key (see callers)
             return PersistentDataset(items, transform, cache_dir=cache_dir)
         return Dataset(items, transform)
     except Exception as exc:  # re-raise the typed error a transform raised, without MONAI's wrapper

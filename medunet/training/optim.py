@@ -34,5 +34,7 @@ def lr_factor(cfg: OptimConfig, epoch: int, max_epochs: int) -> float:
 def build_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, max_epochs: int) -> LRScheduler | ReduceLROnPlateau:
     """A per-epoch scheduler; ``plateau`` steps on the validation Dice, the others every epoch."""
     if cfg.scheduler == "plateau":
-        return ReduceLROnPlateau(optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr)
+        return ReduceLROnPlateau(  # eps=0: reduce at any LR scale; optim.min_lr is the floor
+            optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr, eps=0.0
+        )
     return LambdaLR(optimizer, lambda epoch: lr_factor(cfg, epoch, max_epochs))

@@ -35,7 +35,7 @@ from medunet.io.datalist import Case, Datalist, load_datalist, split_cases
 from medunet.networks import SegmentationNetwork, build_network
 from medunet.runtime import amp_dtype, autocast, derived_seed, seed_everything, select_device
 from medunet.training.checkpoint import FORMAT_VERSION, capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from medunet.training.data import batch_cases, training_loader, unwrap_error, validation_dataset
+from medunet.training.data import batch_cases, preprocessing_key, training_loader, unwrap_error, validation_dataset
 from medunet.training.optim import build_optimizer, build_scheduler
 from medunet.training.records import MetricsLog, dice_column, write_split
 
@@ -187,7 +187,8 @@ def _train(datalist_path: Path, run_dir: Path, config: Config, *, resume: bool, 
         f", AMP {amp}" if amp else "",
     )
 
-    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else run_dir / "cache"
+    cache_root = Path(config.data.cache_dir) if config.data.cache_dir else run_dir / "cache"
+    cache_dir = cache_root / preprocessing_key(config, num_classes=num_classes, in_channels=in_channels)
     seed_everything(tc.seed)
     log.info("preprocessing and caching %d volumes", len(train_cases) + len(val_cases))
     train_ds, loader, generator = training_loader(

@@ -1,0 +1,69 @@
+"""Training-loop behaviours: early stopping, plateau schedule, disk cache, validation of settings."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from medunet.config import load_config
+from medunet.synthetic import write_dataset
+from medunet.training.trainer import train
+
+TINY = [
+    "data.target_spacing=[3.0,3.0,3.0]",
+    "augmentation.patch_size=[16,16,16]",
+    "model.features=[4,8,16]",
+    "train.device=cpu",
+    "inference.device=cpu",
+]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("trainer-data"), num_train=4, num_test=0, shape=(24, 24, 16))
+
+
+def rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_early_stopping_stops_after_patience_validations(dataset: Path, tmp_path: Path) -> None:
+    # a learning rate of ~0 keeps the validation Dice constant, so no validation improves on the first
+    config = load_config(None, [*TINY, "optim.lr=1e-12", "optim.min_lr=1e-13", "train.max_epochs=10", "train.val_every=1",
+                                "train.early_stopping_patience=2"])
+    result = train(dataset, tmp_path / "run", config, progress=False)
+    assert result.stopped_early
+    assert result.epochs_completed == 3 and len(rows(tmp_path / "run")) == 3
+    assert result.best_epoch == 1
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == 1
+
+
+def test_plateau_schedule_lowers_the_learning_rate_when_dice_stalls(dataset: Path, tmp_path: Path) -> None:
+    config = load_config(None, [*TINY, "optim.lr=1e-9", "optim.min_lr=1e-12", "optim.scheduler=plateau",
+                                "optim.plateau_patience=0", "optim.plateau_factor=0.5", "train.max_epochs=3", "train.val_every=1"])
+    train(dataset, tmp_path / "run", config, progress=False)
+    lrs = [float(r["lr"]) for r in rows(tmp_path / "run")]
+    assert lrs[0] == pytest.approx(1e-9)
+    assert lrs[2] == pytest.approx(0.5e-9)  # epoch 2's validation did not improve on epoch 1's
+
+
+def test_disk_cache_gives_the_same_training_as_memory_and_is_keyed_by_settings(dataset: Path, tmp_path: Path) -> None:
+    common = [*TINY, "train.max_epochs=2", "train.val_every=1"]
+    memory = train(dataset, tmp_path / "memory", load_config(None, common), progress=False)
+    shared = tmp_path / "shared-cache"
+    disk_cfg = load_config(None, [*common, "data.cache=disk", f"data.cache_dir={shared}"])
+    disk = train(dataset, tmp_path / "disk", disk_cfg, progress=False)
+    assert disk.best_dice == pytest.approx(memory.best_dice)
+    a = torch.load(tmp_path / "memory" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "disk" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    keys = [p.name for p in shared.iterdir()]
+    assert len(keys) == 1 and any((shared / keys[0] / "train").iterdir())
+    # other preprocessing settings get their own cache folder instead of reusing stale volumes
+    other = load_config(None, [*common, "data.cache=disk", f"data.cache_dir={shared}", "data.target_spacing=[2.5,2.5,2.5]"])
+    train(dataset, tmp_path / "disk2", other, progress=False)
+    assert len(list(shared.iterdir())) == 2
