@@ -334,3 +334,14 @@ def test_atomic_write_honours_umask(tmp_path: Path) -> None:
     assert plain.stat().st_mode & 0o777 == expected
     atomic_write_text(tmp_path / "atomic.txt", "x")
     assert (tmp_path / "atomic.txt").stat().st_mode & 0o777 == expected
+
+
+def test_truncated_uncompressed_nifti_is_refused_before_reading(tmp_path: Path) -> None:
+    from medunet.errors import DataError
+    from medunet.io.nifti import read_nifti
+
+    path = tmp_path / "short.nii"
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 20), np.float32), np.eye(4)), str(path))
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DataError, match="truncated"):
+        read_nifti(path, case="c1")

@@ -88,8 +88,15 @@ def read_nifti(source: ImageSource, *, case: str | None = None) -> nib.Nifti1Ima
             case=case,
             path=str(path),
         )
-    if int(np.prod(image.shape, dtype=np.int64)) > MAX_VOXELS:
+    declared = int(np.prod(image.shape, dtype=np.int64))
+    if declared > MAX_VOXELS:
         raise DataError(f"declares {image.shape} voxels, more than medunet accepts", case=case, path=str(path))
+    if not path.name.endswith(".gz"):  # uncompressed: a short file is truncated, known before reading it
+        needed = int(getattr(image.dataobj, "offset", 0)) + declared * image.get_data_dtype().itemsize
+        if path.stat().st_size < needed:
+            raise DataError(
+                f"file is truncated: {path.stat().st_size} bytes, the header declares {needed}", case=case, path=str(path)
+            )
     return image
 
 

@@ -206,7 +206,7 @@ def _train(datalist_path: Path, run_dir: Path, config: Config, *, resume: bool, 
     metrics = MetricsLog(run_dir, class_names[1:])
     best_dice, best_epoch, stale, start_epoch = -1.0, 0, 0, 0
     if resume:
-        state = load_checkpoint(last_path, map_location=device)
+        state = load_checkpoint(last_path)  # on the CPU: RNG states must stay there; load_state_dict moves the rest
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
