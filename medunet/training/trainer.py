@@ -136,6 +136,59 @@ def validate(
     return metric.aggregate().cpu().numpy().astype(np.float64)
 
 
+def train_epoch(
+    model: SegmentationNetwork,
+    loader: Any,
+    loss_fn: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    config: Config,
+    *,
+    iterations: int,
+    device: torch.device,
+    amp: torch.dtype | None,
+    desc: str,
+    progress: bool,
+) -> list[float]:
+    """Run ``iterations`` optimisation steps; return the loss of each.
+
+    Raises:
+        TrainingError: the loss is NaN/Inf (the batch's cases are named; nothing is saved).
+        DataError: a case failed to load while the loader filled a batch.
+    """
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(total=iterations, desc=desc, unit="batch", disable=not progress, leave=False)
+    try:
+        for batch in _cycle(loader, iterations):
+            image, label = batch["image"].to(device), batch["label"].to(device)
+            with autocast(device, amp):
+                loss = loss_fn(model(image), label)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"loss became {loss.item()} during {desc} on a batch of cases {batch_cases(batch)}; "
+                    "stopped before saving anything from it. Lower optim.lr or check those cases"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.optim.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+            bar.update()
+    except RuntimeError as exc:  # a transform error inside the loader arrives wrapped by MONAI
+        cause = unwrap_error(exc)
+        if isinstance(cause, MedunetError) and cause is not exc:
+            raise cause from None
+        raise
+    finally:
+        bar.close()
+    return losses
+
+
 def train(
     datalist_path: str | Path,
     run_dir: str | Path,
@@ -205,6 +258,7 @@ def _train(datalist_path: Path, run_dir: Path, config: Config, *, resume: bool, 
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     metrics = MetricsLog(run_dir, class_names[1:])
     best_dice, best_epoch, stale, start_epoch = -1.0, 0, 0, 0
+    class_dice: dict[str, float] = {}
     if resume:
         state = load_checkpoint(last_path)  # on the CPU: RNG states must stay there; load_state_dict moves the rest
         model.load_state_dict(state["model"])
@@ -215,6 +269,7 @@ def _train(datalist_path: Path, run_dir: Path, config: Config, *, resume: bool, 
         restore_rng(state["rng"])
         start_epoch = int(state["epoch"])
         best_dice, best_epoch, stale = float(state["best_dice"]), int(state["best_epoch"]), int(state["stale_validations"])
+        class_dice = {str(k): float(v) for k, v in state.get("best_class_dice", {}).items()}
         metrics = MetricsLog(run_dir, class_names[1:], rows=state["history"][:start_epoch])
         metrics.write_csv()
         log.info("resuming after epoch %d (best mean Dice %.4f at epoch %d)", start_epoch, best_dice, best_epoch)
@@ -236,51 +291,22 @@ def _train(datalist_path: Path, run_dir: Path, config: Config, *, resume: bool, 
             "best_dice": best_dice,
             "best_epoch": best_epoch,
             "stale_validations": stale,
+            "best_class_dice": class_dice,
             "history": metrics.rows,
         }
 
     iterations = tc.iterations_per_epoch or len(loader)
     stopped_early = False
-    class_dice: dict[str, float] = {}
     for epoch in range(start_epoch, tc.max_epochs):
         started = time.perf_counter()
         epoch_seed = derived_seed(tc.seed, epoch)
         seed_everything(epoch_seed)
         train_ds.transform.set_random_state(seed=epoch_seed)  # type: ignore[union-attr]
         generator.manual_seed(epoch_seed)
-        model.train()
-        losses = []
-        bar = tqdm(total=iterations, desc=f"epoch {epoch + 1}/{tc.max_epochs}", unit="batch", disable=not progress, leave=False)
-        try:
-            batches = _cycle(loader, iterations)
-            for batch in batches:
-                image, label = batch["image"].to(device), batch["label"].to(device)
-                with autocast(device, amp):
-                    loss = loss_fn(model(image), label)
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"loss became {loss.item()} at epoch {epoch + 1} on a batch of cases {batch_cases(batch)}; "
-                        f"stopped, {last_path.name} keeps the last good state. Lower optim.lr or check those cases"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if config.optim.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                losses.append(loss.item())
-                bar.set_postfix(loss=f"{np.mean(losses):.4f}")
-                bar.update()
-        except MedunetError:
-            raise
-        except RuntimeError as exc:
-            cause = unwrap_error(exc)
-            if isinstance(cause, MedunetError):
-                raise cause from None
-            raise
-        finally:
-            bar.close()
+        losses = train_epoch(
+            model, loader, loss_fn, optimizer, scaler, config,
+            iterations=iterations, device=device, amp=amp, desc=f"epoch {epoch + 1}/{tc.max_epochs}", progress=progress,
+        )
         lr = optimizer.param_groups[0]["lr"]
         row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": lr}
         validated = (epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.max_epochs
