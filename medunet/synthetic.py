@@ -99,8 +99,17 @@ def make_phantom(
     return image.astype(np.float32), label
 
 
-def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+def as_stored(array: np.ndarray, axcodes: str) -> np.ndarray:
+    """A RAS-ordered voxel array as it would lie in a file whose voxel axes point along ``axcodes``."""
+    ornt = nib.orientations.ornt_transform(
+        nib.orientations.axcodes2ornt(("R", "A", "S")), nib.orientations.axcodes2ornt(tuple(axcodes.upper()))
+    )
+    return nib.orientations.apply_orientation(array, ornt)
+
+
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
     """Save an array with the affine as both qform and sform (as scanners' converters do)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image = nib.Nifti1Image(array, affine)
     image.header.set_qform(affine, code=1)
@@ -139,12 +148,7 @@ def write_dataset(
         image, label = make_phantom(shape, seed=seed * 1000 + i, num_classes=num_classes, modality=modality)
         codes = axcodes[i % len(axcodes)]
         affine = grid_affine(spacing, axcodes=codes, origin=(-30.0 + i, 20.0, -15.0 - 2 * i))
-        # store the arrays as they would lie in a file with these axis codes
-        ornt = nib.orientations.ornt_transform(
-            nib.orientations.axcodes2ornt(("R", "A", "S")), nib.orientations.axcodes2ornt(tuple(codes))
-        )
-        image = nib.orientations.apply_orientation(image, ornt)
-        label = nib.orientations.apply_orientation(label, ornt)
+        image, label = as_stored(image, codes), as_stored(label, codes)
         name = f"phantom_{i:03d}.nii.gz"
         if i < num_train:
             save_nifti(image, affine, out / "imagesTr" / name)

@@ -13,7 +13,7 @@ import torch
 from medunet.config import Config, config_from_dict
 from medunet.errors import DataError
 from medunet.io.nifti import spacing_of
-from medunet.synthetic import grid_affine, make_phantom
+from medunet.synthetic import as_stored, grid_affine, make_phantom, save_nifti
 from medunet.transforms import LoadCased, augmentation, class_ratios, preprocessing
 
 SHAPE = (24, 24, 16)
@@ -21,20 +21,7 @@ SPACING = (1.5, 1.5, 2.5)
 
 
 def save(array: np.ndarray, affine: np.ndarray, path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = nib.Nifti1Image(array, affine)
-    image.header.set_qform(affine, code=1)
-    image.header.set_sform(affine, code=1)
-    nib.save(image, str(path))
-    return str(path)
-
-
-def to_axcodes(array: np.ndarray, codes: str) -> np.ndarray:
-    """Store a RAS-voxel-ordered array as it would lie in a file with these axis codes."""
-    ornt = nib.orientations.ornt_transform(
-        nib.orientations.axcodes2ornt(tuple("RAS")), nib.orientations.axcodes2ornt(tuple(codes))
-    )
-    return nib.orientations.apply_orientation(array, ornt)
+    return str(save_nifti(array, affine, path))
 
 
 def world_centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -49,8 +36,8 @@ def ct_case(tmp_path: Path) -> dict:
     affine = grid_affine(SPACING, axcodes="LPS", origin=(10.0, 20.0, -30.0))
     return {
         "case": "ct_01",
-        "image": [save(to_axcodes(image, "LPS"), affine, tmp_path / "img.nii.gz")],
-        "label": save(to_axcodes(label, "LPS").astype(np.uint8), affine, tmp_path / "lab.nii.gz"),
+        "image": [save(as_stored(image, "LPS"), affine, tmp_path / "img.nii.gz")],
+        "label": save(as_stored(label, "LPS").astype(np.uint8), affine, tmp_path / "lab.nii.gz"),
         "affine": affine,
     }
 
