@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from medunet.config import Config, load_config
@@ -22,10 +21,10 @@ from medunet.errors import OutputExistsError
 from medunet.evaluation import dice_per_class
 from medunet.inference.batch import collect_inputs, segment_all
 from medunet.inference.segmenter import Segmenter
-from medunet.io.nifti import read_nifti, read_voxels, spacing_of
+from medunet.io.nifti import read_nifti, read_voxels
 from medunet.synthetic import write_dataset
 from medunet.training.trainer import train
-from medunet.visualize import save_overlay
+from medunet.visualize import save_overlay_files
 
 log = logging.getLogger("medunet")
 
@@ -107,16 +106,12 @@ def run_demo(
     test_dice = dict(zip(segmenter.class_names[1:], np.mean(scores, axis=0).tolist()))
 
     first = cases[0]
-    image = nib.as_closest_canonical(read_nifti(first[1][0]))  # RAS for display, whatever the file's axes
-    reference = nib.as_closest_canonical(read_nifti(out / "data" / test_entries[0]["label"]))
-    prediction = nib.as_closest_canonical(read_nifti(out / "preds" / f"{first[0]}.nii.gz"))
     preview = out / "preview.png"
-    save_overlay(
-        read_voxels(image, case=first[0], path=None),
-        read_voxels(prediction, case=first[0], path=None, dtype=np.int64),
+    save_overlay_files(
+        first[1][0],
+        out / "preds" / f"{first[0]}.nii.gz",
         preview,
-        reference=read_voxels(reference, case=first[0], path=None, dtype=np.int64),
-        spacing=tuple(spacing_of(image.affine)),
+        reference_path=out / "data" / test_entries[0]["label"],
         title=f"{first[0]}: image / reference / prediction",
         window=segmenter.config.data.window(),
         class_names=segmenter.class_names,

@@ -193,3 +193,33 @@ def save_overlay(
     if title:
         fig.suptitle(title)
     _save(fig, out_png)
+
+
+def save_overlay_files(
+    image_path: Path,
+    prediction_path: Path,
+    out_png: Path,
+    *,
+    reference_path: Path | None = None,
+    title: str = "",
+    window: tuple[float, float] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> None:
+    """:func:`save_overlay` for NIfTI files, shown in RAS so anatomy looks the same whatever the files' axis order."""
+    import nibabel as nib
+
+    def canonical(path: Path, dtype: type) -> np.ndarray:
+        return np.asarray(nib.as_closest_canonical(nib.load(str(path))).dataobj).astype(dtype)
+
+    image = nib.as_closest_canonical(nib.load(str(image_path)))
+    spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
+    save_overlay(
+        np.asarray(image.dataobj, dtype=np.float32),
+        canonical(prediction_path, np.int64),
+        out_png,
+        reference=canonical(reference_path, np.int64) if reference_path is not None else None,
+        spacing=spacing,
+        title=title,
+        window=window,
+        class_names=class_names,
+    )

@@ -16,7 +16,6 @@ from medunet.errors import DataError, MedunetError, OutputExistsError
 from medunet.inference.segmenter import CaseResult, Segmenter
 from medunet.io.atomic import atomic_write_text
 from medunet.io.datalist import NIFTI_SUFFIXES, load_datalist, unique_case_names
-from medunet.io.nifti import read_nifti, read_voxels
 
 log = logging.getLogger("medunet")
 
@@ -95,21 +94,7 @@ def segment_all(
 
 
 def _write_preview(segmenter: Segmenter, name: str, image_path: Path, mask_path: Path, png: Path) -> None:
-    import nibabel as nib
+    from medunet.visualize import save_overlay_files
 
-    from medunet.io.nifti import spacing_of
-    from medunet.visualize import save_overlay
-
-    # show anatomy the same way whatever the file's axis order: reorient both to RAS for the picture
-    image = nib.as_closest_canonical(read_nifti(image_path, case=name))
-    mask = nib.as_closest_canonical(read_nifti(mask_path, case=name))
     window = segmenter.config.data.window() if segmenter.config.data.normalization == "ct_window" else None
-    save_overlay(
-        read_voxels(image, case=name, path=str(image_path)),
-        read_voxels(mask, case=name, path=str(mask_path), dtype=int),
-        png,
-        spacing=tuple(spacing_of(image.affine)),
-        title=name,
-        window=window,
-        class_names=segmenter.class_names,
-    )
+    save_overlay_files(image_path, mask_path, png, title=name, window=window, class_names=segmenter.class_names)

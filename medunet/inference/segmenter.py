@@ -116,10 +116,24 @@ class Segmenter:
             DataError: the input is unreadable or not a valid volume.
             GeometryError: the result would not lie exactly on the input grid.
         """
+        labels, reference = self._segment(image, case=case)
+        return mask_image(labels, reference, num_classes=self.num_classes)
+
+    def predict_file(
+        self, image: ImageSource | Sequence[ImageSource], output: str | Path, *, overwrite: bool = False, case: str | None = None
+    ) -> Path:
+        """Segment ``image`` and write the mask to ``output`` (.nii.gz) atomically."""
+        output = Path(output)
+        if output.exists() and not overwrite:  # before the (slow) prediction, not only at writing
+            raise OutputExistsError(f"output {output} already exists; pass --overwrite to replace it")
+        labels, reference = self._segment(image, case=case)
+        return write_mask(labels, reference, output, num_classes=self.num_classes, overwrite=overwrite)
+
+    def _segment(self, image: ImageSource | Sequence[ImageSource], *, case: str | None) -> tuple[np.ndarray, nib.Nifti1Image]:
+        """Labels on the input grid, and the input (first channel) image whose header they take."""
         sources = list(image) if isinstance(image, (list, tuple)) else [image]
         reference = read_nifti(sources[0], case=case)
-        labels = self.predict_labels(sources, reference=reference, case=case)
-        return mask_image(labels, reference, num_classes=self.num_classes)
+        return self.predict_labels(sources, reference=reference, case=case), reference
 
     def predict_labels(self, sources: Sequence[ImageSource], *, reference: nib.Nifti1Image, case: str | None = None) -> np.ndarray:
         """Label array on ``reference``'s grid (after inversion and post-processing)."""
@@ -132,21 +146,15 @@ class Segmenter:
             raise
         pre_image = data[IMAGE]
         probs = predict_probabilities(self.model, torch.as_tensor(pre_image)[None], self.config, device=self.device, amp=self._amp)[0]
-        probs = probs.cpu()
-        if self.config.inference.resample_probabilities:
-            data[PRED] = MetaTensor(probs, meta=dict(pre_image.meta), applied_operations=list(pre_image.applied_operations))
-            inverted = Invertd(keys=PRED, transform=self._preprocess, orig_keys=IMAGE, nearest_interp=False)(data)[PRED]
-            labels_t = torch.as_tensor(inverted).max(dim=0).indices  # argmax is ~20x slower on CPU
-            inverted_affine = inverted.affine
-        else:
-            hard = probs.max(dim=0, keepdim=True).indices.float()
-            data[PRED] = MetaTensor(hard, meta=dict(pre_image.meta), applied_operations=list(pre_image.applied_operations))
-            inverted = Invertd(keys=PRED, transform=self._preprocess, orig_keys=IMAGE, nearest_interp=True)(data)[PRED]
-            labels_t = torch.as_tensor(inverted)[0].round()
-            inverted_affine = inverted.affine
+        # Invert either the probabilities (linear; argmax on the input grid) or the hard labels (nearest).
+        soft = self.config.inference.resample_probabilities
+        values = probs.cpu() if soft else probs.max(dim=0, keepdim=True).indices.float().cpu()  # max().indices: argmax is ~20x slower on CPU
+        data[PRED] = MetaTensor(values, meta=dict(pre_image.meta), applied_operations=list(pre_image.applied_operations))
+        inverted = Invertd(keys=PRED, transform=self._preprocess, orig_keys=IMAGE, nearest_interp=not soft)(data)[PRED]
+        labels_t = torch.as_tensor(inverted).max(dim=0).indices if soft else torch.as_tensor(inverted)[0].round()
         labels = labels_t.numpy().astype(label_dtype(self.num_classes))
         expected = tuple(int(s) for s in reference.shape[:3])
-        if labels.shape != expected or not same_grid(np.asarray(inverted_affine), reference.affine, tolerance=1e-4):
+        if labels.shape != expected or not same_grid(np.asarray(inverted.affine), reference.affine, tolerance=1e-4):
             raise GeometryError(
                 f"case {case!r}: inverted prediction has shape {labels.shape} (input {expected}) or a different affine; "
                 "refusing to write a mask off the input grid"
@@ -157,15 +165,3 @@ class Segmenter:
             config=self.config.postprocessing,
             class_names=dict(enumerate(self.class_names)),
         )
-
-    def predict_file(
-        self, image: ImageSource | Sequence[ImageSource], output: str | Path, *, overwrite: bool = False, case: str | None = None
-    ) -> Path:
-        """Segment ``image`` and write the mask to ``output`` (.nii.gz) atomically."""
-        output = Path(output)
-        if output.exists() and not overwrite:  # before the (slow) prediction, not only at writing
-            raise OutputExistsError(f"output {output} already exists; pass --overwrite to replace it")
-        sources = list(image) if isinstance(image, (list, tuple)) else [image]
-        reference = read_nifti(sources[0], case=case)
-        labels = self.predict_labels(sources, reference=reference, case=case)
-        return write_mask(labels, reference, output, num_classes=self.num_classes, overwrite=overwrite)
