@@ -254,3 +254,17 @@ def test_without_config_the_datalist_modality_picks_the_preset(tmp_path: Path, m
     assert _datalist_modality(datalist) == preset
     expected = "zscore" if preset == "MRI" else "ct_window"
     assert load_config(None, modality=preset).data.normalization == expected
+
+
+def test_per_class_postprocessing_by_name_reaches_inference(run: Path, dataset: Path, tmp_path: Path) -> None:
+    image = dataset.parent / "imagesTs" / "phantom_004.nii.gz"
+    plain, cleaned = tmp_path / "plain", tmp_path / "cleaned"
+    assert main(["-q", "infer", "-m", str(run), "-i", str(image), "-o", str(plain)]) == 0
+    # no organ component can be larger than the whole volume: removing smaller ones empties the class
+    assert main(["-q", "infer", "-m", str(run), "-i", str(image), "-o", str(cleaned),
+                 "--set", "postprocessing.classes.organ.min_size_mm3=1e12"]) == 0
+    before = np.asarray(nib.load(plain / image.name).dataobj)
+    after = np.asarray(nib.load(cleaned / image.name).dataobj)
+    assert (before == 1).any(), "the tiny model should predict some organ voxels"
+    assert not (after == 1).any()
+    assert np.array_equal(after[before != 1], before[before != 1])
