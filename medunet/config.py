@@ -55,12 +55,18 @@ class DataConfig:
     """Canonical axis codes every volume is reoriented to before resampling."""
     target_spacing: Vec3f | None = (1.5, 1.5, 2.0)
     """Voxel spacing in mm the network works at, or null to keep each volume's own spacing."""
-    normalization: Literal["ct_window", "zscore", "none"] = "ct_window"
-    """ct_window: clip to data.ct_window and scale to [0, 1]; zscore: per-case, per-channel z-score over nonzero voxels (MRI); none: leave intensities."""
+    normalization: Literal["ct_window", "ct_clip_zscore", "zscore", "none"] = "ct_window"
+    """ct_window: clip to data.ct_window and scale to [0, 1]; ct_clip_zscore: clip to data.ct_window, then (x - data.ct_mean) / data.ct_std (what medunet plan picks for CT, from foreground statistics); zscore: per-case, per-channel z-score (MRI; see data.zscore_nonzero); none: leave intensities."""
     ct_window: str | tuple[float, float] = "soft_tissue"
-    """CT window as [low, high] in HU or a preset name (soft_tissue, abdomen, liver, lung, bone, brain)."""
+    """CT window as [low, high] in HU or a preset name (soft_tissue, abdomen, liver, lung, bone, brain); with ct_clip_zscore, the clip range."""
+    ct_mean: float = 0.0
+    """ct_clip_zscore only: HU subtracted after clipping (medunet plan: mean of the training set's foreground voxels)."""
+    ct_std: float = 1.0
+    """ct_clip_zscore only: HU divided by after subtracting data.ct_mean (medunet plan: std of the foreground voxels)."""
+    zscore_nonzero: bool = True
+    """zscore only: compute mean/std over nonzero voxels and leave zeros at 0 (skull-stripped or cropped MRI); false: over the whole volume."""
     crop_foreground: bool = True
-    """Crop each volume to the bounding box of its nonzero (after normalisation) voxels; inverted at inference."""
+    """Crop each volume to the bounding box of its nonzero (after normalisation) voxels (ct_clip_zscore: voxels above -500 HU, before normalising); inverted at inference."""
     cache: Literal["memory", "disk", "none"] = "memory"
     """Where preprocessed volumes are cached: memory (CacheDataset), disk (PersistentDataset in data.cache_dir) or none."""
     cache_dir: str | None = None
@@ -93,6 +99,8 @@ class DataConfig:
             raise ConfigError(f"data.ct_window must have low < high, got [{low}, {high}]")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.ct_std <= 0:
+            raise ConfigError(f"data.ct_std must be positive, got {self.ct_std}")
         if self.target_spacing is not None and min(self.target_spacing) <= 0:
             raise ConfigError(f"data.target_spacing must be positive, got {list(self.target_spacing)}")
         codes = self.orientation.upper()
@@ -114,6 +122,8 @@ class AugmentationConfig:
     """Patches cropped from each volume each time it is drawn."""
     foreground_ratio: float = 0.67
     """Fraction of patches centred on a foreground voxel, shared equally by the classes; the rest are centred anywhere."""
+    class_ratios: tuple[float, ...] | None = None
+    """Relative frequency of patch centres per class, background first (e.g. [1, 1, 3] favours a rare class 2); overrides foreground_ratio; null: use foreground_ratio."""
     flip_prob: float = 0.5
     """Probability of a mirror flip, per spatial axis."""
     rotate_prob: float = 0.2
@@ -161,6 +171,8 @@ class AugmentationConfig:
             raise ConfigError(f"augmentation.samples_per_volume must be >= 1, got {self.samples_per_volume}")
         if not 0.0 <= self.foreground_ratio <= 1.0:
             raise ConfigError(f"augmentation.foreground_ratio must be in [0, 1], got {self.foreground_ratio}")
+        if self.class_ratios is not None and (min(self.class_ratios, default=-1) < 0 or sum(self.class_ratios) <= 0):
+            raise ConfigError(f"augmentation.class_ratios must be >= 0 with a positive sum, got {list(self.class_ratios)}")
 
 
 @dataclass(frozen=True)

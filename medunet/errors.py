@@ -52,3 +52,7 @@ class OutputExistsError(MedunetError):
 
 class TrainingError(MedunetError):
     """Training cannot continue (e.g. a non-finite loss)."""
+
+
+class PacsError(MedunetError):
+    """A PACS (DICOMweb) request failed: unreachable, refused credentials, timed out, or not found."""

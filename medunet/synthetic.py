@@ -161,3 +161,170 @@ def write_dataset(
     path = out / "dataset.json"
     path.write_text(json.dumps(datalist, indent=2))
     return path
+
+
+def add_second_sequence(datalist_path: str | Path, *, seed: int = 0) -> Path:
+    """Give every training case of an MRI dataset from :func:`write_dataset` a second, T2-like channel.
+
+    The organ (class 1) is darker than the body in it (the first channel has it brighter), with its own
+    noise; the datalist's "image" entries become [t1, t2] and its modality T1/T2. Returns the datalist path.
+    """
+    path = Path(datalist_path)
+    spec = json.loads(path.read_text())
+    rng = np.random.default_rng(seed)
+    for entry in spec["training"]:
+        first = path.parent / entry["image"]
+        image = nib.load(first)
+        body = np.asarray(image.dataobj) > 0
+        organ = np.asarray(nib.load(path.parent / entry["label"]).dataobj) == 1
+        t2 = np.clip(body * (250.0 + rng.normal(0.0, 20.0, body.shape)) - organ * 150.0, 0.0, None).astype(np.float32)
+        second = first.with_name(first.name.replace(".nii.gz", "_t2.nii.gz"))
+        save_nifti(t2, image.affine, second)
+        entry["image"] = [entry["image"], second.relative_to(path.parent).as_posix()]
+    spec["modality"] = {"0": "T1", "1": "T2"}
+    path.write_text(json.dumps(spec, indent=2))
+    return path
+
+
+#: Diagonal that flips between NIfTI's RAS+ world and DICOM's LPS+ patient coordinates (its own inverse).
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def _ds(value: float) -> str:
+    """A DICOM decimal string (at most 16 characters) for ``value``."""
+    from pydicom.valuerep import format_number_as_ds
+
+    text = format_number_as_ds(float(value))
+    return "0" if text in ("-0", "-0.0") else text
+
+
+def _slice_rescale(values: np.ndarray, rng: np.random.Generator, per_slice: bool) -> tuple[float, float]:
+    """(slope, intercept) for one slice: powers of two and integers, so stored * slope + intercept is exact in float."""
+    if not per_slice:
+        return 1.0, 0.0
+    low, high = float(values.min()), float(values.max())
+    slope = float(rng.choice([1 / 32, 1 / 16, 1 / 8]))  # fine slopes push stored values past 32767 (uint16 overflow bait)
+    while (high - low) / slope > 60000:
+        slope *= 2
+    intercept = float(np.floor(low)) - float(rng.integers(0, 64))
+    return slope, intercept
+
+
+def write_dicom_series(
+    volume: np.ndarray,
+    affine: np.ndarray,
+    folder: str | Path,
+    *,
+    modality: str = "CT",
+    series_description: str = "synthetic",
+    patient_name: str = "Phantom^Test",
+    patient_id: str = "PHANTOM01",
+    shuffle_names: bool = True,
+    rescale_per_slice: bool = True,
+    seed: int = 0,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+) -> list[Path]:
+    """Write a volume as a DICOM series, one CT Image Storage file per slice (explicit VR little endian).
+
+    The geometry is the NIfTI affine converted from RAS+ to DICOM's LPS+: voxel axis 0 runs along
+    the columns of each slice (ImageOrientationPatient's row direction), axis 1 along the rows, and
+    slice ``k`` sits at ``affine @ (0, 0, k)``. ``volume`` holds real-world values (HU for CT).
+
+    With ``rescale_per_slice`` every slice gets its own RescaleSlope (1/32 .. 1/8, so stored values
+    exceed 32767) and RescaleIntercept, stored as uint16 when every value fits, else int16; without it
+    slope 1 / intercept 0 and int16. Stored values are rounded, so values read back differ from
+    ``volume`` by at most half a slope. ``shuffle_names`` gives random, extension-less file names, so
+    nothing may rely on names for slice order. Patient values are parameters so tests can plant canaries.
+
+    Returns:
+        The written files, in slice order (index ``k`` holds slice ``k``).
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    volume = np.asarray(volume, dtype=np.float64)
+    if volume.ndim != 3:
+        raise ValueError(f"volume must be 3D (X, Y, Z), got shape {volume.shape}")
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lps = RAS_TO_LPS @ np.asarray(affine, dtype=np.float64)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    row_dir, col_dir = lps[:3, 0] / spacing[0], lps[:3, 1] / spacing[1]
+    study_uid = study_uid or generate_uid()
+    series_uid = series_uid or generate_uid()
+    frame_uid = generate_uid()
+    nx, ny, nz = volume.shape
+
+    rescales = [_slice_rescale(volume[:, :, k], rng, rescale_per_slice) for k in range(nz)]
+    stored = [np.rint((volume[:, :, k].T - b) / s) for k, (s, b) in enumerate(rescales)]  # (rows, columns)
+    low, high = min(float(a.min()) for a in stored), max(float(a.max()) for a in stored)
+    if low >= 0 and high <= 65535:
+        dtype, representation = np.dtype("<u2"), 0
+    elif low >= -32768 and high <= 32767:
+        dtype, representation = np.dtype("<i2"), 1
+    else:
+        raise ValueError(f"values {low}..{high} do not fit 16 bits; use rescale_per_slice=True")
+
+    names = [f"{rng.integers(0, 2**48):012x}" for _ in range(nz)] if shuffle_names else [f"slice_{k:04d}.dcm" for k in range(nz)]
+    paths = []
+    for k in range(nz):
+        sop_uid = generate_uid()
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = sop_uid
+        ds.StudyDate, ds.StudyTime = "20240101", "120000"
+        ds.SeriesDate, ds.SeriesTime = "20240101", "120500"
+        ds.ContentDate, ds.ContentTime = "20240101", "120500"
+        ds.AccessionNumber = ""
+        ds.Modality = modality
+        ds.Manufacturer = "medunet synthetic"
+        ds.InstitutionName = ""
+        ds.ReferringPhysicianName = ""
+        ds.StudyDescription = "synthetic phantom"
+        ds.SeriesDescription = series_description
+        ds.Laterality = ""  # type 2C; empty: a phantom has no paired body part
+        ds.PatientName = patient_name
+        ds.PatientID = patient_id
+        ds.PatientBirthDate = ""
+        ds.PatientSex = "O"
+        ds.SliceThickness = _ds(spacing[2])
+        ds.KVP = "120"
+        ds.PatientPosition = "HFS"
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.StudyID = "1"
+        ds.SeriesNumber = 1
+        ds.AcquisitionNumber = 1
+        ds.InstanceNumber = k + 1
+        position = lps[:3, :3] @ np.array([0.0, 0.0, float(k)]) + lps[:3, 3]
+        ds.ImagePositionPatient = [_ds(v) for v in position]
+        ds.ImageOrientationPatient = [_ds(v) for v in (*row_dir, *col_dir)]
+        ds.FrameOfReferenceUID = frame_uid
+        ds.PositionReferenceIndicator = ""
+        ds.SliceLocation = _ds(float(np.dot(position, np.cross(row_dir, col_dir))))
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows, ds.Columns = ny, nx
+        ds.PixelSpacing = [_ds(spacing[1]), _ds(spacing[0])]  # row spacing (between rows), column spacing
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+        ds.PixelRepresentation = representation
+        ds.WindowCenter, ds.WindowWidth = "40", "400"
+        slope, intercept = rescales[k]
+        ds.RescaleIntercept = _ds(intercept)
+        ds.RescaleSlope = _ds(slope)
+        ds.RescaleType = "HU" if modality == "CT" else "US"
+        ds.PixelData = stored[k].astype(dtype).tobytes()
+        path = folder / names[k]
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

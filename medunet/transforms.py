@@ -42,8 +42,8 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from medunet.config import Config
-from medunet.errors import DataError
+from medunet.config import AugmentationConfig, Config
+from medunet.errors import ConfigError, DataError
 from medunet.io.nifti import describe_affine, load_volume, same_grid
 
 IMAGE = "image"
@@ -111,6 +111,16 @@ def _nonzero(x: torch.Tensor) -> torch.Tensor:
     return x != 0
 
 
+#: Raw HU above which a voxel is body rather than air: the ct_clip_zscore crop (made before normalising,
+#: because the planned clip floor is a foreground percentile, usually far above air).
+CT_BODY_HU = -500.0
+
+
+def _above_air(x: torch.Tensor) -> torch.Tensor:
+    """Foreground for cropping raw CT (ct_clip_zscore): voxels denser than air."""
+    return x > CT_BODY_HU
+
+
 def preprocessing(config: Config, *, num_classes: int, in_channels: int, with_label: bool) -> Compose:
     """The deterministic chain: load, orient, resample, normalise, crop. Invertible for predictions."""
     data = config.data
@@ -122,12 +132,18 @@ def preprocessing(config: Config, *, num_classes: int, in_channels: int, with_la
     ]
     if data.target_spacing is not None:
         chain.append(Spacingd(keys=keys, pixdim=data.target_spacing, mode=modes))
+    if data.crop_foreground and data.normalization == "ct_clip_zscore":
+        chain.append(CropForegroundd(keys=keys, source_key=IMAGE, select_fn=_above_air, allow_smaller=True))
     if data.normalization == "ct_window":
         low, high = data.window()
         chain.append(ScaleIntensityRanged(keys=IMAGE, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True))
+    elif data.normalization == "ct_clip_zscore":  # clip to [low, high] HU, then (x - mean) / std, in one affine map
+        low, high = data.window()
+        b_min, b_max = (low - data.ct_mean) / data.ct_std, (high - data.ct_mean) / data.ct_std
+        chain.append(ScaleIntensityRanged(keys=IMAGE, a_min=low, a_max=high, b_min=b_min, b_max=b_max, clip=True))
     elif data.normalization == "zscore":
-        chain.append(NormalizeIntensityd(keys=IMAGE, nonzero=True, channel_wise=True))
-    if data.crop_foreground:
+        chain.append(NormalizeIntensityd(keys=IMAGE, nonzero=data.zscore_nonzero, channel_wise=True))
+    if data.crop_foreground and data.normalization != "ct_clip_zscore":
         chain.append(CropForegroundd(keys=keys, source_key=IMAGE, select_fn=_nonzero, allow_smaller=True))
     return Compose(chain)
 
@@ -138,6 +154,18 @@ def class_ratios(num_classes: int, foreground_ratio: float) -> list[float]:
         return [1.0]
     per_class = foreground_ratio / (num_classes - 1)
     return [1.0 - foreground_ratio] + [per_class] * (num_classes - 1)
+
+
+def crop_ratios(aug: AugmentationConfig, num_classes: int) -> list[float]:
+    """augmentation.class_ratios when set (checked against the class count), else class_ratios(foreground_ratio)."""
+    if aug.class_ratios is None:
+        return class_ratios(num_classes, aug.foreground_ratio)
+    if len(aug.class_ratios) != num_classes:
+        raise ConfigError(
+            f"augmentation.class_ratios needs one value per class ({num_classes}, background first), "
+            f"got {len(aug.class_ratios)}: {list(aug.class_ratios)}"
+        )
+    return [float(r) for r in aug.class_ratios]
 
 
 def augmentation(config: Config, *, num_classes: int) -> Compose:
@@ -151,7 +179,7 @@ def augmentation(config: Config, *, num_classes: int) -> Compose:
             keys=keys,
             label_key=LABEL,
             spatial_size=aug.patch_size,
-            ratios=class_ratios(num_classes, aug.foreground_ratio),
+            ratios=crop_ratios(aug, num_classes),
             num_classes=num_classes,
             num_samples=aug.samples_per_volume,
             warn=False,

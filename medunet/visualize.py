@@ -1,4 +1,4 @@
-"""Diagnostic PNGs: training curves and image/label overlays.
+"""Diagnostic PNGs: training curves, image/label overlays and reference/prediction contour comparisons.
 
 Both plots use matplotlib's object API with the Agg canvas (no pyplot, no
 ``matplotlib.use``), so importing this module never changes global backend state
@@ -17,6 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
@@ -36,6 +37,16 @@ def _save(fig: Figure, out_png: Path) -> None:
     FigureCanvasAgg(fig)
     with atomic_path(Path(out_png)) as tmp:
         fig.savefig(tmp, format="png", dpi=_DPI)
+
+
+def save_figure(fig: Figure, out_png: Path) -> None:
+    """Render a figure built with the object API to a PNG, atomically (for other modules' plots)."""
+    _save(fig, out_png)
+
+
+def class_colour(label: int) -> str:
+    """The colour of label value ``label`` in every overlay (label 1 is the first colour; cycles after 10)."""
+    return _CLASS_COLOURS[(int(label) - 1) % len(_CLASS_COLOURS)]
 
 
 def _num(value: float | int | str | None) -> float:
@@ -127,6 +138,15 @@ def _draw_labels(ax: Axes, labels: np.ndarray, aspect: float) -> None:
     ax.imshow(rgba, origin="lower", aspect=aspect, interpolation="nearest")
 
 
+def _intensity_window(image: np.ndarray, window: tuple[float, float] | None) -> tuple[float, float]:
+    """Display range: ``window`` or the image's 1st..99th percentiles (never an empty range)."""
+    if window is None:
+        low, high = (float(v) for v in np.nanpercentile(image, [1.0, 99.0]))
+    else:
+        low, high = float(window[0]), float(window[1])
+    return low, (high if high > low else low + 1.0)
+
+
 def save_overlay(
     image: np.ndarray,
     prediction: np.ndarray,
@@ -157,11 +177,7 @@ def save_overlay(
     if len(spacing) != 3 or not all(s > 0 for s in spacing):
         raise ValueError(f"spacing must be 3 positive numbers, got {tuple(spacing)}")
 
-    if window is None:
-        low, high = (float(v) for v in np.nanpercentile(image, [1.0, 99.0]))
-    else:
-        low, high = float(window[0]), float(window[1])
-    high = high if high > low else low + 1.0
+    low, high = _intensity_window(image, window)
     columns: list[tuple[str, np.ndarray | None]] = [("image", None)]
     if reference is not None:
         columns.append(("reference", np.rint(reference).astype(np.int64)))
@@ -211,7 +227,9 @@ def save_overlay_files(
     def canonical(path: Path, dtype: type) -> np.ndarray:
         return np.asarray(nib.as_closest_canonical(nib.load(str(path))).dataobj).astype(dtype)
 
-    image = nib.as_closest_canonical(nib.load(str(image_path)))
+    from medunet.io.image import read_image  # a NIfTI file or a DICOM series folder
+
+    image = nib.as_closest_canonical(read_image(image_path))
     spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
     save_overlay(
         np.asarray(image.dataobj, dtype=np.float32),
@@ -223,3 +241,59 @@ def save_overlay_files(
         window=window,
         class_names=class_names,
     )
+
+
+def save_contour_overlay(
+    image: np.ndarray,
+    reference: np.ndarray,
+    prediction: np.ndarray,
+    out_png: Path,
+    *,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    centre: Sequence[int] | None = None,
+    title: str = "",
+    window: tuple[float, float] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> None:
+    """Save axial, coronal and sagittal slices with reference (solid) and prediction (dashed) contours.
+
+    Where the two outlines part is where the segmentation is wrong, which a filled overlay hides.
+    Slices pass through ``centre`` (a voxel index; e.g. the largest error, chosen by the caller),
+    else through the reference's foreground centroid. Colours are per class as in :func:`save_overlay`.
+    """
+    image, reference, prediction = np.asarray(image), np.rint(reference).astype(np.int64), np.rint(prediction).astype(np.int64)
+    _check_volume("image", image, None)
+    _check_volume("reference", reference, image.shape)
+    _check_volume("prediction", prediction, image.shape)
+    if len(spacing) != 3 or not all(s > 0 for s in spacing):
+        raise ValueError(f"spacing must be 3 positive numbers, got {tuple(spacing)}")
+    centre = tuple(int(c) for c in centre) if centre is not None else _centre(reference, prediction)
+    low, high = _intensity_window(image, window)
+    present = sorted({int(v) for lab in (reference, prediction) for v in np.unique(lab) if v > 0})
+
+    fig = Figure(figsize=(3.3 * len(_VIEWS), 3.6), dpi=_DPI, layout="constrained")
+    axes = fig.subplots(1, len(_VIEWS), squeeze=False)[0]
+    for ax, (view, axis) in zip(axes, _VIEWS):
+        index = min(max(centre[axis], 0), image.shape[axis] - 1)
+        horizontal, vertical = (a for a in range(3) if a != axis)
+        aspect = spacing[vertical] / spacing[horizontal]
+        ax.imshow(np.take(image, index, axis=axis).T, cmap="gray", vmin=low, vmax=high,
+                  origin="lower", aspect=aspect, interpolation="nearest")
+        for labels, style in ((reference, "solid"), (prediction, "dashed")):
+            plane = np.take(labels, index, axis=axis).T
+            for value in present:
+                mask = plane == value
+                if mask.any() and not mask.all() and min(mask.shape) >= 2:
+                    ax.contour(mask.astype(float), levels=[0.5], linewidths=1.2, linestyles=style,
+                               colors=[_CLASS_COLOURS[(value - 1) % len(_CLASS_COLOURS)]])
+        ax.set_title(f"{view} {index}", fontsize="small")
+        ax.set_axis_off()
+
+    handles = [Line2D([], [], color="black", ls="solid", label="reference"),
+               Line2D([], [], color="black", ls="dashed", label="prediction")]
+    handles += [Patch(color=_CLASS_COLOURS[(v - 1) % len(_CLASS_COLOURS)],
+                      label=class_names[v] if class_names and v < len(class_names) else f"label {v}") for v in present]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize="small")
+    if title:
+        fig.suptitle(title)
+    _save(fig, out_png)

@@ -58,9 +58,14 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     """medunet: 3D medical image segmentation (CT and MRI) on MONAI.
 
     \b
-    Try it:            medunet demo
-    Train on your data: medunet train dataset.json -o runs/liver -c configs/ct.yaml
-    Segment new scans:  medunet infer -m runs/liver -i scans/ -o preds/
+    Try it:               medunet demo
+    Check your data:      medunet check dataset.json
+    Plan a config:        medunet plan dataset.json -o configs/liver.yaml
+    Train:                medunet train dataset.json -o runs/liver -c configs/liver.yaml
+    Cross-validate:       medunet crossval dataset.json -o runs/liver-cv --folds 5
+    Segment new scans:    medunet infer -m runs/liver -i scans/ -o preds/
+    Score predictions:    medunet evaluate --pred preds/ --datalist dataset.json -o eval/
+    DICOM and PACS:       medunet dicom ls study/ ; medunet pacs --url http://pacs/dicom-web -m runs/liver --study UID
 
     The datalist is the Medical Segmentation Decathlon / MONAI JSON format (see docs/datalist.md).
     """

@@ -11,28 +11,44 @@ from medunet.cli.app import EXIT_ERROR, EXIT_PARTIAL, cli, log
 
 @cli.command()
 @click.option("-m", "--model", "model_path", required=True, type=click.Path(path_type=Path),
-              help="A run folder (uses best.pt) or a checkpoint file.")
+              help="A run folder (uses best.pt), a checkpoint file, or a crossval folder (ensemble of its folds).")
 @click.option("-i", "--input", "input_path", required=True, type=click.Path(path_type=Path),
-              help="A .nii/.nii.gz file, a folder of them, or a datalist JSON (its \"test\" list).")
+              help="A .nii/.nii.gz file, a folder of them, a DICOM series folder (or a folder of such folders), "
+                   "or a datalist JSON (its \"test\" list).")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for <case>.nii.gz masks and inference_report.json.")
 @click.option("--overwrite", is_flag=True, help="Replace existing masks in --out.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override inference/post-processing settings, e.g. --set inference.overlap=0.25.")
+@click.option("--folds", "folds", default=None, metavar="0,2",
+              help="With a crossval folder: ensemble only these folds (default: all).")
 @click.option("--tta", is_flag=True, help="Average over mirror flips (8x slower, slightly more accurate).")
 @click.option("--preview", is_flag=True, help="Also write <case>_preview.png overlays of each mask.")
+@click.option("--stats", "stats_csv", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write a CSV of volume (mL) and mean/std intensity (HU for CT) per case and class.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--allow-outside-root", is_flag=True, help="With a datalist input: accept paths outside its folder.")
+@click.option("--series", "series_uid", default=None, metavar="UID",
+              help="DICOM input: the SeriesInstanceUID to segment when a folder holds several (see `medunet dicom ls`).")
+@click.option("--allow-resample", is_flag=True,
+              help="DICOM input: interpolate missing/uneven slices and gantry tilt onto a regular grid instead of refusing.")
+@click.option("--output-format", "output_formats", default="nifti", show_default=True, callback=lambda _c, _p, v: _formats(v),
+              help="nifti (<case>.nii.gz), dicom-seg (<case>.seg.dcm, DICOM input only) or both: nifti,dicom-seg.")
 @click.pass_context
 def infer(ctx: click.Context, model_path: Path, input_path: Path, out_dir: Path, overwrite: bool, overrides: tuple[str, ...],
-          tta: bool, preview: bool, device: str, allow_outside_root: bool) -> None:
+          folds: str | None, tta: bool, preview: bool, stats_csv: Path | None, device: str, allow_outside_root: bool,
+          series_uid: str | None, allow_resample: bool, output_formats: tuple[str, ...]) -> None:
     """Segment volumes with a trained model; masks land exactly on each input's grid.
 
     \b
     Examples:
       medunet infer -m runs/liver -i ct_001.nii.gz -o preds/
       medunet infer -m runs/liver/best.pt -i scans/ -o preds/ --preview
+      medunet infer -m runs/liver -i scans/ -o preds/ --stats preds/stats.csv   # volumes and HU per class
       medunet infer -m runs/liver -i dataset.json -o preds/ --tta --overwrite
+      medunet infer -m runs/liver -i dicom/ct_series/ -o preds/ --series 1.2.840.99.1   # a DICOM series
+      medunet infer -m runs/liver -i dicom/ct_series/ -o preds/ --output-format nifti,dicom-seg   # + DICOM SEG
+      medunet infer -m runs/liver_cv -i scans/ -o preds/ --folds 0,2   # crossval folder: fold ensemble
 
     A case that fails (unreadable file, bad geometry) is reported and the others go on;
     the exit status is then 3. Nothing half-written is ever left at an output path.
@@ -40,13 +56,34 @@ def infer(ctx: click.Context, model_path: Path, input_path: Path, out_dir: Path,
     from medunet.inference.batch import collect_inputs, segment_all
     from medunet.inference.segmenter import Segmenter
 
-    cases = collect_inputs(input_path, allow_outside_root=allow_outside_root)
+    cases = collect_inputs(input_path, allow_outside_root=allow_outside_root, series_uid=series_uid, allow_resample=allow_resample)
     extra = list(overrides) + (["inference.tta_flips=true"] if tta else [])
-    segmenter = Segmenter.from_checkpoint(model_path, device=device, overrides=extra)
+    segmenter = Segmenter.from_checkpoint(model_path, device=device, overrides=extra, folds=_fold_list(folds))
     log.info("%r", segmenter)
-    results = segment_all(segmenter, cases, out_dir, overwrite=overwrite, preview=preview, progress=ctx.obj["progress"])
+    results = segment_all(segmenter, cases, out_dir, overwrite=overwrite, preview=preview, progress=ctx.obj["progress"],
+                          stats_csv=stats_csv, output_formats=output_formats)
     failed = [r for r in results if r.error]
     click.echo(f"{len(results) - len(failed)} of {len(results)} case(s) segmented into {out_dir}")
     if failed:
         click.echo(f"{len(failed)} failed (see {out_dir / 'inference_report.json'})", err=True)
         ctx.exit(EXIT_ERROR if len(failed) == len(results) else EXIT_PARTIAL)
+
+
+def _fold_list(text: str | None) -> list[int] | None:
+    """``"0,2"`` -> [0, 2]."""
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected fold numbers like 0,2, got {text!r}", param_hint="--folds") from None
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    """``"nifti,dicom-seg"`` -> ("nifti", "dicom-seg"), checked against the known formats."""
+    from medunet.inference.batch import OUTPUT_FORMATS
+
+    formats = tuple(dict.fromkeys(part.strip().lower() for part in text.split(",") if part.strip()))
+    if not formats or set(formats) - set(OUTPUT_FORMATS):
+        raise click.BadParameter(f"expected {', '.join(OUTPUT_FORMATS)} or both comma-separated, got {text!r}", param_hint="--output-format")
+    return formats

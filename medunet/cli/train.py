@@ -15,15 +15,25 @@ from medunet.errors import ConfigError
 @click.option("-o", "--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run folder: checkpoints, config.yaml, metrics.csv, train_curve.png, log.txt.")
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="YAML config, e.g. configs/ct.yaml or configs/mri.yaml. Default: the CT preset (MRI preset when the datalist's modality is MR/MRI).")
+              help="YAML config, e.g. configs/ct.yaml, configs/mri.yaml or one from `medunet plan`. Default: plan one from the data "
+                   "(saved as plan.yaml + fingerprint.json in the run folder).")
+@click.option("--gpu-memory", "gpu_memory", type=float, default=None, metavar="GB",
+              help="Without -c: the GPU memory the planned patch/network must fit (default: the visible GPU's, else 8).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config field, e.g. --set train.max_epochs=100 --set augmentation.patch_size=[128,128,64]. Repeatable.")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (default: train.device from the config).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt (its saved config plus any --set).")
 @click.option("--allow-outside-root", is_flag=True, help="Accept datalist paths that are absolute or leave the datalist's folder.")
+@click.option("--skip-check", is_flag=True, help="Do not run `medunet check` on the datalist before training (it never runs on --resume).")
+@click.option("--fold", type=click.IntRange(min=0), default=None,
+              help="Train this cross-validation fold into OUT/fold_<k>/ (splits from OUT/splits.json, made on first use).")
+@click.option("--folds", type=click.IntRange(min=2), default=None, help="With --fold: number of folds for new splits (default 5).")
+@click.option("--splits", "splits_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help='With --fold: your own splits, a JSON list of {"train": [...], "val": [...]} case names per fold.')
 @click.pass_context
 def train(ctx: click.Context, datalist: Path, run_dir: Path, config_path: Path | None, overrides: tuple[str, ...],
-          device: str | None, resume: bool, allow_outside_root: bool) -> None:
+          device: str | None, resume: bool, allow_outside_root: bool, fold: int | None, folds: int | None,
+          splits_file: Path | None, gpu_memory: float | None, skip_check: bool) -> None:
     """Train a segmentation model on DATALIST (MSD/MONAI JSON; paths relative to it).
 
     \b
@@ -31,13 +41,27 @@ def train(ctx: click.Context, datalist: Path, run_dir: Path, config_path: Path |
       medunet train Task09_Spleen/dataset.json -o runs/spleen -c configs/ct.yaml
       medunet train brain.json -o runs/tumour -c configs/mri.yaml --set train.max_epochs=500
       medunet train dataset.json -o runs/spleen --resume --set train.max_epochs=400
+      medunet train dataset.json -o runs/auto --gpu-memory 11     # no -c: plan from the data first
+      medunet train dataset.json -o runs/spleen_cv --fold 0 --folds 5     # one fold; all: medunet crossval
 
     Without a "validation" list, 20% of "training" is held out (seeded; saved as split.json).
+    The datalist is checked first (as `medunet check` does); errors stop before anything is trained.
     """
+    from medunet.training.splits import fold_dir, fold_for_training
     from medunet.training.trainer import train as run_training
 
-    config = _training_config(datalist, run_dir, config_path, overrides, device, resume, allow_outside_root)
-    result = run_training(datalist, run_dir, config, resume=resume, progress=ctx.obj["progress"])
+    if fold is None and (folds is not None or splits_file is not None):
+        raise click.UsageError("--folds and --splits need --fold K (or use `medunet crossval` to train every fold)")
+    root, run_dir = run_dir, (fold_dir(run_dir, fold) if fold is not None else run_dir)
+    if not resume and not skip_check and not (run_dir / "last.pt").exists():  # (an existing run is refused by the trainer)
+        _check_before_training(datalist, overrides, allow_outside_root, progress=ctx.obj["progress"])
+    config = _training_config(datalist, run_dir, config_path, overrides, device, resume, allow_outside_root,
+                              gpu_memory=gpu_memory)
+    split = None if fold is None else fold_for_training(
+        datalist, root, fold=fold, folds=folds, seed=config.data.split_seed, splits_file=splits_file,
+        allow_outside_root=config.data.allow_outside_root,
+    )
+    result = run_training(datalist, run_dir, config, resume=resume, progress=ctx.obj["progress"], fold=split)
     per_class = ", ".join(f"{k} {v:.3f}" for k, v in result.class_dice.items())
     click.echo(
         f"best validation mean Dice {result.best_dice:.4f} at epoch {result.best_epoch} ({per_class}); "
@@ -45,8 +69,33 @@ def train(ctx: click.Context, datalist: Path, run_dir: Path, config_path: Path |
     )
 
 
+def _check_before_training(datalist: Path, overrides: tuple[str, ...], allow_outside_root: bool, *, progress: bool) -> None:
+    """Run `medunet check` on the datalist, print its findings and refuse to train when it found errors."""
+    from medunet.check import check_datalist
+    from medunet.config import apply_overrides
+    from medunet.errors import DataError
+
+    apply_overrides({}, list(overrides))  # a mistyped --set fails before the data is read
+    allow_outside_root = allow_outside_root or any(
+        key.strip() == "data.allow_outside_root" and value.strip().lower() in ("true", "yes", "1")
+        for key, _, value in (o.partition("=") for o in overrides)
+    )
+    report = check_datalist(datalist, allow_outside_root=allow_outside_root, progress=progress)
+    if report.findings:
+        click.echo(report.format_findings(limit=40), err=True)
+    if not report.ok:  # the first error as the one-line reason; all of them are listed above
+        first, more = report.errors[0], len(report.errors) - 1
+        raise DataError(
+            f"{first.message}{f' (and {more} more error(s), listed above)' if more else ''}. Nothing was trained: fix the "
+            f"data (`medunet check {datalist} --json check.json` gives the full report) or pass --skip-check",
+            case=first.case,
+            path=str(datalist.parent / first.path) if first.path else None,  # report paths are relative to the datalist
+        )
+    log.info("data check: %s", report.summary_line())
+
+
 def _training_config(datalist: Path, run_dir: Path, config_path: Path | None, overrides: tuple[str, ...],
-                     device: str | None, resume: bool, allow_outside_root: bool):  # noqa: ANN202
+                     device: str | None, resume: bool, allow_outside_root: bool, gpu_memory: float | None = None):  # noqa: ANN202
     from medunet.config import apply_overrides, config_from_dict, load_config
 
     extra = list(overrides)
@@ -61,10 +110,21 @@ def _training_config(datalist: Path, run_dir: Path, config_path: Path | None, ov
 
         saved = load_checkpoint(run_dir / "last.pt")["config"]
         return config_from_dict(apply_overrides(saved, extra))
+    if config_path is None and not (run_dir / "last.pt").exists():  # (an existing run is refused by the trainer)
+        from medunet.planning.api import load_planned_config, plan_datalist
+
+        apply_overrides({}, extra)  # a mistyped key fails before any data is read
+        planned = plan_datalist(datalist, run_dir / "plan.yaml", fingerprint_to=run_dir / "fingerprint.json", overwrite=True,
+                                allow_outside_root="data.allow_outside_root=true" in [o.replace(" ", "").lower() for o in extra],
+                                gpu_memory_gb=gpu_memory)
+        log.info("no -c given: planned a config from the data (%s; --set overrides apply on top); edit it and pass -c to change it",
+                 planned.plan_path)
+        config, note = load_planned_config(planned.plan_path, extra)
+        if note:
+            log.warning(note)
+        return config
     if config_path is None:
-        modality = _datalist_modality(datalist)
-        log.info("no -c given: using the built-in %s preset", modality)
-        return load_config(None, extra, modality=modality)
+        return load_config(None, extra, modality=_datalist_modality(datalist))
     return load_config(config_path, extra)
 
 

@@ -13,7 +13,10 @@ orientation, obliquity or anisotropy. A mismatch is an error, never a warning.
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,19 +29,25 @@ from monai.data import MetaTensor
 from monai.transforms import Invertd
 
 from medunet.config import Config, apply_overrides, config_from_dict
-from medunet.errors import GeometryError, MedunetError, OutputExistsError
+from medunet.errors import CheckpointError, DataError, GeometryError, MedunetError, OutputExistsError
 from medunet.inference.sliding import predict_probabilities
-from medunet.io.nifti import ImageSource, label_dtype, mask_image, read_nifti, same_grid, spacing_of, write_mask
+from medunet.io.atomic import atomic_write_text
+from medunet.io.image import ArrayWithAffine, DicomSource, Source, as_source_list, read_image, source_name
+from medunet.io.nifti import ImageSource, label_dtype, mask_image, same_grid, spacing_of, write_mask
 from medunet.networks import build_network
 from medunet.postprocessing import postprocess_labels
+from medunet.postprocessing_search import validated_postprocessing
 from medunet.runtime import amp_dtype, select_device
-from medunet.training.checkpoint import load_checkpoint, resolve_checkpoint
+from medunet.training.checkpoint import fold_checkpoints, load_checkpoint, resolve_checkpoint
 from medunet.training.data import unwrap_error
 from medunet.transforms import IMAGE, preprocessing
 
 log = logging.getLogger("medunet")
 
 PRED = "pred"
+
+#: What :meth:`Segmenter.predict` accepts as one image (or one channel).
+InputImage = Source | ArrayWithAffine
 
 
 @dataclass(frozen=True)
@@ -52,11 +61,15 @@ class CaseResult:
 
 
 class Segmenter:
-    """A trained model ready to segment volumes. Build it with :meth:`from_checkpoint`."""
+    """A trained model ready to segment volumes. Build it with :meth:`from_checkpoint`.
+
+    One instance serves many calls and may be shared by threads: everything but the network runs
+    concurrently, the network under one lock (see docs/hospital-pipelines.md). Calls keep no state.
+    """
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: torch.nn.Module | Sequence[torch.nn.Module],
         config: Config,
         *,
         class_names: Sequence[str],
@@ -64,7 +77,8 @@ class Segmenter:
         device: torch.device,
         source: str = "",
     ) -> None:
-        self.model = model.to(device).eval()
+        self.models = [m.to(device).eval() for m in (model if isinstance(model, (list, tuple)) else [model])]
+        self.model = self.models[0]  # the network (the first one of a fold ensemble)
         self.config = config
         self.class_names = list(class_names)
         self.in_channels = in_channels
@@ -72,6 +86,9 @@ class Segmenter:
         self.source = source
         self._amp = amp_dtype(config.train.amp, device)
         self._preprocess = preprocessing(config, num_classes=self.num_classes, in_channels=in_channels, with_label=False)
+        # Thread-safety model: reading, preprocessing, inversion and post-processing run concurrently; the network
+        # runs under this lock, one call at a time (one forward pass already uses every core / the whole GPU).
+        self._model_lock = threading.Lock()
 
     @property
     def num_classes(self) -> int:
@@ -86,57 +103,166 @@ class Segmenter:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, *, device: str = "auto", overrides: Sequence[str] = ()
+        cls, path: str | Path, *, device: str = "auto", overrides: Sequence[str] = (), folds: Sequence[int] | None = None
     ) -> Segmenter:
-        """Load a checkpoint (or a run folder's best.pt) safely; ``overrides`` may change inference settings.
+        """Load a checkpoint, a run folder's best.pt, or a cross-validation folder's fold ensemble, safely.
+
+        A folder holding ``fold_<k>/`` runs loads every fold (or those in ``folds``) and averages their
+        probabilities. A ``postprocessing.json`` in the folder (chosen by ``medunet crossval``) replaces
+        the checkpoint's post-processing unless ``overrides`` set ``postprocessing.*`` themselves.
 
         Args:
-            path: a run folder or a checkpoint file.
+            path: a run folder, a cross-validation folder or a checkpoint file.
             device: auto, cpu, cuda or cuda:N.
             overrides: dotted config overrides, e.g. ``["inference.overlap=0.25"]``.
-        """
-        checkpoint = resolve_checkpoint(path)
-        state = load_checkpoint(checkpoint)
-        config = config_from_dict(apply_overrides(state["config"], overrides))
-        labels = state["labels"]
-        class_names = [labels[str(i)] for i in range(len(labels))]
-        torch_device = select_device(device if device != "auto" else config.inference.device)
-        model = build_network(config.model, in_channels=int(state["in_channels"]), out_channels=len(class_names))
-        model.load_state_dict(state["model"])
-        log.debug("loaded %s (epoch %s)", checkpoint, state["epoch"])
-        return cls(model, config, class_names=class_names, in_channels=int(state["in_channels"]), device=torch_device, source=str(checkpoint))
-
-    def predict(self, image: ImageSource | Sequence[ImageSource], *, case: str | None = None) -> nib.Nifti1Image:
-        """Segment one volume (a path, a list of per-channel paths, or a nibabel image).
-
-        Returns:
-            A label image (uint8 up to 256 classes) with the input's shape, affine and header geometry.
+            folds: fold indices to ensemble (default: all folds found).
 
         Raises:
-            DataError: the input is unreadable or not a valid volume.
+            CheckpointError: unreadable checkpoint, missing fold, or folds that disagree on classes, channels or preprocessing.
+        """
+        by_fold = fold_checkpoints(path, folds)
+        checkpoints = list(by_fold.values()) or [resolve_checkpoint(path)]
+        states = [load_checkpoint(c) for c in checkpoints]
+        check_ensemble(states, [str(c) for c in checkpoints])
+        labels = states[0]["labels"]
+        class_names = [labels[str(i)] for i in range(len(labels))]
+        values = states[0]["config"]
+        chosen = validated_postprocessing(Path(path), class_names, overrides)
+        if chosen is not None:
+            values = {**values, "postprocessing": chosen}
+        config = config_from_dict(apply_overrides(values, overrides))
+        torch_device = select_device(device if device != "auto" else config.inference.device)
+        models = []
+        for checkpoint, state in zip(checkpoints, states):
+            model = build_network(config.model, in_channels=int(state["in_channels"]), out_channels=len(class_names))
+            model.load_state_dict(state["model"])
+            models.append(model)
+            log.debug("loaded %s (epoch %s)", checkpoint, state["epoch"])
+        source = f"{path} (folds {', '.join(map(str, by_fold))})" if by_fold else str(checkpoints[0])
+        if len(models) > 1:
+            log.info("ensemble of %d folds (%s), averaging probabilities", len(models), ", ".join(map(str, by_fold)))
+        return cls(models, config, class_names=class_names, in_channels=int(states[0]["in_channels"]), device=torch_device, source=source)
+
+    def predict(self, image: InputImage | Sequence[InputImage], *, case: str | None = None) -> nib.Nifti1Image:
+        """Segment one volume.
+
+        Args:
+            image: a NIfTI path, a DICOM series folder (or a :class:`~medunet.io.image.DicomSource` choosing the
+                series), a ``nibabel.Nifti1Image``, an ``(array, affine)`` pair (X, Y, Z array, 4x4 RAS+ affine),
+                or a list of these, one per channel.
+            case: a name for error messages.
+
+        Returns:
+            A label image (uint8 up to 256 classes) with the input's shape, affine and header geometry
+            (for DICOM input: the series' grid, slices ordered along the normal).
+
+        Raises:
+            DataError: the input is unreadable, ambiguous or not a valid volume.
             GeometryError: the result would not lie exactly on the input grid.
         """
-        labels, reference = self._segment(image, case=case)
+        labels, reference = self._segment(image, case=case, timings={})
         return mask_image(labels, reference, num_classes=self.num_classes)
 
     def predict_file(
-        self, image: ImageSource | Sequence[ImageSource], output: str | Path, *, overwrite: bool = False, case: str | None = None
+        self,
+        image: InputImage | Sequence[InputImage],
+        output: str | Path,
+        report: str | Path | None = None,
+        *,
+        overwrite: bool = False,
+        case: str | None = None,
     ) -> Path:
-        """Segment ``image`` and write the mask to ``output`` (.nii.gz) atomically."""
+        """Segment ``image`` and write the mask to ``output`` (.nii.gz) atomically.
+
+        Args:
+            image: as for :meth:`predict`.
+            output: the mask file to write.
+            report: if given, also write a JSON run report there (versions, device, model, checkpoint,
+                classes, seconds per stage, output paths; nothing about the patient).
+            overwrite: replace existing ``output`` (and ``report``).
+            case: a name for error messages.
+        """
         output = Path(output)
-        if output.exists() and not overwrite:  # before the (slow) prediction, not only at writing
-            raise OutputExistsError(f"output {output} already exists; pass --overwrite to replace it")
-        labels, reference = self._segment(image, case=case)
-        return write_mask(labels, reference, output, num_classes=self.num_classes, overwrite=overwrite)
+        for target in (output, Path(report) if report is not None else None):
+            if target is not None and target.exists() and not overwrite:  # before the (slow) prediction, not only at writing
+                raise OutputExistsError(f"output {target} already exists; pass --overwrite to replace it")
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        labels, reference = self._segment(image, case=case, timings=timings)
+        tick = time.perf_counter()
+        written = write_mask(labels, reference, output, num_classes=self.num_classes, overwrite=overwrite)
+        timings["write"] = time.perf_counter() - tick
+        timings["total"] = time.perf_counter() - started
+        if report is not None:
+            self.write_run_report(report, outputs=[written], timings=timings, inputs=as_source_list(image))
+        return written
 
-    def _segment(self, image: ImageSource | Sequence[ImageSource], *, case: str | None) -> tuple[np.ndarray, nib.Nifti1Image]:
+    def run_report(self, *, outputs: Sequence[Path], timings: dict[str, float], inputs: Sequence[object] = ()) -> dict[str, Any]:
+        """The JSON-ready run report of one call: versions, device, model, classes, seconds per stage, outputs."""
+        import monai
+
+        from medunet import __version__
+
+        kinds = ["dicom" if isinstance(s, DicomSource) or (isinstance(s, (str, Path)) and Path(s).is_dir()) else
+                 "nifti" if isinstance(s, (str, Path)) else "in-memory" for s in inputs]
+        return {
+            "medunet_version": __version__,
+            "torch_version": torch.__version__,
+            "monai_version": monai.__version__,
+            "device": str(self.device),
+            "model": self.config.model.name,
+            "checkpoint": self.source,
+            "classes": self.class_names,
+            "inputs": [{"source": source_name(s), "kind": k} for s, k in zip(inputs, kinds)],
+            "seconds": {stage: round(value, 4) for stage, value in timings.items()},
+            "outputs": [str(p) for p in outputs],
+        }
+
+    def write_run_report(
+        self, path: str | Path, *, outputs: Sequence[Path], timings: dict[str, float], inputs: Sequence[object] = ()
+    ) -> Path:
+        """Write :meth:`run_report` to ``path`` atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(self.run_report(outputs=outputs, timings=timings, inputs=inputs), indent=2))
+        return path
+
+    def _segment(
+        self, image: InputImage | Sequence[InputImage], *, case: str | None, timings: dict[str, float]
+    ) -> tuple[np.ndarray, nib.Nifti1Image]:
         """Labels on the input grid, and the input (first channel) image whose header they take."""
-        sources = list(image) if isinstance(image, (list, tuple)) else [image]
-        reference = read_nifti(sources[0], case=case)
-        return self.predict_labels(sources, reference=reference, case=case), reference
+        sources = as_source_list(image)
+        if not sources:
+            raise DataError("no image given", case=case)
+        tick = time.perf_counter()
+        # DICOM series and arrays are read once here and handed on in memory; NIfTI paths stay paths (read lazily, named in errors).
+        images = [read_image(s, case=case) for s in sources]
+        inputs = [s if isinstance(s, (str, Path)) and not Path(s).is_dir() else img for s, img in zip(sources, images)]
+        timings["read"] = time.perf_counter() - tick
+        return self.predict_labels(inputs, reference=images[0], case=case, timings=timings), images[0]
 
-    def predict_labels(self, sources: Sequence[ImageSource], *, reference: nib.Nifti1Image, case: str | None = None) -> np.ndarray:
-        """Label array on ``reference``'s grid (after inversion and post-processing)."""
+    @torch.inference_mode()
+    def probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities (B, K, X, Y, Z) of a preprocessed batch, averaged over the models of a fold ensemble.
+
+        All folds share one preprocessing (checked on loading), so averaging in network space is exact.
+        """
+        total = predict_probabilities(self.models[0], image, self.config, device=self.device, amp=self._amp)
+        for model in self.models[1:]:
+            total += predict_probabilities(model, image, self.config, device=self.device, amp=self._amp)
+        return total / len(self.models) if len(self.models) > 1 else total
+
+    def predict_labels(
+        self,
+        sources: Sequence[ImageSource],
+        *,
+        reference: nib.Nifti1Image,
+        case: str | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> np.ndarray:
+        """Label array on ``reference``'s grid (after inversion and post-processing); seconds per stage go to ``timings``."""
+        timings = {} if timings is None else timings
+        tick = time.perf_counter()
         try:
             data: dict[str, Any] = self._preprocess({IMAGE: list(sources), "case": case})
         except Exception as exc:  # MONAI wraps transform errors; surface our typed one
@@ -145,7 +271,13 @@ class Segmenter:
                 raise cause from None
             raise
         pre_image = data[IMAGE]
-        probs = predict_probabilities(self.model, torch.as_tensor(pre_image)[None], self.config, device=self.device, amp=self._amp)[0]
+        timings["preprocess"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        with self._model_lock:
+            timings["wait_for_model"] = time.perf_counter() - tick
+            probs = self.probabilities(torch.as_tensor(pre_image)[None])[0]
+        timings["network"] = time.perf_counter() - tick - timings["wait_for_model"]
+        tick = time.perf_counter()
         # Invert either the probabilities (linear; argmax on the input grid) or the hard labels (nearest).
         soft = self.config.inference.resample_probabilities
         values = probs.cpu() if soft else probs.max(dim=0, keepdim=True).indices.float().cpu()  # max().indices: argmax is ~20x slower on CPU
@@ -159,9 +291,40 @@ class Segmenter:
                 f"case {case!r}: inverted prediction has shape {labels.shape} (input {expected}) or a different affine; "
                 "refusing to write a mask off the input grid"
             )
-        return postprocess_labels(
+        labels = postprocess_labels(
             labels,
             spacing=spacing_of(reference.affine),
             config=self.config.postprocessing,
             class_names=dict(enumerate(self.class_names)),
         )
+        timings["invert_postprocess"] = time.perf_counter() - tick
+        return labels
+
+
+#: Config sections that must agree between the folds of an ensemble: they fix the preprocessing and the network.
+_ENSEMBLE_SECTIONS = ("data", "model")
+_ENSEMBLE_IGNORED = {"cache", "cache_dir", "cache_workers", "loader_workers", "val_fraction", "split_seed", "allow_outside_root"}
+
+
+def check_ensemble(states: Sequence[dict[str, Any]], sources: Sequence[str]) -> None:
+    """Refuse to average models that disagree on classes, input channels, preprocessing or architecture.
+
+    Raises:
+        CheckpointError: naming the two checkpoints and what differs.
+    """
+    first = states[0]
+    for state, source in zip(states[1:], sources[1:]):
+        differences = []
+        if state["labels"] != first["labels"]:
+            differences.append(f"classes {list(state['labels'].values())} vs {list(first['labels'].values())}")
+        if int(state["in_channels"]) != int(first["in_channels"]):
+            differences.append(f"input channels {state['in_channels']} vs {first['in_channels']}")
+        for section in _ENSEMBLE_SECTIONS:
+            a, b = state["config"].get(section, {}), first["config"].get(section, {})
+            differences += [f"{section}.{k} {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                            if k not in _ENSEMBLE_IGNORED and a.get(k) != b.get(k)]
+        if differences:
+            raise CheckpointError(
+                f"cannot ensemble {source} with {sources[0]}: they differ in {'; '.join(differences[:3])}; "
+                "choose matching folds with --folds"
+            )

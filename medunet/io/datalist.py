@@ -7,7 +7,7 @@ The format is the Medical Segmentation Decathlon / MONAI one::
       "modality": {"0": "CT"},
       "training": [{"image": "imagesTr/a.nii.gz", "label": "labelsTr/a.nii.gz"}, ...],
       "validation": [...],                       # optional
-      "test": ["imagesTs/c.nii.gz", ...]         # or [{"image": ...}]
+      "test": ["imagesTs/c.nii.gz", ...]         # or [{"image": ...}], optionally with "label"
     }
 
 Paths are relative to the JSON file's folder. An ``image`` may be a list of paths
@@ -78,7 +78,7 @@ def unique_case_names(paths: Sequence[Path]) -> list[str]:
     Clashing names take their parent folder as a prefix (``a/ct.nii.gz`` -> ``a_ct``); any clash
     left after that gets a numeric suffix.
     """
-    base = [strip_image_suffix(Path(p).name) for p in paths]
+    base = [Path(p).name if Path(p).is_dir() else strip_image_suffix(Path(p).name) for p in paths]  # a folder: a DICOM series
     names = [
         f"{Path(p).parent.name}_{b}" if base.count(b) > 1 and Path(p).parent.name else b for p, b in zip(paths, base)
     ]
@@ -95,7 +95,9 @@ def unique_case_names(paths: Sequence[Path]) -> list[str]:
     return result
 
 
-def _resolve(root: Path, raw: Any, *, where: str, allow_outside_root: bool, must_exist: bool = True) -> Path:
+def _resolve(
+    root: Path, raw: Any, *, where: str, allow_outside_root: bool, must_exist: bool = True, folder_ok: bool = False
+) -> Path:
     if not isinstance(raw, str) or not raw:
         raise DataError(f"{where} must be a file path (string), got {raw!r}", path=str(root))
     candidate = Path(raw).expanduser()
@@ -113,13 +115,13 @@ def _resolve(root: Path, raw: Any, *, where: str, allow_outside_root: bool, must
                 f"{where} ({raw}) points outside the datalist's folder {root}; move the data under it "
                 "or pass --allow-outside-root",
             ) from None
-    if must_exist and not path.is_file():
+    if must_exist and not (path.is_file() or (folder_ok and path.is_dir())):  # folder_ok: images may be DICOM series folders
         raise DataError(f"{where}: file does not exist", path=str(path))
     return path
 
 
 def _parse_cases(
-    entries: Any, section: str, root: Path, *, need_label: bool, allow_outside_root: bool
+    entries: Any, section: str, root: Path, *, need_label: bool, allow_outside_root: bool, must_exist: bool = True
 ) -> list[Case]:
     if entries is None:
         return []
@@ -136,13 +138,16 @@ def _parse_cases(
         if not raw_images:
             raise DataError(f'{where}: "image" is an empty list')
         images = tuple(
-            _resolve(root, r, where=f'{where}.image', allow_outside_root=allow_outside_root) for r in raw_images
+            _resolve(root, r, where=f'{where}.image', allow_outside_root=allow_outside_root, must_exist=must_exist, folder_ok=True)
+            for r in raw_images
         )
         label = None
-        if need_label:
-            if "label" not in entry:
-                raise DataError(f'{where} has no "label"; training and validation cases need one')
-            label = _resolve(root, entry["label"], where=f"{where}.label", allow_outside_root=allow_outside_root)
+        if need_label and "label" not in entry:
+            raise DataError(f'{where} has no "label"; training and validation cases need one')
+        if "label" in entry:  # optional for "test" cases; kept so `medunet evaluate --split test` can use it
+            label = _resolve(
+                root, entry["label"], where=f"{where}.label", allow_outside_root=allow_outside_root, must_exist=must_exist
+            )
         parsed.append((images, label))
     names = unique_case_names([images[0] for images, _ in parsed])
     return [Case(name=n, image=images, label=label) for n, (images, label) in zip(names, parsed)]
@@ -168,8 +173,11 @@ def _parse_modality(raw: Any) -> str | None:
     return str(raw) if raw else None
 
 
-def load_datalist(path: str | Path, *, allow_outside_root: bool = False, need_training: bool = True) -> Datalist:
-    """Read and check a datalist JSON; every referenced file must exist.
+def load_datalist(
+    path: str | Path, *, allow_outside_root: bool = False, need_training: bool = True, require_files: bool = True
+) -> Datalist:
+    """Read and check a datalist JSON; every referenced file must exist (unless ``require_files`` is False,
+    as for ``medunet check``, which reports every missing file instead of stopping at the first).
 
     Raises:
         DataError: naming the entry and file when anything is missing or malformed.
@@ -185,11 +193,12 @@ def load_datalist(path: str | Path, *, allow_outside_root: bool = False, need_tr
         raise DataError("datalist must be a JSON object with a \"training\" list", path=str(path))
     root = path.parent
     try:
-        training = _parse_cases(raw.get("training"), "training", root, need_label=True, allow_outside_root=allow_outside_root)
+        outside, exist = allow_outside_root, require_files
+        training = _parse_cases(raw.get("training"), "training", root, need_label=True, allow_outside_root=outside, must_exist=exist)
         validation = _parse_cases(
-            raw.get("validation"), "validation", root, need_label=True, allow_outside_root=allow_outside_root
+            raw.get("validation"), "validation", root, need_label=True, allow_outside_root=outside, must_exist=exist
         )
-        test = _parse_cases(raw.get("test"), "test", root, need_label=False, allow_outside_root=allow_outside_root)
+        test = _parse_cases(raw.get("test"), "test", root, need_label=False, allow_outside_root=outside, must_exist=exist)
     except DataError as exc:
         if exc.path is None:
             raise DataError(exc.problem, case=exc.case, path=str(path)) from None

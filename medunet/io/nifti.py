@@ -58,14 +58,18 @@ def same_grid(affine_a: np.ndarray, affine_b: np.ndarray, *, tolerance: float = 
 def describe_affine(affine: np.ndarray) -> str:
     """Short text for error messages: spacing, origin and axis codes."""
     affine = np.asarray(affine, dtype=np.float64)
-    codes = "".join(nib.aff2axcodes(affine))
+    # a degenerate axis (zero or non-finite spacing) has no direction: shown as "?"
+    codes = "".join(c or "?" for c in nib.aff2axcodes(affine)) if np.isfinite(affine).all() else "???"
     spacing = ", ".join(f"{s:.4g}" for s in spacing_of(affine))
     origin = ", ".join(f"{o:.4g}" for o in affine[:3, 3])
     return f"spacing ({spacing}) mm, origin ({origin}), axes {codes}"
 
 
-def read_nifti(source: ImageSource, *, case: str | None = None) -> nib.Nifti1Image:
-    """Open a NIfTI file (header only; voxels are read later), with clear errors."""
+def read_nifti(source: ImageSource, *, case: str | None = None, check_shear: bool = True) -> nib.Nifti1Image:
+    """Open a NIfTI file (header only; voxels are read later), with clear errors.
+
+    ``check_shear=False`` lets a sheared affine through (``medunet check`` reports it as a finding).
+    """
     if isinstance(source, nib.Nifti1Image):
         return source
     path = Path(source)
@@ -81,7 +85,7 @@ def read_nifti(source: ImageSource, *, case: str | None = None) -> nib.Nifti1Ima
         raise DataError(f"cannot read NIfTI header ({type(exc).__name__}: {exc})", case=case, path=str(path)) from None
     if not isinstance(image, nib.Nifti1Image):  # Nifti2Image subclasses Nifti1Image
         raise DataError(f"unsupported image type {type(image).__name__}", case=case, path=str(path))
-    if shear_of(image.affine) > SHEAR_TOLERANCE:
+    if check_shear and shear_of(image.affine) > SHEAR_TOLERANCE:
         raise DataError(
             f"has a sheared affine (gantry tilt, skew {shear_of(image.affine):.3g}); medunet only writes masks on "
             "orthogonal grids. Resample the image to an orthogonal grid first",
@@ -163,12 +167,13 @@ def load_volume(
     Raises:
         DataError: missing/unreadable/truncated file, not 3D, NaN/Inf voxels, or channels on different grids.
     """
-    if isinstance(sources, (str, Path, nib.Nifti1Image)):
-        sources = [sources]
+    from medunet.io.image import as_source_list, read_image, source_name  # NIfTI files, DICOM folders, in-memory images
+
+    sources = as_source_list(sources)
     if not sources:
         raise DataError("no image file given", case=case)
-    images = [read_nifti(s, case=case) for s in sources]
-    names = [str(s) if not isinstance(s, nib.Nifti1Image) else "<in-memory image>" for s in sources]
+    images = [read_image(s, case=case) for s in sources]
+    names = [source_name(s) for s in sources]
     reference = images[0]
     ref_shape = spatial_shape_3d(reference.shape, case=case, path=names[0])
     channels = []

@@ -9,8 +9,12 @@ scheduler, scaler, RNG states, history).
 
 from __future__ import annotations
 
+import json
+import logging
 import pickle
 import random
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,8 @@ import torch
 
 from medunet.errors import CheckpointError
 from medunet.io.atomic import atomic_path
+
+log = logging.getLogger("medunet")
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "model", "config", "labels", "in_channels", "epoch")
@@ -47,6 +53,47 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     return path
+
+
+def fold_checkpoints(path: str | Path, folds: Sequence[int] | None = None) -> dict[int, Path]:
+    """The checkpoint of each fold of a cross-validation folder (``fold_<k>/best.pt``, else ``last.pt``), by fold index.
+
+    Without ``folds`` every fold that has a checkpoint is used (an empty dict when ``path``
+    holds no ``fold_<k>`` folders); with ``folds`` each named fold must have one.
+
+    Raises:
+        CheckpointError: a requested fold is missing, or ``folds`` was given for something that is not a cross-validation folder.
+    """
+    path = Path(path)
+    found: dict[int, Path] = {}
+    if path.is_dir():
+        for child in path.iterdir():
+            match = re.fullmatch(r"fold_(\d+)", child.name)
+            if match and child.is_dir():
+                chosen = next((child / n for n in ("best.pt", "last.pt") if (child / n).is_file()), None)
+                if chosen is not None:
+                    found[int(match.group(1))] = chosen
+    found = dict(sorted(found.items()))
+    if folds is None:
+        expected = _fold_count(path / "splits.json")
+        if found and expected > len(found):
+            log.warning("%s: only folds %s of %d have a checkpoint; the ensemble uses those", path, sorted(found), expected)
+        return found
+    if not found:
+        raise CheckpointError(f"--folds needs a cross-validation folder holding fold_<k>/best.pt; {path} has none")
+    missing = sorted(set(folds) - set(found))
+    if missing:
+        raise CheckpointError(f"{path} has no checkpoint for fold(s) {missing}; available folds: {sorted(found)}")
+    return {k: found[k] for k in sorted(set(folds))}
+
+
+def _fold_count(splits: Path) -> int:
+    """Number of folds in a ``splits.json`` (0 when absent or unreadable: it only informs a warning)."""
+    try:
+        raw = json.loads(splits.read_text())
+    except (OSError, ValueError):
+        return 0
+    return len(raw) if isinstance(raw, list) else 0
 
 
 def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from medunet import __version__
 from medunet.config import Config, config_to_dict, save_config
-from medunet.errors import DataError, MedunetError, TrainingError
+from medunet.errors import ConfigError, DataError, MedunetError, TrainingError
 from medunet.inference.sliding import predict_probabilities
 from medunet.io.datalist import Case, Datalist, load_datalist, split_cases
 from medunet.networks import SegmentationNetwork, build_network
@@ -38,6 +38,7 @@ from medunet.training.checkpoint import FORMAT_VERSION, capture_rng, load_checkp
 from medunet.training.data import batch_cases, preprocessing_key, training_loader, unwrap_error, validation_dataset
 from medunet.training.optim import build_optimizer, build_scheduler
 from medunet.training.records import MetricsLog, dice_column, write_split
+from medunet.training.splits import Fold
 
 log = logging.getLogger("medunet")
 
@@ -69,8 +70,20 @@ def resolve_labels(datalist: Datalist, config: Config) -> dict[int, str]:
     return {i: ("background" if i == 0 else f"class_{i}") for i in range(max(highest, 1) + 1)}
 
 
-def split_for_run(datalist: Datalist, config: Config, run_dir: Path, resume: bool) -> tuple[list[Case], list[Case]]:
-    """Training and validation cases: the datalist's lists, the saved split on resume, or a new seeded split."""
+def split_for_run(
+    datalist: Datalist, config: Config, run_dir: Path, resume: bool, fold: Fold | None = None
+) -> tuple[list[Case], list[Case]]:
+    """Training and validation cases: a cross-validation fold, the datalist's lists, the saved split on resume, or a new seeded split."""
+    if fold is not None:
+        if datalist.validation:
+            raise ConfigError(f'{datalist.path} has a "validation" list, which fixes the split; it cannot be combined with folds')
+        by_name = {c.name: c for c in datalist.training}
+        missing = sorted(set(fold.train + fold.val) - set(by_name))
+        if missing:
+            raise DataError(f"fold {fold.index} names cases the datalist does not have: {missing[:5]}", path=str(datalist.path))
+        train, val = [by_name[n] for n in fold.train], [by_name[n] for n in fold.val]
+        write_split(run_dir, fold.train, fold.val, seed=config.data.split_seed, source=f"fold {fold.index}")
+        return train, val
     if datalist.validation:
         train, val = list(datalist.training), list(datalist.validation)
         write_split(run_dir, [c.name for c in train], [c.name for c in val], seed=config.data.split_seed, source="datalist")
@@ -196,8 +209,11 @@ def train(
     *,
     resume: bool = False,
     progress: bool = True,
+    fold: Fold | None = None,
 ) -> TrainResult:
     """Train (or resume) a model on a datalist; see the module docstring for the run folder.
+
+    With ``fold`` (see :mod:`medunet.training.splits`) the fold's train/val case names replace the split.
 
     Raises:
         MedunetError: bad data, config or checkpoint, or a non-finite loss.
@@ -213,7 +229,7 @@ def train(
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     try:
-        return _train(Path(datalist_path), run_dir, config, resume=resume, progress=progress)
+        return _train(Path(datalist_path), run_dir, config, resume=resume, progress=progress, fold=fold)
     except MedunetError as exc:  # keep the reason in the run's log.txt too (the caller reports it)
         handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (exc,), None))
         raise
@@ -222,7 +238,7 @@ def train(
         handler.close()
 
 
-def _train(datalist_path: Path, run_dir: Path, config: Config, *, resume: bool, progress: bool) -> TrainResult:
+def _train(datalist_path: Path, run_dir: Path, config: Config, *, resume: bool, progress: bool, fold: Fold | None) -> TrainResult:
     tc = config.train
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     device = select_device(tc.device)
@@ -232,7 +248,7 @@ def _train(datalist_path: Path, run_dir: Path, config: Config, *, resume: bool, 
     class_names = [labels[i] for i in sorted(labels)]
     num_classes = len(class_names)
     in_channels = len(datalist.training[0].image)
-    train_cases, val_cases = split_for_run(datalist, config, run_dir, resume)
+    train_cases, val_cases = split_for_run(datalist, config, run_dir, resume, fold)
     save_config(config, run_dir / "config.yaml")
     log.info(
         "medunet %s: %d training / %d validation cases, %d classes %s, device %s%s",

@@ -1,0 +1,84 @@
+"""`medunet crossval`: train every fold, evaluate out-of-fold predictions, choose post-processing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from medunet.cli.app import cli
+from medunet.errors import ConfigError
+
+
+@cli.command()
+@click.argument("datalist", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--out", "root", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Cross-validation folder: splits.json, fold_<k>/, oof/, oof_eval/, postprocessing.json.")
+@click.option("--folds", type=click.IntRange(min=2), default=None, help="Number of folds for new splits (default 5).")
+@click.option("--splits", "splits_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help='Your own splits: a JSON list of {"train": [...], "val": [...]} case names per fold.')
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="YAML config for every fold (default: the CT or MRI preset, as for `medunet train`).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field. Repeatable.")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (default: from the config).")
+@click.option("--allow-outside-root", is_flag=True, help="Accept datalist paths that are absolute or leave the datalist's folder.")
+@click.pass_context
+def crossval(ctx: click.Context, datalist: Path, root: Path, folds: int | None, splits_file: Path | None, config_path: Path | None,
+             overrides: tuple[str, ...], device: str | None, allow_outside_root: bool) -> None:
+    """Cross-validate on DATALIST's "training" cases: train k folds, predict each case with the fold
+    that held it out, evaluate those predictions and choose post-processing that they prove helps.
+
+    \b
+    Examples:
+      medunet crossval dataset.json -o runs/liver_cv -c configs/ct.yaml --set train.max_epochs=300
+      medunet crossval dataset.json -o runs/liver_cv --folds 3
+      medunet crossval dataset.json -o runs/liver_cv --splits my_splits.json   # e.g. one patient per fold
+      medunet crossval dataset.json -o runs/liver_cv      # again after an interruption: continues
+      medunet infer -m runs/liver_cv -i scans/ -o preds/  # the fold ensemble + chosen post-processing
+
+    \b
+    OUT/ then holds splits.json, fold_<k>/ (one run folder per fold), oof/ (out-of-fold masks on
+    each case's own grid), oof_eval/ (metrics.csv, summary.json, report.html), postprocessing.json
+    and crossval.json. Re-running skips finished folds and resumes an interrupted one (with the
+    saved config.yaml plus any --set).
+    """
+    from medunet.crossval import run_crossval
+
+    config = _crossval_config(datalist, root, config_path, overrides, device, allow_outside_root)
+    result = run_crossval(datalist, root, config, folds=folds, splits_file=splits_file, device=device or "auto",
+                          progress=ctx.obj["progress"])
+    summary, choice = result.oof_summary, result.postprocessing
+    mean = summary.get("mean_dice")
+    lines = [
+        "",
+        f"cross-validation in {root}: {len(result.fold_dice)} folds, {choice.num_cases} out-of-fold cases",
+        "best validation Dice per fold: " + ", ".join(f"fold {k} {v:.3f}" for k, v in result.fold_dice.items()),
+        "out-of-fold Dice (original grids): " + ", ".join(f"{n} {summary[n]['dice']['mean']:.3f}" for n in choice.dice_before)
+        + (f"; mean {mean:.3f}" if mean is not None else ""),
+        f"post-processing chosen (mean Dice {choice.mean_before:.4f} -> {choice.mean_after:.4f}), saved in {root / 'postprocessing.json'}:",
+        choice.describe(),
+        f"out-of-fold masks: {result.oof_dir}; metrics and report: {result.report or result.eval_dir}",
+        f"next: medunet infer -m {root} -i SCANS -o PREDS   (ensemble of all folds, chosen post-processing)",
+    ]
+    click.echo("\n".join(lines))
+
+
+def _crossval_config(datalist: Path, root: Path, config_path: Path | None, overrides: tuple[str, ...], device: str | None,
+                     allow_outside_root: bool):  # noqa: ANN202
+    """A new cross-validation: as `medunet train` builds it. A restart: the saved config.yaml plus --set."""
+    from medunet.cli.train import _training_config
+    from medunet.config import apply_overrides, config_from_dict, read_yaml
+
+    if (root / "last.pt").exists():
+        raise ConfigError(f"{root} holds a single training run (last.pt); choose another -o for cross-validation")
+    saved = root / "config.yaml"
+    if not (saved.is_file() and (root / "splits.json").is_file()):
+        return _training_config(datalist, root, config_path, overrides, device, False, allow_outside_root)
+    if config_path is not None:
+        raise ConfigError(f"{root} holds a cross-validation that continues with its saved config.yaml; change it with --set, not -c")
+    extra = list(overrides)
+    if device:
+        extra += [f"train.device={device}", f"inference.device={device}"]
+    if allow_outside_root:
+        extra.append("data.allow_outside_root=true")
+    return config_from_dict(apply_overrides(read_yaml(saved), extra))

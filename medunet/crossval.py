@@ -1,0 +1,168 @@
+"""k-fold cross-validation: train every fold, predict each case with the fold that never saw it, evaluate, choose post-processing.
+
+One call, :func:`run_crossval`, fills a cross-validation folder::
+
+    runs/x/
+      config.yaml          the resolved config every fold trains with
+      splits.json          the folds (see medunet.training.splits)
+      fold_0/ ... fold_k/  one ordinary run folder per fold (best.pt, last.pt, metrics.csv, ...)
+      oof/                 <case>.nii.gz: each training case predicted once, by the fold that validated it, on its own grid
+      oof_eval/            metrics.csv, summary.json, report.html of the out-of-fold predictions
+      postprocessing.json  the post-processing the out-of-fold predictions support (applied by `medunet infer -m runs/x`)
+      crossval.json        per-fold best validation Dice, out-of-fold Dice before/after post-processing
+
+Restarting the same command skips finished folds, resumes an interrupted one from its
+``last.pt`` and redoes the prediction, evaluation and search (they are cheap next to training).
+The out-of-fold masks are predicted without any post-processing so the search starts from
+the network's own output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medunet import __version__
+from medunet.config import Config, save_config
+from medunet.io.atomic import atomic_write_text
+from medunet.io.datalist import Case, load_datalist
+from medunet.postprocessing_search import (
+    POSTPROCESSING_FILE,
+    PostprocessingChoice,
+    load_search_cases,
+    save_choice,
+    search_postprocessing,
+)
+from medunet.training.checkpoint import load_checkpoint
+from medunet.training.splits import Fold, datalist_folds, fold_dir
+
+log = logging.getLogger("medunet")
+
+#: Overrides that switch every post-processing step off (out-of-fold masks are the raw network output).
+NO_POSTPROCESSING = ("postprocessing.default={}", "postprocessing.classes={}")
+
+
+@dataclass
+class CrossvalResult:
+    """What a cross-validation produced and how good it is."""
+
+    root: Path
+    fold_dice: dict[int, float]
+    """Best validation mean Dice of each fold (during training, on the preprocessed grid)."""
+    oof_dir: Path
+    eval_dir: Path
+    oof_summary: dict[str, Any]
+    """The out-of-fold evaluation summary (class -> metric -> statistics, and "mean_dice")."""
+    postprocessing: PostprocessingChoice
+    report: Path | None = None
+    """The out-of-fold evaluation report (HTML)."""
+
+
+def fold_finished(state: dict[str, Any], config: Config) -> bool:
+    """True when a fold's ``last.pt`` has reached ``train.max_epochs`` or stopped early."""
+    patience = config.train.early_stopping_patience
+    stopped = patience is not None and int(state.get("stale_validations", 0)) >= patience
+    return int(state["epoch"]) >= config.train.max_epochs or stopped
+
+
+def train_folds(datalist_path: Path, root: Path, config: Config, folds: list[Fold], *, progress: bool) -> dict[int, float]:
+    """Train every fold into ``root/fold_<k>``: skip finished ones, resume interrupted ones. Returns best Dice per fold."""
+    from medunet.training.trainer import train
+
+    best: dict[int, float] = {}
+    for fold in folds:
+        run_dir = fold_dir(root, fold.index)
+        last = run_dir / "last.pt"
+        resume = last.is_file()
+        if resume:
+            state = load_checkpoint(last)
+            if fold_finished(state, config):
+                log.info("fold %d: finished (epoch %s), skipping", fold.index, state["epoch"])
+                best[fold.index] = float(state["best_dice"])
+                continue
+            log.info("fold %d: resuming after epoch %s", fold.index, state["epoch"])
+        else:
+            log.info("fold %d of %d: training on %d cases, validating on %d", fold.index, len(folds), len(fold.train), len(fold.val))
+        result = train(datalist_path, run_dir, config, resume=resume, progress=progress, fold=fold)
+        best[fold.index] = result.best_dice
+    return best
+
+
+def predict_out_of_fold(root: Path, folds: list[Fold], cases: dict[str, Case], *, device: str, progress: bool) -> Path:
+    """Predict each fold's validation cases with that fold's model into ``root/oof/<case>.nii.gz`` (input grid, no post-processing)."""
+    from tqdm.auto import tqdm
+
+    from medunet.inference.segmenter import Segmenter
+
+    oof_dir = root / "oof"
+    oof_dir.mkdir(parents=True, exist_ok=True)
+    total = sum(len(f.val) for f in folds)
+    with tqdm(total=total, desc="out-of-fold", unit="case", disable=not progress) as bar:
+        for fold in folds:
+            segmenter = Segmenter.from_checkpoint(fold_dir(root, fold.index), device=device, overrides=NO_POSTPROCESSING)
+            for name in fold.val:
+                segmenter.predict_file(list(cases[name].image), oof_dir / f"{name}.nii.gz", overwrite=True, case=name)
+                bar.update()
+    return oof_dir
+
+
+def run_crossval(
+    datalist_path: str | Path,
+    root: str | Path,
+    config: Config,
+    *,
+    folds: int | None = None,
+    splits_file: str | Path | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> CrossvalResult:
+    """Cross-validate on a datalist's "training" cases in ``root`` (see the module docstring for what it writes).
+
+    Args:
+        datalist_path: the datalist; its "training" cases are split into folds (it must not have a "validation" list).
+        root: the cross-validation folder.
+        config: the config every fold trains with (saved as ``root/config.yaml``).
+        folds: number of folds for new splits (default 5; must match an existing ``splits.json``).
+        splits_file: user-made splits (a ``splits.json``-format file) instead of generated ones.
+        device: device for the out-of-fold predictions (auto: ``inference.device``).
+
+    Raises:
+        MedunetError: bad data, config, splits or checkpoints, or a failed training.
+    """
+    from medunet.evaluation import evaluate
+    from medunet.training.trainer import resolve_labels
+
+    datalist_path, root = Path(datalist_path), Path(root)
+    datalist = load_datalist(datalist_path, allow_outside_root=config.data.allow_outside_root)
+    fold_list = datalist_folds(
+        datalist, root, folds=folds, seed=config.data.split_seed,
+        splits_file=Path(splits_file) if splits_file else None, disjoint_validation=True,
+    )
+    save_config(config, root / "config.yaml")
+    fold_dice = train_folds(datalist_path, root, config, fold_list, progress=progress)
+
+    cases = {c.name: c for c in datalist.training}
+    oof_cases = [cases[n] for f in fold_list for n in f.val]
+    log.info("predicting %d out-of-fold cases on their original grids", len(oof_cases))
+    oof_dir = predict_out_of_fold(root, fold_list, cases, device=device, progress=progress)
+    labels = resolve_labels(datalist, config)
+    evaluation = evaluate(oof_dir, oof_cases, labels, root / "oof_eval", progress=progress)
+
+    log.info("choosing post-processing on the out-of-fold predictions")
+    choice = search_postprocessing(load_search_cases(oof_dir, oof_cases), labels)
+    save_choice(choice, root / POSTPROCESSING_FILE)
+    summary = {
+        "medunet_version": __version__,
+        "folds": len(fold_list),
+        "cases": len(oof_cases),
+        "fold_best_val_dice": {str(k): v for k, v in fold_dice.items()},
+        "oof_mean_dice": evaluation.summary.get("mean_dice"),
+        "oof_dice": {n: evaluation.summary[n]["dice"]["mean"] for n in choice.dice_before},
+        "postprocessing": {n: s for n, s in choice.to_json()["postprocessing"]["classes"].items()},
+        "oof_dice_postprocessed": choice.dice_after,
+    }
+    atomic_write_text(root / "crossval.json", json.dumps(summary, indent=2) + "\n")
+    return CrossvalResult(root, fold_dice, oof_dir, root / "oof_eval", evaluation.summary, choice, evaluation.report)
