@@ -285,7 +285,7 @@ class TrainConfig:
     iterations_per_epoch: int | None = None
     """Batches per epoch; null: one pass over the training cases (samples_per_volume patches each)."""
     batch_size: int = 2
-    """Volumes per batch (each gives augmentation.samples_per_volume patches)."""
+    """Volumes per batch (each gives augmentation.samples_per_volume patches); per process under torchrun (global batch = batch_size x processes)."""
     val_every: int = 5
     """Validate (sliding window over whole validation volumes) every N epochs, and after the last."""
     early_stopping_patience: int | None = None
@@ -360,6 +360,18 @@ class PostprocessingConfig:
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    """How predictions are scored (`medunet crossval`'s out-of-fold evaluation; `medunet evaluate --tolerance-mm`)."""
+
+    nsd_tolerance_mm: float = 2.0
+    """Tolerance of the normalised surface Dice (mm): surface points closer than this to the other surface count as agreeing."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.nsd_tolerance_mm) and self.nsd_tolerance_mm >= 0):
+            raise ConfigError(f"evaluation.nsd_tolerance_mm must be a finite number >= 0, got {self.nsd_tolerance_mm}")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole medunet configuration: one section per pipeline stage."""
 
@@ -371,6 +383,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     postprocessing: PostprocessingConfig = field(default_factory=PostprocessingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def roi_size(self) -> Vec3i:
         """Sliding-window size (inference.roi_size, else the training patch)."""

@@ -149,7 +149,8 @@ def run_crossval(
     log.info("predicting %d out-of-fold cases on their original grids", len(oof_cases))
     oof_dir = predict_out_of_fold(root, fold_list, cases, device=device, progress=progress)
     labels = resolve_labels(datalist, config)
-    evaluation = evaluate(oof_dir, oof_cases, labels, root / "oof_eval", progress=progress)
+    evaluation = evaluate(oof_dir, oof_cases, labels, root / "oof_eval",
+                          nsd_tolerance_mm=config.evaluation.nsd_tolerance_mm, progress=progress)
 
     log.info("choosing post-processing on the out-of-fold predictions")
     choice = search_postprocessing(load_search_cases(oof_dir, oof_cases), labels)

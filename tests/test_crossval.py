@@ -177,3 +177,18 @@ def test_train_fold_errors_are_one_clear_line(dataset: Path, tmp_path: Path, cap
     err = capsys.readouterr().err
     assert '"validation" list' in err and "Traceback" not in err
     assert main(["crossval", str(with_validation), "-o", str(tmp_path / "e")]) == 1
+
+
+def test_crossval_checks_the_data_before_any_fold_trains(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_dataset(tmp_path / "data", num_train=4, num_test=0, shape=(24, 24, 16), num_classes=3)
+    first_label = data.parent / json.loads(data.read_text())["training"][0]["label"]
+    label = nib.load(first_label)
+    values = np.asarray(label.dataobj).copy()
+    values[0, 0, 0] = 9  # not a class of this 3-class datalist
+    nib.save(nib.Nifti1Image(values, label.affine, label.header), first_label)
+
+    root = tmp_path / "cv"
+    assert main(["crossval", str(data), "-o", str(root), *TINY, "--set", "train.max_epochs=1"]) == 1
+    err = capsys.readouterr().err
+    assert "9 (1 voxels)" in err and "--skip-check" in err
+    assert not list(root.glob("fold_*"))  # nothing trained

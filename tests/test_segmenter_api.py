@@ -291,8 +291,8 @@ def test_cli_trains_on_dicom_folders_and_segments_a_chosen_series(tmp_path: Path
         "--device",
         "cpu",
     ]
-    # --skip-check: the pre-flight `medunet check` inspects NIfTI files only (so far); training itself reads the DICOM folders
-    assert main(["-q", "train", str(data / "dataset.json"), "-o", str(tmp_path / "run"), "--skip-check", *fast]) == 0
+    # the pre-flight `medunet check` reads the DICOM folders too, and finds nothing wrong
+    assert main(["-q", "train", str(data / "dataset.json"), "-o", str(tmp_path / "run"), *fast]) == 0
 
     # a folder holding the CT series and a small second series: refused without --series, segmented with it
     mixed = tmp_path / "incoming" / "study"

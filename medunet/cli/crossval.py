@@ -22,9 +22,10 @@ from medunet.errors import ConfigError
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field. Repeatable.")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (default: from the config).")
 @click.option("--allow-outside-root", is_flag=True, help="Accept datalist paths that are absolute or leave the datalist's folder.")
+@click.option("--skip-check", is_flag=True, help="Do not run `medunet check` on the datalist first (it never runs on a restart).")
 @click.pass_context
 def crossval(ctx: click.Context, datalist: Path, root: Path, folds: int | None, splits_file: Path | None, config_path: Path | None,
-             overrides: tuple[str, ...], device: str | None, allow_outside_root: bool) -> None:
+             overrides: tuple[str, ...], device: str | None, allow_outside_root: bool, skip_check: bool) -> None:
     """Cross-validate on DATALIST's "training" cases: train k folds, predict each case with the fold
     that held it out, evaluate those predictions and choose post-processing that they prove helps.
 
@@ -42,8 +43,11 @@ def crossval(ctx: click.Context, datalist: Path, root: Path, folds: int | None, 
     and crossval.json. Re-running skips finished folds and resumes an interrupted one (with the
     saved config.yaml plus any --set).
     """
+    from medunet.cli.train import _check_before_training
     from medunet.crossval import run_crossval
 
+    if not skip_check and not (root / "splits.json").is_file():  # a new cross-validation: no fold starts on broken data
+        _check_before_training(datalist, overrides, allow_outside_root, progress=ctx.obj["progress"])
     config = _crossval_config(datalist, root, config_path, overrides, device, allow_outside_root)
     result = run_crossval(datalist, root, config, folds=folds, splits_file=splits_file, device=device or "auto",
                           progress=ctx.obj["progress"])

@@ -19,7 +19,7 @@ from medunet.cli.app import cli
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for metrics.csv, summary.json, the report and figures/ (earlier results there are replaced).")
 @click.option("--tolerance-mm", type=click.FloatRange(min=0.0), default=2.0, show_default=True,
-              help="Tolerance of the normalised surface Dice (NSD), in mm.")
+              help="Tolerance of the normalised surface Dice (NSD), in mm (crossval uses the config's evaluation.nsd_tolerance_mm).")
 @click.option("--report", "report_format", type=click.Choice(["html", "md", "none"]), default="html", show_default=True,
               help="report.html (self-contained), report.md (pictures in figures/) or no report.")
 @click.option("--worst", "worst_cases", type=click.IntRange(min=0), default=3, show_default=True,
