@@ -55,10 +55,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def derived_seed(seed: int, epoch: int) -> int:
-    """A seed for one epoch that depends only on the run's seed and the epoch number.
+def derived_seed(seed: int, epoch: int, *, rank: int = 0) -> int:
+    """A seed for one epoch that depends only on the run's seed, the epoch number and the process rank.
 
     Reseeding every epoch from this makes a resumed run draw exactly the random numbers an
-    uninterrupted run would have drawn, whatever happened before.
+    uninterrupted run would have drawn, whatever happened before. Under torchrun each rank gets
+    its own stream (rank 0's is the single-process one).
     """
-    return (seed * 1_000_003 + epoch * 7_919 + 12_345) % 2**31
+    return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729 + 12_345) % 2**31

@@ -45,7 +45,11 @@ def crossval(ctx: click.Context, datalist: Path, root: Path, folds: int | None, 
     """
     from medunet.cli.train import _check_before_training
     from medunet.crossval import run_crossval
+    from medunet.training.distributed import launched
 
+    if launched():  # every process would predict and evaluate too (see docs/distributed.md)
+        raise ConfigError("crossval does not run under torchrun; train each fold with "
+                          "`torchrun ... -m medunet train DATALIST -o OUT --fold K`, then run `medunet crossval` once without it")
     if not skip_check and not (root / "splits.json").is_file():  # a new cross-validation: no fold starts on broken data
         _check_before_training(datalist, overrides, allow_outside_root, progress=ctx.obj["progress"])
     config = _crossval_config(datalist, root, config_path, overrides, device, allow_outside_root)

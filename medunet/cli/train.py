@@ -43,25 +43,32 @@ def train(ctx: click.Context, datalist: Path, run_dir: Path, config_path: Path |
       medunet train dataset.json -o runs/spleen --resume --set train.max_epochs=400
       medunet train dataset.json -o runs/auto --gpu-memory 11     # no -c: plan from the data first
       medunet train dataset.json -o runs/spleen_cv --fold 0 --folds 5     # one fold; all: medunet crossval
+      torchrun --nproc-per-node 4 -m medunet train dataset.json -o runs/spleen -c configs/ct.yaml   # 4 GPUs
 
     Without a "validation" list, 20% of "training" is held out (seeded; saved as split.json).
     The datalist is checked first (as `medunet check` does); errors stop before anything is trained.
+    Under torchrun (docs/distributed.md) train.batch_size is per process; rank 0 alone checks, plans and writes.
     """
+    from medunet.training import distributed
     from medunet.training.splits import fold_dir, fold_for_training
     from medunet.training.trainer import train as run_training
 
     if fold is None and (folds is not None or splits_file is not None):
         raise click.UsageError("--folds and --splits need --fold K (or use `medunet crossval` to train every fold)")
     root, run_dir = run_dir, (fold_dir(run_dir, fold) if fold is not None else run_dir)
-    if not resume and not skip_check and not (run_dir / "last.pt").exists():  # (an existing run is refused by the trainer)
-        _check_before_training(datalist, overrides, allow_outside_root, progress=ctx.obj["progress"])
-    config = _training_config(datalist, run_dir, config_path, overrides, device, resume, allow_outside_root,
-                              gpu_memory=gpu_memory)
-    split = None if fold is None else fold_for_training(
-        datalist, root, fold=fold, folds=folds, seed=config.data.split_seed, splits_file=splits_file,
-        allow_outside_root=config.data.allow_outside_root,
-    )
-    result = run_training(datalist, run_dir, config, resume=resume, progress=ctx.obj["progress"], fold=split)
+    with distributed.session():  # under torchrun: rank 0 checks, plans and writes splits; the others wait for its result
+        if not resume and not skip_check and not (run_dir / "last.pt").exists():  # (an existing run is refused by the trainer)
+            distributed.run_on_main(lambda: _check_before_training(datalist, overrides, allow_outside_root,
+                                                                   progress=ctx.obj["progress"]))
+        config = distributed.run_on_main(lambda: _training_config(
+            datalist, run_dir, config_path, overrides, device, resume, allow_outside_root, gpu_memory=gpu_memory))
+        split = None if fold is None else distributed.run_on_main(lambda: fold_for_training(
+            datalist, root, fold=fold, folds=folds, seed=config.data.split_seed, splits_file=splits_file,
+            allow_outside_root=config.data.allow_outside_root,
+        ))
+        result = run_training(datalist, run_dir, config, resume=resume, progress=ctx.obj["progress"], fold=split)
+        if not distributed.is_main():
+            return
     per_class = ", ".join(f"{k} {v:.3f}" for k, v in result.class_dice.items())
     click.echo(
         f"best validation mean Dice {result.best_dice:.4f} at epoch {result.best_epoch} ({per_class}); "

@@ -20,10 +20,16 @@ def dice_column(name: str) -> str:
 
 
 class MetricsLog:
-    """Per-epoch metrics, rewritten atomically as ``metrics.csv`` and drawn as ``train_curve.png``."""
+    """Per-epoch metrics, rewritten atomically as ``metrics.csv`` and drawn as ``train_curve.png``.
 
-    def __init__(self, run_dir: Path, class_names: Sequence[str], rows: list[dict[str, Any]] | None = None) -> None:
+    With ``write=False`` (ranks other than 0 under torchrun) the rows are kept but no file is written.
+    """
+
+    def __init__(
+        self, run_dir: Path, class_names: Sequence[str], rows: list[dict[str, Any]] | None = None, *, write: bool = True
+    ) -> None:
         self.run_dir = run_dir
+        self.write = write
         self.class_names = list(class_names)
         self.rows: list[dict[str, Any]] = list(rows or [])
         self.columns = ["epoch", "train_loss", "lr", "val_dice_mean", *map(dice_column, self.class_names), "epoch_seconds"]
@@ -32,11 +38,13 @@ class MetricsLog:
         """Record one epoch; write the CSV, and redraw the curve when ``draw`` (after a validation)."""
         self.rows.append(row)
         self.write_csv()
-        if draw:
+        if draw and self.write:
             plot_training_curve(self.rows, self.run_dir / "train_curve.png", class_names=self.class_names)
 
     def write_csv(self) -> None:
         """Rewrite metrics.csv from the rows (small; atomic so readers never see half a file)."""
+        if not self.write:
+            return
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=self.columns, extrasaction="ignore")
         writer.writeheader()

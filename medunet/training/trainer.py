@@ -6,6 +6,11 @@ One call, :func:`train`, runs a whole training (or resumes one) in a run folder:
 
 Each epoch reseeds every generator from (seed, epoch), so resuming from ``last.pt``
 continues exactly as the uninterrupted run would have.
+
+Under ``torchrun`` (see :mod:`medunet.training.distributed`) each process trains on its shard of the
+cases with ``train.batch_size`` volumes per step (global batch = batch_size x processes), gradients
+are averaged by DDP, losses and validation Dice are reduced over ranks, and only rank 0 writes the
+run folder. Generators are then seeded from (seed, epoch, rank).
 """
 
 from __future__ import annotations
@@ -33,10 +38,11 @@ from medunet.errors import ConfigError, DataError, MedunetError, TrainingError
 from medunet.inference.sliding import predict_probabilities
 from medunet.io.datalist import Case, Datalist, load_datalist, split_cases
 from medunet.networks import SegmentationNetwork, build_network
-from medunet.runtime import amp_dtype, autocast, derived_seed, seed_everything, select_device
+from medunet.runtime import amp_dtype, autocast, derived_seed, seed_everything
+from medunet.training import distributed as dist
 from medunet.training.checkpoint import FORMAT_VERSION, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from medunet.training.data import batch_cases, preprocessing_key, training_loader, unwrap_error, validation_dataset
-from medunet.training.optim import build_optimizer, build_scheduler
+from medunet.training.optim import build_optimizer, build_scheduler, continue_schedule
 from medunet.training.records import MetricsLog, dice_column, write_split
 from medunet.training.splits import Fold
 
@@ -82,11 +88,13 @@ def split_for_run(
         if missing:
             raise DataError(f"fold {fold.index} names cases the datalist does not have: {missing[:5]}", path=str(datalist.path))
         train, val = [by_name[n] for n in fold.train], [by_name[n] for n in fold.val]
-        write_split(run_dir, fold.train, fold.val, seed=config.data.split_seed, source=f"fold {fold.index}")
+        if dist.is_main():
+            write_split(run_dir, fold.train, fold.val, seed=config.data.split_seed, source=f"fold {fold.index}")
         return train, val
     if datalist.validation:
         train, val = list(datalist.training), list(datalist.validation)
-        write_split(run_dir, [c.name for c in train], [c.name for c in val], seed=config.data.split_seed, source="datalist")
+        if dist.is_main():
+            write_split(run_dir, [c.name for c in train], [c.name for c in val], seed=config.data.split_seed, source="datalist")
         return train, val
     saved = run_dir / "split.json"
     if resume and saved.is_file():
@@ -95,7 +103,8 @@ def split_for_run(
         names = set(json.loads(saved.read_text())["validation"])
         return [c for c in datalist.training if c.name not in names], [c for c in datalist.training if c.name in names]
     train, val = split_cases(datalist.training, val_fraction=config.data.val_fraction, seed=config.data.split_seed)
-    write_split(run_dir, [c.name for c in train], [c.name for c in val], seed=config.data.split_seed, source="random")
+    if dist.is_main():
+        write_split(run_dir, [c.name for c in train], [c.name for c in val], seed=config.data.split_seed, source="random")
     return train, val
 
 
@@ -137,7 +146,11 @@ def _cycle(loader: Any, count: int) -> Iterator[dict[str, Any]]:
 def validate(
     model: SegmentationNetwork, dataset: Any, config: Config, *, num_classes: int, device: torch.device, amp: torch.dtype | None
 ) -> np.ndarray:
-    """Mean Dice per foreground class over the validation volumes (NaN for classes absent everywhere)."""
+    """Mean Dice per foreground class over the validation volumes (NaN for classes absent everywhere).
+
+    Under torchrun each rank passes its shard of the volumes; the per-class sums and counts of all
+    ranks are added, so the result is the mean over every validation volume, the same on each rank.
+    """
     metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
     for i in range(len(dataset)):
         item = dataset[i]
@@ -146,11 +159,18 @@ def validate(
         probs = predict_probabilities(model, image, config, device=device, amp=amp)
         pred = one_hot(probs.max(dim=1, keepdim=True).indices, num_classes)  # faster than argmax on CPU
         metric(y_pred=pred, y=one_hot(label.long(), num_classes))
-    return metric.aggregate().cpu().numpy().astype(np.float64)
+    if not dist.is_distributed():
+        return metric.aggregate().cpu().numpy().astype(np.float64)
+    scores = metric.get_buffer() if len(dataset) else None  # (volumes, classes); NaN where a class is absent
+    per_case = np.zeros((0, num_classes - 1)) if scores is None else scores.cpu().numpy().astype(np.float64)
+    found = np.isfinite(per_case)
+    sums = dist.all_reduce_sum(np.stack([np.where(found, per_case, 0.0).sum(0), found.sum(0)]))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(sums[1] > 0, sums[0] / np.maximum(sums[1], 1), np.nan)
 
 
 def train_epoch(
-    model: SegmentationNetwork,
+    model: torch.nn.Module,
     loader: Any,
     loss_fn: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -163,7 +183,7 @@ def train_epoch(
     desc: str,
     progress: bool,
 ) -> list[float]:
-    """Run ``iterations`` optimisation steps; return the loss of each.
+    """Run ``iterations`` optimisation steps of ``model`` (a network, or one wrapped in DDP); return the loss of each.
 
     Raises:
         TrainingError: the loss is NaN/Inf (the batch's cases are named; nothing is saved).
@@ -177,9 +197,11 @@ def train_epoch(
             image, label = batch["image"].to(device), batch["label"].to(device)
             with autocast(device, amp):
                 loss = loss_fn(model(image), label)
-            if not torch.isfinite(loss):
+            finite = bool(torch.isfinite(loss))
+            if not dist.all_true(finite):  # under torchrun every rank stops at the same step
+                where = f"on a batch of cases {batch_cases(batch)}" if not finite else "on another rank's batch"
                 raise TrainingError(
-                    f"loss became {loss.item()} during {desc} on a batch of cases {batch_cases(batch)}; "
+                    f"loss became {loss.item() if not finite else 'non-finite'} during {desc} {where}; "
                     "stopped before saving anything from it. Lower optim.lr or check those cases"
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -214,22 +236,37 @@ def train(
     """Train (or resume) a model on a datalist; see the module docstring for the run folder.
 
     With ``fold`` (see :mod:`medunet.training.splits`) the fold's train/val case names replace the split.
+    Started by torchrun, it joins the process group (if the caller has not) and trains with DDP.
 
     Raises:
         MedunetError: bad data, config or checkpoint, or a non-finite loss.
     """
-    run_dir = Path(run_dir)
+    with dist.session():
+        return _train_in_session(Path(datalist_path), Path(run_dir), config, resume=resume, progress=progress, fold=fold)
+
+
+def _train_in_session(
+    datalist_path: Path, run_dir: Path, config: Config, *, resume: bool, progress: bool, fold: Fold | None
+) -> TrainResult:
+    """:func:`train` once the process group (if any) is up: only rank 0 keeps ``log.txt``."""
     last_path = run_dir / "last.pt"
     if resume and not last_path.is_file():
         raise TrainingError(f"cannot resume: {last_path} does not exist")
     if not resume and last_path.exists():
         raise TrainingError(f"run folder {run_dir} already holds a training run; pass --resume to continue it or choose another -o")
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not dist.is_main():
+        progress = False
+        result = _train(datalist_path, run_dir, config, resume=resume, progress=progress, fold=fold)
+        dist.barrier()  # return once rank 0 has written the last files
+        return result
     handler = logging.FileHandler(run_dir / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     try:
-        return _train(Path(datalist_path), run_dir, config, resume=resume, progress=progress, fold=fold)
+        result = _train(datalist_path, run_dir, config, resume=resume, progress=progress, fold=fold)
+        dist.barrier()
+        return result
     except MedunetError as exc:  # keep the reason in the run's log.txt too (the caller reports it)
         handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (exc,), None))
         raise
@@ -241,7 +278,7 @@ def train(
 def _train(datalist_path: Path, run_dir: Path, config: Config, *, resume: bool, progress: bool, fold: Fold | None) -> TrainResult:
     tc = config.train
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    device = select_device(tc.device)
+    device = dist.device_for(tc.device)
     amp = amp_dtype(tc.amp, device)
     datalist = load_datalist(datalist_path, allow_outside_root=config.data.allow_outside_root)
     labels = resolve_labels(datalist, config)
@@ -249,17 +286,21 @@ def _train(datalist_path: Path, run_dir: Path, config: Config, *, resume: bool, 
     num_classes = len(class_names)
     in_channels = len(datalist.training[0].image)
     train_cases, val_cases = split_for_run(datalist, config, run_dir, resume, fold)
-    save_config(config, run_dir / "config.yaml")
+    if dist.is_main():
+        save_config(config, run_dir / "config.yaml")
     log.info(
-        "medunet %s: %d training / %d validation cases, %d classes %s, device %s%s",
+        "medunet %s: %d training / %d validation cases, %d classes %s, device %s%s%s",
         __version__, len(train_cases), len(val_cases), num_classes, class_names, device,
         f", AMP {amp}" if amp else "",
+        f"; {dist.world_size()} processes, global batch {tc.batch_size * dist.world_size()}" if dist.is_distributed() else "",
     )
+    train_cases, val_cases = dist.shard(train_cases, even=True), dist.shard(val_cases, even=False)
 
     cache_root = Path(config.data.cache_dir) if config.data.cache_dir else run_dir / "cache"
     cache_dir = cache_root / preprocessing_key(config, num_classes=num_classes, in_channels=in_channels)
     seed_everything(tc.seed)
-    log.info("preprocessing and caching %d volumes", len(train_cases) + len(val_cases))
+    share = " (rank 0's share)" if dist.is_distributed() else ""
+    log.info("preprocessing and caching %d volumes%s", len(train_cases) + len(val_cases), share)
     train_ds, loader, generator = training_loader(
         train_cases, config, num_classes=num_classes, in_channels=in_channels, cache_dir=cache_dir / "train", progress=progress
     )
@@ -272,7 +313,7 @@ def _train(datalist_path: Path, run_dir: Path, config: Config, *, resume: bool, 
     optimizer = build_optimizer(config.optim, model)
     scheduler = build_scheduler(config.optim, optimizer, tc.max_epochs)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    metrics = MetricsLog(run_dir, class_names[1:])
+    metrics = MetricsLog(run_dir, class_names[1:], write=dist.is_main())
     best_dice, best_epoch, stale, start_epoch = -1.0, 0, 0, 0
     class_dice: dict[str, float] = {}
     if resume:
@@ -280,13 +321,14 @@ def _train(datalist_path: Path, run_dir: Path, config: Config, *, resume: bool, 
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        continue_schedule(scheduler, config.optim, tc.max_epochs)
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         restore_rng(state["rng"])
         start_epoch = int(state["epoch"])
         best_dice, best_epoch, stale = float(state["best_dice"]), int(state["best_epoch"]), int(state["stale_validations"])
         class_dice = {str(k): float(v) for k, v in state.get("best_class_dice", {}).items()}
-        metrics = MetricsLog(run_dir, class_names[1:], rows=state["history"][:start_epoch])
+        metrics = MetricsLog(run_dir, class_names[1:], rows=state["history"][:start_epoch], write=dist.is_main())
         metrics.write_csv()
         log.info("resuming after epoch %d (best mean Dice %.4f at epoch %d)", start_epoch, best_dice, best_epoch)
 
@@ -311,24 +353,25 @@ def _train(datalist_path: Path, run_dir: Path, config: Config, *, resume: bool, 
             "history": metrics.rows,
         }
 
-    iterations = tc.iterations_per_epoch or len(loader)
+    iterations = tc.iterations_per_epoch or len(loader)  # equal on every rank: training shards are equally long
+    trained = dist.wrap(model, device)  # DDP under torchrun; ``model`` stays the plain network (validation, checkpoints)
     stopped_early = False
     for epoch in range(start_epoch, tc.max_epochs):
         started = time.perf_counter()
-        epoch_seed = derived_seed(tc.seed, epoch)
+        epoch_seed = derived_seed(tc.seed, epoch, rank=dist.rank())
         seed_everything(epoch_seed)
         train_ds.transform.set_random_state(seed=epoch_seed)  # type: ignore[union-attr]
         generator.manual_seed(epoch_seed)
         losses = train_epoch(
-            model, loader, loss_fn, optimizer, scaler, config,
+            trained, loader, loss_fn, optimizer, scaler, config,
             iterations=iterations, device=device, amp=amp, desc=f"epoch {epoch + 1}/{tc.max_epochs}", progress=progress,
         )
         lr = optimizer.param_groups[0]["lr"]
-        row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": lr}
+        row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": dist.all_reduce_mean(float(np.mean(losses))), "lr": lr}
         validated = (epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.max_epochs
         improved = False
         if validated:
-            dice = validate(model, val_ds, config, num_classes=num_classes, device=device, amp=amp)
+            dice = dist.broadcast(validate(model, val_ds, config, num_classes=num_classes, device=device, amp=amp))
             mean = float(np.nanmean(dice)) if np.isfinite(dice).any() else 0.0
             class_dice_now = {n: float(d) for n, d in zip(class_names[1:], dice)}
             row["val_dice_mean"] = mean
@@ -344,10 +387,11 @@ def _train(datalist_path: Path, run_dir: Path, config: Config, *, resume: bool, 
             scheduler.step()
         row["epoch_seconds"] = time.perf_counter() - started
         metrics.add(row, draw=validated)
-        state = checkpoint(epoch + 1)
-        save_checkpoint(state, last_path)
-        if improved:
-            save_checkpoint(state, best_path)
+        if dist.is_main():
+            state = checkpoint(epoch + 1)
+            save_checkpoint(state, last_path)
+            if improved:
+                save_checkpoint(state, best_path)
         message = f"epoch {epoch + 1}/{tc.max_epochs}: loss {row['train_loss']:.4f}, lr {lr:.3g}, {row['epoch_seconds']:.1f} s"
         if validated:
             per_class = ", ".join(f"{n} {d:.3f}" for n, d in zip(class_names[1:], dice))
