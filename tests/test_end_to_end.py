@@ -137,3 +137,20 @@ def test_mri_preset_learns_on_multichannel_mri(tmp_path: Path) -> None:
     image = nib.load(datalist.parent / spec["test"][0]["image"][0])
     assert mask.shape == image.shape
     np.testing.assert_allclose(mask.affine, image.affine, atol=1e-5)
+
+
+def test_resume_with_more_epochs_follows_the_new_schedule(dataset: Path, tmp_path: Path) -> None:
+    """A finished cosine run resumed with a larger max_epochs continues on the new curve, not at the old minimum."""
+    from medunet.config import OptimConfig
+    from medunet.training.optim import lr_factor
+
+    run = tmp_path / "run"
+    common = [*TINY, "--set", "augmentation.samples_per_volume=1", "--set", "model.features=[4,8,16]", "--set", "train.val_every=9"]
+    assert main(["-q", "train", str(dataset), "-o", str(run), *common, "--set", "train.max_epochs=1"]) == 0
+    assert main(["-q", "train", str(dataset), "-o", str(run), "--resume", "--set", "train.max_epochs=4"]) == 0
+    saved = torch.load(run / "last.pt", weights_only=True)["config"]["optim"]
+    cfg = OptimConfig(**{k: v for k, v in saved.items() if k in ("lr", "min_lr", "scheduler", "warmup_epochs", "poly_power")})
+    lrs = [float(r["lr"]) for r in read_metrics(run)]
+    expected = [cfg.lr * lr_factor(cfg, epoch, 4) for epoch in range(1, 4)]
+    assert lrs[1:] == pytest.approx(expected, rel=1e-4), (lrs, expected)  # metrics.csv keeps 6 significant digits
+    assert lrs[1] > 10 * cfg.min_lr  # not stuck at the finished run's floor

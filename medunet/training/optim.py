@@ -38,3 +38,18 @@ def build_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, max_epoc
             optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr, eps=0.0
         )
     return LambdaLR(optimizer, lambda epoch: lr_factor(cfg, epoch, max_epochs))
+
+
+def continue_schedule(scheduler: LRScheduler | ReduceLROnPlateau, cfg: OptimConfig, max_epochs: int) -> None:
+    """After loading a saved scheduler on resume, put the optimizer on the schedule of the *current* config.
+
+    The saved learning rate belongs to the old schedule: resuming a finished cosine run with a larger
+    ``train.max_epochs`` would otherwise train one epoch at the old run's final (minimum) rate and then
+    jump. ``optim.lr`` given again on resume becomes the new base rate. Plateau schedules keep their state.
+    """
+    if isinstance(scheduler, ReduceLROnPlateau):
+        return
+    scheduler.base_lrs = [cfg.lr] * len(scheduler.base_lrs)
+    for group in scheduler.optimizer.param_groups:
+        group["lr"] = cfg.lr * lr_factor(cfg, scheduler.last_epoch, max_epochs)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
