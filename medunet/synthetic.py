@@ -22,6 +22,17 @@ CT_ORGAN_HU = (130.0, 210.0, 70.0)
 MRI_ORGAN_VALUE = (600.0, 850.0, 450.0)
 
 
+#: Fake patient identifiers that privacy tests plant in DICOM headers and then search every output for.
+CANARY_IDENTIFIERS = {
+    "PatientName": "Canary^Zebediah",
+    "PatientID": "CANARY-PID-7731",
+    "PatientBirthDate": "19010203",
+    "AccessionNumber": "ACC-CANARY-99",
+    "InstitutionName": "Canary General Hospital",
+    "ReferringPhysicianName": "Dr^Canaryfield",
+}
+
+
 def grid_affine(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     *,

@@ -27,6 +27,7 @@ from medunet.io.datalist import load_datalist
 from medunet.io.dicom import list_series, read_series
 from medunet.io.image import DicomSource, read_image
 from medunet.io.nifti import load_volume
+from medunet.synthetic import CANARY_IDENTIFIERS as CANARIES
 from medunet.synthetic import grid_affine, make_phantom, save_nifti, write_dicom_series
 
 SHAPE = (40, 36, 12)
@@ -34,14 +35,6 @@ SPACING = (0.8, 0.9, 2.5)
 #: The largest RescaleSlope write_dicom_series picks is 1/8: values come back within half of it.
 VALUE_ATOL = 1 / 16 + 1e-6
 
-CANARIES = {
-    "PatientName": "Canary^Zebediah",
-    "PatientID": "CANARY-PID-7731",
-    "PatientBirthDate": "19010203",
-    "AccessionNumber": "ACC-CANARY-99",
-    "InstitutionName": "Canary General Hospital",
-    "ReferringPhysicianName": "Dr^Canaryfield",
-}
 
 
 def volume(shape: tuple[int, int, int] = SHAPE, seed: int = 0) -> np.ndarray:

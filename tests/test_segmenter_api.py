@@ -27,20 +27,13 @@ from medunet.config import load_config
 from medunet.errors import DataError, MedunetError, OutputExistsError
 from medunet.inference.segmenter import Segmenter
 from medunet.io.image import DicomSource
+from medunet.synthetic import CANARY_IDENTIFIERS as CANARIES
 from medunet.synthetic import grid_affine, make_phantom, save_nifti, write_dicom_series
 
 SHAPE = (36, 32, 16)
 SPACING = (0.9, 0.8, 2.0)
 WINDOW = (-200.0, 400.0)
 CLASS_NAMES = ["background", "marker"]
-CANARIES = {
-    "PatientName": "Canary^Zebediah",
-    "PatientID": "CANARY-PID-7731",
-    "PatientBirthDate": "19010203",
-    "AccessionNumber": "ACC-CANARY-99",
-    "InstitutionName": "Canary General Hospital",
-    "ReferringPhysicianName": "Dr^Canaryfield",
-}
 
 
 class Oracle(nn.Module):

@@ -173,6 +173,16 @@ def _parse_modality(raw: Any) -> str | None:
     return str(raw) if raw else None
 
 
+def read_json(path: Path, *, what: str) -> Any:
+    """Parse a JSON file, or raise a DataError naming ``what`` it is (e.g. "datalist") and the problem."""
+    if not path.is_file():
+        raise DataError(f"{what} not found", path=str(path))
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{what} is not valid JSON ({exc})", path=str(path)) from None
+
+
 def load_datalist(
     path: str | Path, *, allow_outside_root: bool = False, need_training: bool = True, require_files: bool = True
 ) -> Datalist:
@@ -183,12 +193,7 @@ def load_datalist(
         DataError: naming the entry and file when anything is missing or malformed.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError("datalist not found", path=str(path))
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"datalist is not valid JSON ({exc})", path=str(path)) from None
+    raw = read_json(path, what="datalist")
     if not isinstance(raw, dict):
         raise DataError("datalist must be a JSON object with a \"training\" list", path=str(path))
     root = path.parent

@@ -89,7 +89,7 @@ class DicomSeries:
     resampled: bool = False
 
 
-def _is_dicom_header(path: Path) -> bool:
+def is_dicom_file(path: Path) -> bool:
     """True for a file with the DICOM preamble ("DICM" at byte 128)."""
     try:
         with path.open("rb") as handle:
@@ -105,7 +105,7 @@ def dicom_files(folder: str | Path) -> list[Path]:
     return sorted(
         p
         for p in folder.rglob("*")
-        if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR" and _is_dicom_header(p)
+        if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR" and is_dicom_file(p)
     )
 
 
@@ -115,7 +115,7 @@ def is_dicom_folder(path: str | Path, *, recursive: bool = True) -> bool:
     if not path.is_dir():
         return False
     candidates = path.rglob("*") if recursive else path.iterdir()
-    return any(p.is_file() and not p.name.startswith(".") and _is_dicom_header(p) for p in candidates)
+    return any(p.is_file() and not p.name.startswith(".") and is_dicom_file(p) for p in candidates)
 
 
 def _read_header(path: Path, *, case: str | None) -> Any:

@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 
 from medunet.errors import DataError
+from medunet.io.dicom import is_dicom_file
 from medunet.io.nifti import read_nifti
 
 
@@ -32,15 +33,6 @@ class DicomSource:
 
 ArrayWithAffine = tuple[np.ndarray, np.ndarray]
 Source = str | Path | DicomSource | nib.Nifti1Image
-
-
-def _looks_like_dicom_file(path: Path) -> bool:
-    try:
-        with path.open("rb") as handle:
-            handle.seek(128)
-            return handle.read(4) == b"DICM"
-    except OSError:
-        return False
 
 
 def from_array(array: np.ndarray, affine: np.ndarray, *, case: str | None = None) -> nib.Nifti1Image:
@@ -93,7 +85,7 @@ def read_image(
         from medunet.io.dicom import read_series
 
         return read_series(path, series_uid=series_uid, allow_resample=allow_resample, case=case).image
-    if path.is_file() and not path.name.endswith((".nii", ".nii.gz")) and _looks_like_dicom_file(path):
+    if path.is_file() and not path.name.endswith((".nii", ".nii.gz")) and is_dicom_file(path):
         raise DataError("is a single DICOM file; give the folder holding the whole series instead", case=case, path=str(path))
     return read_nifti(path, case=case)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from medunet.errors import ConfigError, DataError
 from medunet.io.atomic import atomic_write_text
-from medunet.io.datalist import Datalist, load_datalist
+from medunet.io.datalist import Datalist, load_datalist, read_json
 
 log = logging.getLogger("medunet")
 
@@ -125,13 +125,7 @@ def check_folds(raw: Any, known: Sequence[str], *, path: Path, disjoint_validati
 def read_splits(path: Path, known: Sequence[str], *, disjoint_validation: bool = False) -> list[Fold]:
     """Read and check a splits file (see :func:`check_folds`)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError("splits file not found", path=str(path))
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"splits file is not valid JSON ({exc})", path=str(path)) from None
-    return check_folds(raw, known, path=path, disjoint_validation=disjoint_validation)
+    return check_folds(read_json(path, what="splits file"), known, path=path, disjoint_validation=disjoint_validation)
 
 
 def write_splits(path: Path, folds: Sequence[Fold]) -> None:
