@@ -311,8 +311,8 @@ class InferenceConfig:
     """Window size in voxels; null: augmentation.patch_size."""
     sw_batch_size: int = 4
     """Windows per forward pass."""
-    overlap: float = 0.5
-    """Overlap of neighbouring windows (0 to <1)."""
+    overlap: float = 0.25
+    """Overlap of neighbouring windows (0 to <1). 0.25 with gaussian blending: half the windows of 0.5 at equal Dice (docs/benchmarks.md)."""
     blend: Literal["gaussian", "constant"] = "gaussian"
     """How overlapping windows are weighted."""
     tta_flips: bool = False
@@ -321,6 +321,10 @@ class InferenceConfig:
     """Resample class probabilities (linear) back to the input grid before argmax; false: resample labels (nearest), less memory."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Network arithmetic. auto: on CUDA as train.amp (bf16 where supported), fp32 on CPU; bf16: also on the CPU (about 2x faster on CPUs with native bf16, AVX512-BF16/AMX; see docs/benchmarks.md); fp32: full precision everywhere."""
+    stitch_device: Literal["auto", "device", "cpu"] = "auto"
+    """Where windows are blended into the whole-volume result. device: on the GPU (fastest); cpu: in host memory (windows still run on the GPU); auto: device when the estimate (classes x voxels x 4 bytes, plus the weight map) fits in free GPU memory with headroom, else cpu, decided before allocating."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.overlap < 1.0:

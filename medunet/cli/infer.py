@@ -34,10 +34,16 @@ from medunet.cli.app import EXIT_ERROR, EXIT_PARTIAL, cli, log
               help="DICOM input: interpolate missing/uneven slices and gantry tilt onto a regular grid instead of refusing.")
 @click.option("--output-format", "output_formats", default="nifti", show_default=True, callback=lambda _c, _p, v: _formats(v),
               help="nifti (<case>.nii.gz), dicom-seg (<case>.seg.dcm, DICOM input only) or both: nifti,dicom-seg.")
+@click.option("--shard", "shard_text", default=None, metavar="K/N",
+              help="Segment only share K of N (0-based; cases sorted by name, every N-th from K), for N processes or GPUs "
+                   "on one batch. Under torchrun, RANK/WORLD_SIZE choose it. Each share writes inference_report.shard-K-of-N.json (and its own --stats CSV).")
+@click.option("--skip-existing", is_flag=True,
+              help="Resume: keep cases whose outputs all exist (reported as skipped), do the rest.")
 @click.pass_context
 def infer(ctx: click.Context, model_path: Path, input_path: Path, out_dir: Path, overwrite: bool, overrides: tuple[str, ...],
           folds: str | None, tta: bool, preview: bool, stats_csv: Path | None, device: str, allow_outside_root: bool,
-          series_uid: str | None, allow_resample: bool, output_formats: tuple[str, ...]) -> None:
+          series_uid: str | None, allow_resample: bool, output_formats: tuple[str, ...], shard_text: str | None,
+          skip_existing: bool) -> None:
     """Segment volumes with a trained model; masks land exactly on each input's grid.
 
     \b
@@ -49,24 +55,41 @@ def infer(ctx: click.Context, model_path: Path, input_path: Path, out_dir: Path,
       medunet infer -m runs/liver -i dicom/ct_series/ -o preds/ --series 1.2.840.99.1   # a DICOM series
       medunet infer -m runs/liver -i dicom/ct_series/ -o preds/ --output-format nifti,dicom-seg   # + DICOM SEG
       medunet infer -m runs/liver_cv -i scans/ -o preds/ --folds 0,2   # crossval folder: fold ensemble
+      medunet infer -m runs/liver -i scans/ -o preds/ --shard 0/2 --device cuda:0 &   # two GPUs,
+      medunet infer -m runs/liver -i scans/ -o preds/ --shard 1/2 --device cuda:1     # half the cases each
+      torchrun --nproc-per-node 4 -m medunet infer -m runs/liver -i scans/ -o preds/   # one share per GPU
+      medunet infer -m runs/liver -i scans/ -o preds/ --skip-existing   # after an interruption: do the rest
 
     A case that fails (unreadable file, bad geometry) is reported and the others go on;
     the exit status is then 3. Nothing half-written is ever left at an output path.
     """
-    from medunet.inference.batch import collect_inputs, segment_all
+    from medunet.inference.batch import Shard, collect_inputs, segment_all
     from medunet.inference.segmenter import Segmenter
 
+    shard = Shard.parse(shard_text) if shard_text is not None else Shard.from_env()
     cases = collect_inputs(input_path, allow_outside_root=allow_outside_root, series_uid=series_uid, allow_resample=allow_resample)
     extra = list(overrides) + (["inference.tta_flips=true"] if tta else [])
-    segmenter = Segmenter.from_checkpoint(model_path, device=device, overrides=extra, folds=_fold_list(folds))
-    log.info("%r", segmenter)
+    segmenter = Segmenter.from_checkpoint(model_path, device=_rank_device(device), overrides=extra, folds=_fold_list(folds))
+    log.info("%r%s", segmenter, f", shard {shard.index}/{shard.count}" if shard.count > 1 else "")
     results = segment_all(segmenter, cases, out_dir, overwrite=overwrite, preview=preview, progress=ctx.obj["progress"],
-                          stats_csv=stats_csv, output_formats=output_formats)
+                          stats_csv=stats_csv, output_formats=output_formats, shard=shard, skip_existing=skip_existing)
     failed = [r for r in results if r.error]
     click.echo(f"{len(results) - len(failed)} of {len(results)} case(s) segmented into {out_dir}")
     if failed:
-        click.echo(f"{len(failed)} failed (see {out_dir / 'inference_report.json'})", err=True)
+        click.echo(f"{len(failed)} failed (see {shard.path(out_dir / 'inference_report.json')})", err=True)
         ctx.exit(EXIT_ERROR if len(failed) == len(results) else EXIT_PARTIAL)
+
+
+def _rank_device(device: str) -> str:
+    """Under torchrun on a GPU machine, ``auto`` means this worker's own GPU (LOCAL_RANK), not every worker on cuda:0."""
+    import os
+
+    import torch
+
+    local_rank = os.environ.get("LOCAL_RANK")
+    if device != "auto" or local_rank is None or not torch.cuda.is_available():
+        return device
+    return f"cuda:{int(local_rank) % torch.cuda.device_count()}"
 
 
 def _fold_list(text: str | None) -> list[int] | None:

@@ -4,21 +4,72 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+import os
+import re
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from tqdm.auto import tqdm
 
 from medunet import __version__
-from medunet.errors import DataError, MedunetError, OutputExistsError
+from medunet.errors import ConfigError, DataError, OutputExistsError
+from medunet.inference.pipeline import Job, run_jobs
 from medunet.inference.segmenter import CaseResult, Segmenter
 from medunet.io.atomic import atomic_write_text
 from medunet.io.datalist import NIFTI_SUFFIXES, load_datalist, unique_case_names
 from medunet.io.image import DicomSource
+from medunet.io.nifti import write_mask
 
 log = logging.getLogger("medunet")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Process ``index`` of ``count`` (0-based) in a batch split across processes or GPUs.
+
+    Cases are put in a fixed order (sorted by case name) and process K takes those at positions
+    i with i % N == K: shares are disjoint, cover every case, and do not depend on the order the
+    inputs were listed in. Each shard writes its own report (``inference_report.shard-K-of-N.json``).
+    """
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ConfigError(f"shard must be K/N with 0 <= K < N, got {self.index}/{self.count}; e.g. --shard 0/2 and --shard 1/2")
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``"1/4"`` -> Shard(1, 4)."""
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if not match:
+            raise ConfigError(f"shard must look like K/N (0-based K, e.g. 0/2), got {text!r}")
+        return cls(int(match[1]), int(match[2]))
+
+    @classmethod
+    def from_env(cls) -> Shard:
+        """The shard of a ``torchrun`` worker (RANK / WORLD_SIZE), or the whole batch outside one."""
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        return cls(int(os.environ.get("RANK", "0") or 0), world) if world > 1 else cls()
+
+    def select(self, cases: Sequence[tuple[str, T]]) -> list[tuple[str, T]]:
+        """This shard's cases, in their given order."""
+        if self.count == 1:
+            return list(cases)
+        order = sorted(range(len(cases)), key=lambda i: cases[i][0])
+        mine = {j for position, j in enumerate(order) if position % self.count == self.index}
+        return [case for j, case in enumerate(cases) if j in mine]
+
+    def path(self, path: Path) -> Path:
+        """``path`` with a ``.shard-K-of-N`` suffix before its extension (unchanged for a single process)."""
+        if self.count == 1:
+            return path
+        return path.with_name(f"{path.stem}.shard-{self.index}-of-{self.count}{path.suffix}")
 
 
 def collect_inputs(
@@ -78,60 +129,101 @@ def segment_all(
     progress: bool = True,
     stats_csv: str | Path | None = None,
     output_formats: Sequence[str] = ("nifti",),
+    shard: Shard | None = None,
+    skip_existing: bool = False,
+    overlap_io: bool = True,
 ) -> list[CaseResult]:
     """Segment every case into ``out_dir/<case>.nii.gz``; a failing case is reported and skipped.
 
     Writes ``out_dir/inference_report.json`` (versions, model, per-case status and timing) and, with
     ``stats_csv``, volume and intensity per case and class there (:mod:`medunet.evaluation.statistics`).
 
+    Args:
+        shard: segment only this process's share of the cases (see :class:`Shard`); the report (and the
+            statistics CSV) then get a ``.shard-K-of-N`` suffix, so parallel processes never write one file.
+        skip_existing: resume an interrupted run: cases whose outputs all exist are reported as skipped
+            (their statistics are still computed); the leftovers of unfinished cases are replaced.
+        overlap_io: read + preprocess the next case and write the previous one in background threads
+            while the network runs (:mod:`medunet.inference.pipeline`); False runs the stages in turn.
+
     Raises:
-        OutputExistsError: some outputs exist and ``overwrite`` is False (checked before any work).
+        OutputExistsError: some outputs exist and neither ``overwrite`` nor ``skip_existing`` is set (checked before any work).
     """
     out_dir = Path(out_dir)
+    shard = shard or Shard(0, 1)
+    cases = shard.select(cases)
+    stats_csv = shard.path(Path(stats_csv)) if stats_csv is not None else None
     targets = {name: out_dir / f"{name}.nii.gz" for name, _ in cases}
     seg_targets = _check_output_formats(output_formats, cases, out_dir, needs_nifti=preview or stats_csv is not None)
-    outputs = [*(targets.values() if "nifti" in output_formats else []), *seg_targets.values(),
-               *([Path(stats_csv)] if stats_csv is not None else [])]
+    per_case = {name: [*([targets[name]] if "nifti" in output_formats else []), *([seg_targets[name]] if name in seg_targets else []),
+                       *([out_dir / f"{name}_preview.png"] if preview else [])] for name, _ in cases}
+    finished = {name for name, paths in per_case.items() if skip_existing and all(p.exists() for p in paths)}
+    outputs = [p for name, paths in per_case.items() if name not in finished for p in paths if not p.name.endswith(".png")]
+    outputs += [Path(stats_csv)] if stats_csv is not None and not skip_existing else []
     existing = [str(p) for p in outputs if p.exists()]
-    if existing and not overwrite:
+    if existing and not (overwrite or skip_existing):
         raise OutputExistsError(
-            f"{len(existing)} output(s) already exist in {out_dir} (e.g. {Path(existing[0]).name}); pass --overwrite to replace them"
+            f"{len(existing)} output(s) already exist in {out_dir} (e.g. {Path(existing[0]).name}); "
+            "pass --overwrite to replace them, or --skip-existing to keep finished cases and do the rest"
         )
+    replace = overwrite or skip_existing  # with skip_existing, what exists for an unfinished case is an interrupted run's
     out_dir.mkdir(parents=True, exist_ok=True)
+    stats_rows: list[dict] = []
+
+    def prepare(job: Job) -> None:
+        if job.name in finished or seg_targets:  # DICOM SEG: read, predict and write together in the predict stage
+            return
+        job.prepared = segmenter.prepare(job.inputs, case=job.name, timings=job.timings)
+        job.reference = job.prepared.reference  # kept for the writer: the pipeline frees `prepared` after the prediction
+
+    def predict(job: Job) -> None:
+        if job.name in finished:
+            return
+        if seg_targets:  # DICOM SEG (and NIfTI) from one prediction
+            from medunet.io.dicom_seg import segment_to_seg
+
+            nifti = targets[job.name] if "nifti" in output_formats else None
+            segment_to_seg(segmenter, job.inputs[0], seg_targets[job.name], nifti_output=nifti, overwrite=replace, case=job.name)
+        else:
+            job.labels = segmenter.labels_for(job.prepared, timings=job.timings)
+
+    def write(job: Job) -> None:
+        name, source = job.name, job.inputs[0]
+        if job.labels is not None:
+            write_mask(job.labels, job.reference, targets[name], num_classes=segmenter.num_classes, overwrite=replace)
+            job.labels = job.reference = None  # a DICOM reference holds its voxels: keep memory flat over long batches
+        if preview and name not in finished:
+            _write_preview(segmenter, name, source, targets[name], out_dir / f"{name}_preview.png")
+        if stats_csv is not None:
+            from medunet.evaluation.statistics import case_statistics
+
+            stats_rows.extend(case_statistics(targets[name], source, segmenter.class_names, case=name))
+        job.outputs = [str(p) for p in (targets[name] if "nifti" in output_formats else None, seg_targets.get(name)) if p is not None]
+
+    jobs = [Job(name, list(paths)) for name, paths in cases]
     results: list[CaseResult] = []
     timings: dict[str, float] = {}
-    stats_rows: list[dict] = []
-    for name, paths in tqdm(cases, desc="segmenting", unit="case", disable=not progress):
-        started = time.perf_counter()
-        try:
-            if seg_targets:  # DICOM SEG (and NIfTI) from one prediction
-                from medunet.io.dicom_seg import segment_to_seg
-
-                nifti = targets[name] if "nifti" in output_formats else None
-                segment_to_seg(segmenter, paths[0], seg_targets[name], nifti_output=nifti, overwrite=overwrite, case=name)
+    status: dict[str, str] = {}
+    with tqdm(total=len(jobs), desc="segmenting", unit="case", disable=not progress) as bar:
+        for job in run_jobs(jobs, prepare, predict, write, overlap=overlap_io):
+            if job.error is not None:
+                results.append(CaseResult(job.name, str(job.inputs[0]), None, job.error))
+                log.error("error: %s", job.error)
             else:
-                segmenter.predict_file(paths, targets[name], overwrite=overwrite, case=name)
-            if preview:
-                _write_preview(segmenter, name, paths[0], targets[name], out_dir / f"{name}_preview.png")
-            if stats_csv is not None:
-                from medunet.evaluation.statistics import case_statistics
-
-                stats_rows.extend(case_statistics(targets[name], paths[0], segmenter.class_names, case=name))
-            written = [p for p in (targets[name] if "nifti" in output_formats else None, seg_targets.get(name)) if p is not None]
-            results.append(CaseResult(name, str(paths[0]), str(written[0])))
-            log.info("%s -> %s", name, ", ".join(map(str, written)))
-        except MedunetError as exc:
-            results.append(CaseResult(name, str(paths[0]), None, str(exc)))
-            log.error("error: %s", exc)
-        timings[name] = round(time.perf_counter() - started, 3)
+                results.append(CaseResult(job.name, str(job.inputs[0]), job.outputs[0]))
+                log.info("%s -> %s%s", job.name, ", ".join(job.outputs), " (finished before: skipped)" if job.name in finished else "")
+            status[job.name] = "failed" if job.error else "skipped" if job.name in finished else "done"
+            timings[job.name] = round(job.seconds, 3)
+            bar.update()
     report = {
         "medunet_version": __version__,
         "model": segmenter.source,
         "device": str(segmenter.device),
         "classes": segmenter.class_names,
-        "cases": [{**asdict(r), "seconds": timings[r.case]} for r in results],
+        "shard": {"index": shard.index, "count": shard.count},
+        "cases": [{**asdict(r), "status": status[r.case], "seconds": timings[r.case]} for r in results],
     }
-    atomic_write_text(out_dir / "inference_report.json", json.dumps(report, indent=2))
+    atomic_write_text(shard.path(out_dir / "inference_report.json"), json.dumps(report, indent=2))
     if stats_csv is not None:
         from medunet.evaluation.statistics import write_statistics_csv
 

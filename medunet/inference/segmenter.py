@@ -30,14 +30,14 @@ from monai.transforms import Invertd
 
 from medunet.config import Config, apply_overrides, config_from_dict
 from medunet.errors import CheckpointError, DataError, GeometryError, MedunetError, OutputExistsError
-from medunet.inference.sliding import predict_probabilities
+from medunet.inference.sliding import inference_dtype, predict_probabilities
 from medunet.io.atomic import atomic_write_text
 from medunet.io.image import ArrayWithAffine, DicomSource, Source, as_source_list, read_image, source_name
 from medunet.io.nifti import ImageSource, label_dtype, mask_image, same_grid, spacing_of, write_mask
 from medunet.networks import build_network
 from medunet.postprocessing import postprocess_labels
 from medunet.postprocessing_search import validated_postprocessing
-from medunet.runtime import amp_dtype, select_device
+from medunet.runtime import select_device
 from medunet.training.checkpoint import fold_checkpoints, load_checkpoint, resolve_checkpoint
 from medunet.training.data import unwrap_error
 from medunet.transforms import IMAGE, preprocessing
@@ -58,6 +58,17 @@ class CaseResult:
     input: str
     output: str | None
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class PreparedCase:
+    """A volume read and preprocessed by :meth:`Segmenter.prepare`, waiting for the network."""
+
+    data: dict[str, Any]
+    """The preprocessing chain's output (the image, with the operations needed to invert the prediction)."""
+    reference: nib.Nifti1Image
+    """The input (first channel) image: the grid and header of the mask."""
+    case: str | None = None
 
 
 class Segmenter:
@@ -84,7 +95,7 @@ class Segmenter:
         self.in_channels = in_channels
         self.device = device
         self.source = source
-        self._amp = amp_dtype(config.train.amp, device)
+        self._amp = inference_dtype(config, device)  # inference.precision
         self._preprocess = preprocessing(config, num_classes=self.num_classes, in_channels=in_channels, with_label=False)
         # Thread-safety model: reading, preprocessing, inversion and post-processing run concurrently; the network
         # runs under this lock, one call at a time (one forward pass already uses every core / the whole GPU).
@@ -231,6 +242,16 @@ class Segmenter:
         self, image: InputImage | Sequence[InputImage], *, case: str | None, timings: dict[str, float]
     ) -> tuple[np.ndarray, nib.Nifti1Image]:
         """Labels on the input grid, and the input (first channel) image whose header they take."""
+        prepared = self.prepare(image, case=case, timings=timings)
+        return self.labels_for(prepared, timings=timings), prepared.reference
+
+    def prepare(self, image: InputImage | Sequence[InputImage], *, case: str | None = None,
+                timings: dict[str, float] | None = None) -> PreparedCase:
+        """Read and preprocess one volume, without the network: the part batch mode runs ahead in a background thread.
+
+        Pass the result to :meth:`labels_for`. Raises as :meth:`predict`.
+        """
+        timings = {} if timings is None else timings
         sources = as_source_list(image)
         if not sources:
             raise DataError("no image given", case=case)
@@ -239,7 +260,7 @@ class Segmenter:
         images = [read_image(s, case=case) for s in sources]
         inputs = [s if isinstance(s, (str, Path)) and not Path(s).is_dir() else img for s, img in zip(sources, images)]
         timings["read"] = time.perf_counter() - tick
-        return self.predict_labels(inputs, reference=images[0], case=case, timings=timings), images[0]
+        return self._preprocessed(inputs, reference=images[0], case=case, timings=timings)
 
     @torch.inference_mode()
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
@@ -247,9 +268,12 @@ class Segmenter:
 
         All folds share one preprocessing (checked on loading), so averaging in network space is exact.
         """
-        total = predict_probabilities(self.models[0], image, self.config, device=self.device, amp=self._amp)
+        def run(model: torch.nn.Module) -> torch.Tensor:
+            return predict_probabilities(model, image, self.config, device=self.device, amp=self._amp, num_classes=self.num_classes)
+
+        total = run(self.models[0])
         for model in self.models[1:]:
-            total += predict_probabilities(model, image, self.config, device=self.device, amp=self._amp)
+            total += run(model)
         return total / len(self.models) if len(self.models) > 1 else total
 
     def predict_labels(
@@ -262,6 +286,11 @@ class Segmenter:
     ) -> np.ndarray:
         """Label array on ``reference``'s grid (after inversion and post-processing); seconds per stage go to ``timings``."""
         timings = {} if timings is None else timings
+        return self.labels_for(self._preprocessed(sources, reference=reference, case=case, timings=timings), timings=timings)
+
+    def _preprocessed(
+        self, sources: Sequence[ImageSource], *, reference: nib.Nifti1Image, case: str | None, timings: dict[str, float]
+    ) -> PreparedCase:
         tick = time.perf_counter()
         try:
             data: dict[str, Any] = self._preprocess({IMAGE: list(sources), "case": case})
@@ -270,8 +299,14 @@ class Segmenter:
             if isinstance(cause, MedunetError):
                 raise cause from None
             raise
-        pre_image = data[IMAGE]
         timings["preprocess"] = time.perf_counter() - tick
+        return PreparedCase(data=data, reference=reference, case=case)
+
+    def labels_for(self, prepared: PreparedCase, *, timings: dict[str, float] | None = None) -> np.ndarray:
+        """Network, inversion and post-processing of a volume from :meth:`prepare`: labels on its input grid."""
+        timings = {} if timings is None else timings
+        data, reference, case = dict(prepared.data), prepared.reference, prepared.case
+        pre_image = data[IMAGE]
         tick = time.perf_counter()
         with self._model_lock:
             timings["wait_for_model"] = time.perf_counter() - tick
@@ -279,11 +314,11 @@ class Segmenter:
         timings["network"] = time.perf_counter() - tick - timings["wait_for_model"]
         tick = time.perf_counter()
         # Invert either the probabilities (linear; argmax on the input grid) or the hard labels (nearest).
-        soft = self.config.inference.resample_probabilities
-        values = probs.cpu() if soft else probs.max(dim=0, keepdim=True).indices.float().cpu()  # max().indices: argmax is ~20x slower on CPU
-        data[PRED] = MetaTensor(values, meta=dict(pre_image.meta), applied_operations=list(pre_image.applied_operations))
-        inverted = Invertd(keys=PRED, transform=self._preprocess, orig_keys=IMAGE, nearest_interp=not soft)(data)[PRED]
-        labels_t = torch.as_tensor(inverted).max(dim=0).indices if soft else torch.as_tensor(inverted)[0].round()
+        if self.config.inference.resample_probabilities:
+            labels_t, inverted = self._invert_probabilities(probs.cpu(), data, voxels=int(np.prod(reference.shape[:3])))
+        else:
+            inverted = self._invert(probs.max(dim=0, keepdim=True).indices.float().cpu(), data, nearest=True)  # max().indices: argmax is ~20x slower on CPU
+            labels_t = torch.as_tensor(inverted)[0].round()
         labels = labels_t.numpy().astype(label_dtype(self.num_classes))
         expected = tuple(int(s) for s in reference.shape[:3])
         if labels.shape != expected or not same_grid(np.asarray(inverted.affine), reference.affine, tolerance=1e-4):
@@ -299,6 +334,44 @@ class Segmenter:
         )
         timings["invert_postprocess"] = time.perf_counter() - tick
         return labels
+
+    def _invert(self, values: torch.Tensor, data: dict[str, Any], *, nearest: bool) -> MetaTensor:
+        """Bring a (C, X, Y, Z) prediction in network space back to the input grid with MONAI's ``Invertd``."""
+        pre_image = data[IMAGE]
+        data = {**data, PRED: MetaTensor(values, meta=dict(pre_image.meta), applied_operations=list(pre_image.applied_operations))}
+        return Invertd(keys=PRED, transform=self._preprocess, orig_keys=IMAGE, nearest_interp=nearest)(data)[PRED]
+
+    def _invert_probabilities(self, probs: torch.Tensor, data: dict[str, Any], *, voxels: int) -> tuple[torch.Tensor, MetaTensor]:
+        """Argmax on the input grid of the linearly inverted probabilities, a group of classes at a time.
+
+        Inversion acts on each class map alone, so a running maximum over groups gives the argmax of the
+        whole inversion (ties go to the lower class, as ``max`` does) while holding only one group.
+        """
+        group = classes_per_inversion(probs.shape[0], voxels)
+        best: torch.Tensor | None = None
+        labels = torch.zeros(0, dtype=torch.int64)
+        for start in range(0, probs.shape[0], group):
+            inverted = self._invert(probs[start:start + group], data, nearest=False)
+            top, index = torch.as_tensor(inverted).max(dim=0)
+            if best is None:
+                best, labels = top, index
+            else:
+                better = top > best
+                best = torch.where(better, top, best)
+                labels = torch.where(better, index + start, labels)
+        return labels, inverted
+
+
+#: Bytes of inverted class maps held at once on the input grid: the probabilities are inverted a group of classes at a
+#: time, keeping a running argmax, so memory does not grow with the number of classes (one float32 class map of a
+#: 512x512x300 CT is 315 MB; groups of 3 classes fit).
+INVERT_BUDGET_BYTES = 1 << 30
+
+
+def classes_per_inversion(num_classes: int, voxels: int, budget: int | None = None) -> int:
+    """How many float32 class maps of ``voxels`` voxels to invert at once within ``budget`` bytes (at least 1)."""
+    budget = INVERT_BUDGET_BYTES if budget is None else budget
+    return max(1, min(num_classes, budget // max(4 * voxels, 1)))
 
 
 #: Config sections that must agree between the folds of an ensemble: they fix the preprocessing and the network.

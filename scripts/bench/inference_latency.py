@@ -12,7 +12,7 @@ blending), invert back to the input grid, take the argmax and write a .nii.gz ma
 
 Both use the same untrained MONAI UNet (16-32-64-128-256, batch norm) with the same weights,
 saved once and loaded by each side. Every (pipeline, volume) pair runs in its own subprocess,
-so ``ru_maxrss`` is that pipeline's peak host RSS (torch allocations included). Each subprocess
+so its VmHWM is that pipeline's peak host RSS (torch allocations included). Each subprocess
 runs one untimed warm-up case, then ``--repeats`` timed ones; the median is reported. The two
 masks are compared voxel by voxel (Dice of the foreground) so the timings compare like with like.
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from memory import peak_rss_mib, rss_mib  # scripts/bench/memory.py
 
 SPACING = (1.5, 1.5, 2.0)
 WINDOW = (-57.0, 164.0)
@@ -53,11 +53,6 @@ def network() -> torch.nn.Module:
                 norm="batch")
 
 
-def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def medunet_runner(args: argparse.Namespace, state: dict):
@@ -124,7 +119,7 @@ def worker(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         run()
         times.append(time.perf_counter() - started)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = peak_rss_mib()
     print(json.dumps({"times": times, "peak_rss_mib": peak, "setup_rss_mib": setup_rss, "output": str(output)}))
 
 

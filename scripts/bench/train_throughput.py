@@ -21,13 +21,26 @@ The one-off cache fill is reported separately and not counted in the per-epoch n
 
     python scripts/bench/train_throughput.py            # ~3 min on 2 CPU cores
     python scripts/bench/train_throughput.py --quick --json out.json
+
+With ``--nnunet`` the comparison is with nnU-Net v2 instead, at nnU-Net's own plan: the dataset is
+converted to nnU-Net's raw format and planned by ``nnUNetv2_plan_and_preprocess`` (3d_fullres);
+nnU-Net's ``nnUNetTrainer`` runs blocks of iterations in its own environment (nnunet_side.py,
+which also says how to create it), and medunet and the tutorial pipeline train the equivalent
+MONAI DynUNet at the same patch, batch (1 volume x nnU-Net's batch in patches), spacing and CT
+normalisation (nnunet_peer.medunet_sections). Without nnU-Net, its side is skipped with a message
+and the other sides run at nnU-Net 2.8.1's recorded plan.
+
+    NNUNET_PYTHON=/tmp/nnunet-venv/bin/python python scripts/bench/train_throughput.py --nnunet --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import itertools
 import json
 import math
+import sys
 import tempfile
 import time
 import warnings
@@ -37,7 +50,7 @@ import numpy as np
 import torch
 from monai.data import DataLoader, Dataset, list_data_collate
 from monai.losses import DiceLoss
-from monai.networks.nets import UNet
+from monai.networks.nets import DynUNet, UNet
 from monai.transforms import (
     Compose,
     CropForegroundd,
@@ -47,6 +60,7 @@ from monai.transforms import (
     RandCropByPosNegLabeld,
     ScaleIntensityRanged,
     Spacingd,
+    SpatialPadd,
 )
 
 from medunet.config import config_from_dict
@@ -116,9 +130,8 @@ def baseline_side(cases, args, init_state):
     return loader, step, 0.0
 
 
-def medunet_side(cases, args, init_state, aug: str, cache_dir: Path):
+def medunet_side(cases, config, init_state, cache_dir: Path):
     """medunet's own data path and training step (as in medunet.training.trainer._train)."""
-    config = medunet_config(args, aug)
     started = time.perf_counter()
     _, loader, generator = training_loader(cases, config, num_classes=NUM_CLASSES, in_channels=1,
                                            cache_dir=cache_dir, progress=False)
@@ -143,16 +156,86 @@ def medunet_side(cases, args, init_state, aug: str, cache_dir: Path):
     return loader, step, cache_fill
 
 
-def compute_only(cases, args, init_state, steps_per_epoch: int, cache_dir: Path):
+def compute_only(cases, config, init_state, steps_per_epoch: int, cache_dir: Path):
     """The medunet step on one pre-collated batch, repeated: the step time with no data path at all."""
-    loader, step, _ = medunet_side(cases, args, init_state, "crop", cache_dir)
+    loader, step, _ = medunet_side(cases, config, init_state, cache_dir)
     return [next(iter(loader))] * steps_per_epoch, step, 0.0
 
 
-def run_epoch(loader, step, record: dict | None) -> None:
+def load_peer():
+    """scripts/bench/nnunet_peer.py, loaded by path (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("nnunet_peer", Path(__file__).resolve().with_name("nnunet_peer.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+#: nnU-Net 2.8.1's 3d_fullres plan for phantoms of 64x64x40 at 1.5x1.5x2.5 mm (8 cases, seed 0; 5 or 6 cases plan the
+#: same patch, batch and network, with intensity statistics a little different), as ``nnUNetv2_plan_and_preprocess``
+#: wrote it (nnU-Net axis order z, y, x). Used for the medunet and MONAI sides when nnU-Net is not installed.
+FALLBACK_PLAN = {
+    "patch_size": [40, 64, 64], "batch_size": 2, "spacing": [2.5, 1.5, 1.5],
+    "features_per_stage": [32, 64, 128, 256, 320], "kernel_sizes": [[3, 3, 3]] * 5,
+    "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]],
+    "n_conv_per_stage": [2] * 5, "n_conv_per_stage_decoder": [2] * 4,
+    "intensity": {"percentile_00_5": 104.84, "percentile_99_5": 157.75, "mean": 135.04, "std": 10.92},
+}
+
+
+def planned_config(sections: dict, samples: int):
+    """medunet defaults (default augmentation, DiceCE + deep supervision, AdamW) at nnU-Net's plan."""
+    return config_from_dict({
+        "data": {**sections["data"], "cache": "memory", "cache_workers": 2, "loader_workers": 0},
+        "augmentation": {**sections["augmentation"], "samples_per_volume": samples},
+        "model": sections["model"],
+        "train": {"batch_size": 1, "device": "cpu"},
+    })
+
+
+def planned_baseline_side(cases, config, init_state, workers: int):
+    """The tutorial's pipeline (Dataset + DataLoader, DiceLoss, Adam) at nnU-Net's plan, same DynUNet without heads."""
+    keys = ["image", "label"]
+    low, high = config.data.window()
+    mean, std = config.data.ct_mean, config.data.ct_std
+    transforms = Compose([
+        LoadImaged(keys=keys),
+        EnsureChannelFirstd(keys=keys),
+        Orientationd(keys=keys, axcodes="RAS"),
+        Spacingd(keys=keys, pixdim=config.data.target_spacing, mode=("bilinear", "nearest")),
+        CropForegroundd(keys=keys, source_key="image", select_fn=lambda x: x > -500, allow_smaller=True),
+        ScaleIntensityRanged(keys=["image"], a_min=low, a_max=high, b_min=(low - mean) / std, b_max=(high - mean) / std,
+                             clip=True),
+        SpatialPadd(keys=keys, spatial_size=config.augmentation.patch_size),  # the body crop can be smaller than a patch
+        RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=config.augmentation.patch_size, pos=1, neg=1,
+                               num_samples=config.augmentation.samples_per_volume, image_key="image",
+                               image_threshold=(low - mean) / std - 1.0),  # negatives anywhere (z-scored air is < 0)
+    ])
+    files = [{"image": str(c.image[0]), "label": str(c.label)} for c in cases]
+    loader = DataLoader(Dataset(files, transforms), batch_size=1, shuffle=True, num_workers=workers,
+                        collate_fn=list_data_collate)
+    m = config.model
+    model = DynUNet(spatial_dims=3, in_channels=1, out_channels=NUM_CLASSES, kernel_size=m.level_kernels(),
+                    strides=m.level_strides(), upsample_kernel_size=m.level_strides()[1:], filters=list(m.features),
+                    norm_name=("instance", {"affine": True}), act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}))
+    model.load_state_dict(init_state, strict=False)  # the medunet network's weights, less its two heads
+    loss_fn = DiceLoss(to_onehot_y=True, softmax=True)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-4)
+
+    def step(batch) -> float:
+        optimizer.zero_grad()
+        loss = loss_fn(model(batch["image"]), batch["label"])
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    model.train()
+    return loader, step, 0.0
+
+
+def run_epoch(loader, step, record: dict | None, max_steps: int | None = None) -> None:
     """One pass over ``loader`` (a fresh iterator: for DataLoader, fresh workers); per step: data wait, total."""
     it = iter(loader)
-    while True:
+    for _ in range(max_steps) if max_steps else itertools.count():
         t0 = time.perf_counter()
         try:
             batch = next(it)
@@ -194,6 +277,88 @@ def markdown(results: dict, baseline: str) -> str:
     return "\n".join(rows)
 
 
+def nnunet_record(peer, python: str, env: dict, iterations: int, threads: int) -> dict:
+    """One block of nnU-Net trainer iterations in a fresh process (start-up and 2 warm-up iterations untimed)."""
+    out = peer.run_side(python, ["train", "--iterations", str(iterations), "--warmup", "2", "--threads", str(threads)], env)
+    return {"wait": out["wait_s"], "step": out["step_s"], "patches": out["batch_size"] * len(out["step_s"]),
+            "startup_s": out["startup_s"], "processes": out["augmentation_processes"]}
+
+
+def main_nnunet(args: argparse.Namespace) -> None:
+    """nnU-Net v2's trainer, medunet and the tutorial pipeline at nnU-Net's planned network, patch and batch."""
+    peer = load_peer()
+    python, version = peer.find_python(args.nnunet_python)
+    if python is None:
+        print(f"nnU-Net side skipped: {version}\nmedunet and the MONAI pipeline still run, at nnU-Net 2.8.1's recorded plan.",
+              file=sys.stderr)
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="medunet-bench-") as tmp:
+        datalist_path = write_dataset(Path(tmp) / "data", num_train=args.cases, num_test=0, shape=args.shape,
+                                      spacing=(1.5, 1.5, 2.5), seed=0)
+        cases = load_datalist(datalist_path).training
+        env = peer.nnunet_env(Path(tmp) / "nnunet") if python else {}
+        plan, prepare_s = FALLBACK_PLAN, 0.0
+        if python:
+            print("nnU-Net: converting the dataset and running nnUNetv2_plan_and_preprocess ...", flush=True)
+            plan = peer.run_side(python, ["prepare", "--datalist", str(datalist_path)], env)
+            prepare_s = plan["plan_and_preprocess_s"]
+        sections = peer.medunet_sections(plan)
+        config = planned_config(sections, samples=plan["batch_size"])
+        torch.manual_seed(0)
+        init_state = build_network(config.model, in_channels=1, out_channels=NUM_CLASSES).net.state_dict()
+        steps_per_epoch = args.cases  # 1 volume x batch_size patches per step, as nnU-Net's batch
+        sides = {
+            "monai-tutorial (Dataset+DataLoader)": lambda: planned_baseline_side(cases, config, init_state, args.workers),
+            "medunet, default augmentation": lambda: medunet_side(cases, config, init_state, Path(tmp) / "c1"),
+            "reference: no data path": lambda: compute_only(cases, config, init_state, steps_per_epoch, Path(tmp) / "c2"),
+        }
+        built, records = {}, {}
+        for name, build in sides.items():
+            torch.manual_seed(0)
+            np.random.seed(0)
+            built[name] = build()
+            records[name] = {"wait": [], "step": [], "patches": 0}
+        nnunet_name = f"nnU-Net v2 {version} nnUNetTrainer"
+        nnunet_blocks: list[dict] = []
+        for epoch in range(1 + args.epochs):  # round robin, as in the default mode; nnU-Net runs one block per round
+            if python and epoch > 0:
+                nnunet_blocks.append(nnunet_record(peer, python, env, steps_per_epoch, args.threads))
+            for name, (loader, step, _) in built.items():  # warm-up round: 2 steps, as nnU-Net's blocks
+                run_epoch(loader, step, records[name] if epoch > 0 else None, max_steps=None if epoch > 0 else 2)
+            print(f"round {epoch}/{args.epochs} done" + (" (warm-up)" if epoch == 0 else ""), flush=True)
+        netspeed = {}
+        if python:  # the network step alone, both networks alternating in one process: is the compute the same?
+            netspeed = peer.run_side(python, ["netspeed", "--repeats", "3", "--threads", str(args.threads)], env)
+        if nnunet_blocks:
+            merged = {key: [x for b in nnunet_blocks for x in b[key]] for key in ("wait", "step")}
+            merged["patches"] = sum(b["patches"] for b in nnunet_blocks)
+            results[nnunet_name] = {**summary(merged, args.epochs), "cache_fill_s": prepare_s,
+                                    "startup_s": [b["startup_s"] for b in nnunet_blocks],
+                                    "augmentation_processes": nnunet_blocks[0]["processes"]}
+        for name, (_, _, cache_fill) in built.items():
+            results[name] = {**summary(records[name], args.epochs), "cache_fill_s": cache_fill}
+
+    lines = ["| pipeline | patches/s | s/step (median) | data-wait fraction | one-off preprocessing (s) | "
+             "medunet / this (patches/s) |", "|---|---|---|---|---|---|"]
+    ours = results["medunet, default augmentation"]["patches_per_s"]
+    for name, r in results.items():
+        fill = f"{r['cache_fill_s']:.1f}" if r["cache_fill_s"] else "-"
+        lines.append(f"| {name} | {r['patches_per_s']:.3f} | {r['s_per_step_median']:.2f} | {r['data_wait_fraction']:.1%} | "
+                     f"{fill} | {ours / r['patches_per_s']:.2f}x |")
+    setup = (f"{args.cases} cases {tuple(args.shape)} at 1.5x1.5x2.5 mm; nnU-Net 3d_fullres plan: patch (z,y,x) "
+             f"{plan['patch_size']}, batch {plan['batch_size']}, features {plan['features_per_stage']}, strides "
+             f"{plan['strides']}, spacing {plan['spacing']}; {steps_per_epoch} steps per round, 1 warm-up + {args.epochs} "
+             f"timed rounds, torch threads {args.threads}, baseline workers {args.workers}"
+             + ("" if python else "; nnU-Net NOT run (not installed)"))
+    table = "\n".join(lines)
+    print(f"\n{setup}\n\n{table}")
+    for name, times in netspeed.items():
+        print(f"network step alone (forward + backward, median of {len(times)}): {name} {np.median(times):.2f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"setup": setup, "plan": plan, "torch": torch.__version__, "nnunetv2": version,
+                                         "results": results, "network_step_s": netspeed}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (4 cases, 32^3 patch, 1 timed epoch)")
@@ -206,8 +371,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every side")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes of the baseline")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--nnunet", action="store_true",
+                        help="compare with nnU-Net v2's trainer at nnU-Net's planned network, patch and batch "
+                             "(defaults then: 6 cases 64x64x40, 2 timed rounds; see nnunet_side.py for its environment)")
+    parser.add_argument("--nnunet-python", help="Python of the environment with nnunetv2 (default: $NNUNET_PYTHON, "
+                                                "else /tmp/nnunet-venv/bin/python)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)  # MONAI's Orientationd "labels" notice
+    if args.nnunet:
+        defaults = parser.parse_args([])
+        if args.cases == defaults.cases:
+            args.cases = 6
+        if args.shape == defaults.shape:
+            args.shape = [64, 64, 40]
+        if args.epochs == defaults.epochs:
+            args.epochs = 2
+        if args.quick:  # nnU-Net's planning and preprocessing alone take 1-2 min here
+            args.cases, args.epochs = 5, 1
+        torch.set_num_threads(args.threads)
+        return main_nnunet(args)
     if args.quick:
         args.cases, args.shape, args.patch, args.epochs = 4, [64, 64, 48], 32, 1
     torch.set_num_threads(args.threads)
@@ -222,9 +404,11 @@ def main() -> None:
         cases = load_datalist(datalist_path).training
         sides = {
             "monai-tutorial (Dataset+DataLoader)": lambda: baseline_side(cases, args, init_state),
-            "medunet, crop only": lambda: medunet_side(cases, args, init_state, "crop", Path(tmp) / "c1"),
-            "medunet, default augmentation": lambda: medunet_side(cases, args, init_state, "default", Path(tmp) / "c2"),
-            "reference: no data path": lambda: compute_only(cases, args, init_state, steps_per_epoch, Path(tmp) / "c3"),
+            "medunet, crop only": lambda: medunet_side(cases, medunet_config(args, "crop"), init_state, Path(tmp) / "c1"),
+            "medunet, default augmentation": lambda: medunet_side(cases, medunet_config(args, "default"), init_state,
+                                                                  Path(tmp) / "c2"),
+            "reference: no data path": lambda: compute_only(cases, medunet_config(args, "crop"), init_state, steps_per_epoch,
+                                                            Path(tmp) / "c3"),
         }
         built, records = {}, {}
         for name, build in sides.items():
