@@ -40,6 +40,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from memory import peak_rss_mib  # scripts/bench/memory.py
+from tutorial import tutorial_inference_chain  # scripts/bench/tutorial.py
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (512, 512, 300)
@@ -94,7 +95,6 @@ def run_medunet(args: argparse.Namespace) -> dict:
 
 
 def run_monai(args: argparse.Namespace) -> dict:
-    import monai.transforms as mt
     from monai.inferers import sliding_window_inference
 
     from medunet.config import load_config
@@ -104,20 +104,7 @@ def run_monai(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = build_network(config.model, in_channels=1, out_channels=2).eval()
     low, high = config.data.window()
-    pre = mt.Compose([
-        mt.LoadImaged(keys="image"),
-        mt.EnsureChannelFirstd(keys="image"),
-        mt.Orientationd(keys="image", axcodes="RAS"),
-        mt.Spacingd(keys="image", pixdim=config.data.target_spacing, mode="bilinear"),
-        mt.ScaleIntensityRanged(keys="image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
-        mt.CropForegroundd(keys="image", source_key="image", allow_smaller=True),
-    ])
-    post = mt.Compose([
-        mt.Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False, to_tensor=True),
-        mt.AsDiscreted(keys="pred", argmax=True),
-        mt.SaveImaged(keys="pred", output_dir=args.out_dir, output_postfix="seg", resample=False, output_dtype=np.uint8,
-                      separate_folder=False, print_log=False),
-    ])
+    pre, post = tutorial_inference_chain(config.data.target_spacing, (low, high), args.out_dir)
     inf = config.inference
     setup = peak_rss_mib()
     stages = {}

@@ -36,6 +36,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from memory import peak_rss_mib, rss_mib  # scripts/bench/memory.py
+from tutorial import tutorial_inference_chain  # scripts/bench/tutorial.py
 
 SPACING = (1.5, 1.5, 2.0)
 WINDOW = (-57.0, 164.0)
@@ -74,26 +75,12 @@ def medunet_runner(args: argparse.Namespace, state: dict):
 
 
 def monai_runner(args: argparse.Namespace, state: dict):
-    import monai.transforms as mt
     from monai.inferers import sliding_window_inference
 
     model = network()
     model.load_state_dict(state)
     model.eval()
-    pre = mt.Compose([
-        mt.LoadImaged(keys="image"),
-        mt.EnsureChannelFirstd(keys="image"),
-        mt.Orientationd(keys="image", axcodes="RAS"),
-        mt.Spacingd(keys="image", pixdim=SPACING, mode="bilinear"),
-        mt.ScaleIntensityRanged(keys="image", a_min=WINDOW[0], a_max=WINDOW[1], b_min=0.0, b_max=1.0, clip=True),
-        mt.CropForegroundd(keys="image", source_key="image", allow_smaller=True),
-    ])
-    post = mt.Compose([
-        mt.Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False, to_tensor=True),
-        mt.AsDiscreted(keys="pred", argmax=True),
-        mt.SaveImaged(keys="pred", output_dir=args.out_dir, output_postfix="seg", resample=False, output_dtype=np.uint8,
-                      separate_folder=False, print_log=False),
-    ])
+    pre, post = tutorial_inference_chain(SPACING, WINDOW, args.out_dir)
 
     def run() -> None:
         data = pre({"image": args.image})

@@ -1,0 +1,31 @@
+"""The plain MONAI tutorial inference chain, the baseline the inference benchmarks compare medunet with."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import monai.transforms as mt
+import numpy as np
+
+
+def tutorial_inference_chain(spacing: Sequence[float], window: Sequence[float], out_dir: str) -> tuple[mt.Compose, mt.Compose]:
+    """(pre, post) as in MONAI's spleen tutorial: load, RAS, resample, window to [0, 1], crop; invert, argmax, save uint8.
+
+    ``pre`` maps {"image": path} to a preprocessed image; ``post`` inverts ``data["pred"]`` (class scores)
+    back to the input grid and writes ``<name>_seg.nii.gz`` into ``out_dir``.
+    """
+    pre = mt.Compose([
+        mt.LoadImaged(keys="image"),
+        mt.EnsureChannelFirstd(keys="image"),
+        mt.Orientationd(keys="image", axcodes="RAS"),
+        mt.Spacingd(keys="image", pixdim=tuple(spacing), mode="bilinear"),
+        mt.ScaleIntensityRanged(keys="image", a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True),
+        mt.CropForegroundd(keys="image", source_key="image", allow_smaller=True),
+    ])
+    post = mt.Compose([
+        mt.Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False, to_tensor=True),
+        mt.AsDiscreted(keys="pred", argmax=True),
+        mt.SaveImaged(keys="pred", output_dir=out_dir, output_postfix="seg", resample=False, output_dtype=np.uint8,
+                      separate_folder=False, print_log=False),
+    ])
+    return pre, post
