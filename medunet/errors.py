@@ -7,6 +7,9 @@ its message on one line and exits non-zero. Messages name the case and the file
 
 from __future__ import annotations
 
+#: Attribute set on the copy of rank 0's error that the other torchrun ranks raise, so the CLI prints it once.
+REPORTED_ON_RANK_0 = "medunet_reported_on_rank_0"
+
 
 class MedunetError(Exception):
     """Base class of all errors raised by medunet on purpose."""

@@ -29,13 +29,31 @@ def select_device(name: str = "auto") -> torch.device:
     return device
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX tiles).
+
+    There bf16 autocast roughly halves a 3D U-Net step (docs/benchmarks.md); on other CPUs
+    torch emulates bf16 and it is slower than fp32, so ``auto`` keeps full precision.
+    """
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.amp``: None means full precision (always on CPU)."""
-    if device.type != "cuda" or mode == "off":
+    """The autocast dtype for ``train.amp`` on ``device``; None means full precision.
+
+    ``auto`` picks bf16 where the hardware has it natively (CUDA GPUs that support it, CPUs with
+    AVX512-BF16/AMX), fp16 on older GPUs and fp32 on other CPUs. fp16 is never used on the CPU.
+    """
+    if mode == "off":
         return None
-    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
+    if device.type == "cuda":
+        if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
+            return torch.bfloat16
+        return torch.float16
+    if device.type == "cpu" and (mode == "bf16" or (mode == "auto" and cpu_has_native_bf16())):
         return torch.bfloat16
-    return torch.float16
+    return None
 
 
 @contextlib.contextmanager

@@ -40,6 +40,7 @@ from monai.transforms import (
     ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
+    ToDeviced,
 )
 
 from medunet.config import AugmentationConfig, Config
@@ -170,8 +171,13 @@ def crop_ratios(aug: AugmentationConfig, num_classes: int) -> list[float]:
     return [float(r) for r in aug.class_ratios]
 
 
-def augmentation(config: Config, *, num_classes: int) -> Compose:
-    """The random chain applied to cached, preprocessed training volumes."""
+def augmentation(config: Config, *, num_classes: int, device: torch.device | None = None) -> Compose:
+    """The random chain applied to cached, preprocessed training volumes.
+
+    With ``device``, the cropped patches move there before the remaining (costlier) transforms:
+    the whole volumes stay cached in host memory, and rotation, zoom, elastic, intensity, noise
+    and blur run on the GPU.
+    """
     aug = config.augmentation
     keys = [IMAGE, LABEL]
     modes = ["bilinear", "nearest"]
@@ -187,6 +193,8 @@ def augmentation(config: Config, *, num_classes: int) -> Compose:
             warn=False,
         ),
     ]
+    if device is not None:
+        chain.append(ToDeviced(keys=keys, device=device, non_blocking=True))
     if aug.rotate_prob > 0:
         r = [math.radians(a) for a in aug.rotate_range_deg]
         chain.append(

@@ -164,6 +164,15 @@ def test_int_accepted_for_float_and_stored_as_float() -> None:
     assert all(isinstance(s, float) for s in cfg.data.target_spacing)
 
 
+def test_bare_off_reads_as_the_off_choice(tmp_path: Path) -> None:
+    # YAML 1.1 turns an unquoted off into False; a field whose choices include "off" takes it as meant
+    path = write_yaml(tmp_path / "c.yaml", "train:\n  amp: off\n")
+    assert load_config(path).train.amp == "off"
+    assert load_config(overrides=["train.amp=off"]).train.amp == "off"
+    with pytest.raises(ConfigError, match="inference.blend must be one of"):
+        load_config(overrides=["inference.blend=off"])  # no "off" among its choices: still refused
+
+
 def test_null_for_optional_field() -> None:
     cfg = load_config(overrides=["data.target_spacing=null", "optim.grad_clip=null"])
     assert cfg.data.target_spacing is None

@@ -42,6 +42,7 @@ SETTINGS = [
     "optim.scheduler=constant",  # as the end-to-end resume test: --resume keeps the LR a cosine schedule had reached
     "train.iterations_per_epoch=2",
     "train.val_every=1",
+    "train.amp=off",  # fp32: bf16 rounding would hide the float-precision agreement this test checks
 ]
 WEIGHT_ATOL = 1e-4
 """Measured difference after 4 AdamW steps: 4e-6 (float32 summation order); one step may move a weight by lr = 3e-3."""
@@ -155,3 +156,17 @@ def test_crossval_under_torchrun_is_refused_with_the_alternative(
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["crossval", str(tmp_path / "dataset.json"), "-o", str(tmp_path / "cv")]) == 1
     assert "--fold K" in capsys.readouterr().err
+
+
+def test_a_data_error_under_torchrun_is_printed_once(tmp_path: Path) -> None:
+    datalist = write_dataset(tmp_path / "data", num_train=4, num_test=0, shape=(24, 24, 16), num_classes=2)
+    missing = Path(json.loads(datalist.read_text())["training"][1]["label"])
+    (datalist.parent / missing).unlink()
+    result = torchrun(cli_args(datalist, tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.count("medunet: error:") == 1, result.stderr[-3000:]  # rank 0's reason, not one copy per rank
+    error_line = result.stderr.split("medunet: error:")[1].splitlines()[0]
+    assert "label" in error_line  # one line that says what is wrong
+    frames = [line for line in result.stderr.splitlines() if line.strip().startswith("File ")]
+    assert not any("/medunet/" in f for f in frames)  # no medunet traceback (torchrun prints its own about the failed ranks)
+    assert not (tmp_path / "run" / "last.pt").exists()

@@ -15,7 +15,7 @@ from medunet.cli import main
 from medunet.config import ClassPostprocessing, PostprocessingConfig, load_config
 from medunet.errors import CheckpointError
 from medunet.inference.segmenter import Segmenter
-from medunet.inference.sliding import predict_probabilities
+from medunet.inference.sliding import inference_dtype, predict_probabilities
 from medunet.io.datalist import load_datalist
 from medunet.io.nifti import spacing_of
 from medunet.postprocessing import postprocess_labels
@@ -53,7 +53,9 @@ def test_ensemble_probabilities_are_the_mean_of_the_folds(folds_run: tuple[Path,
     ensemble = Segmenter.from_checkpoint(root)
     assert len(ensemble.models) == 2 and "folds 0, 1" in ensemble.source
     x = torch.randn(1, 1, 40, 36, 28, generator=torch.Generator().manual_seed(0))
-    per_fold = [predict_probabilities(m, x, ensemble.config, device=torch.device("cpu")) for m in ensemble.models]
+    cpu = torch.device("cpu")
+    amp = inference_dtype(ensemble.config, cpu)  # the ensemble's own precision (bf16 on CPUs that have it natively)
+    per_fold = [predict_probabilities(m, x, ensemble.config, device=cpu, amp=amp) for m in ensemble.models]
     assert not torch.allclose(per_fold[0], per_fold[1], atol=1e-3)  # two different models, or the test proves nothing
     averaged = ensemble.probabilities(x)
     torch.testing.assert_close(averaged, (per_fold[0] + per_fold[1]) / 2, atol=1e-6, rtol=1e-5)

@@ -27,6 +27,7 @@ from medunet.config import load_config
 from medunet.errors import DataError, MedunetError, OutputExistsError
 from medunet.inference.segmenter import Segmenter
 from medunet.io.image import DicomSource
+from medunet.runtime import cpu_has_native_bf16
 from medunet.synthetic import CANARY_IDENTIFIERS as CANARIES
 from medunet.synthetic import grid_affine, make_phantom, save_nifti, write_dicom_series
 
@@ -159,6 +160,7 @@ def test_predict_file_writes_a_run_report(segmenter: Segmenter, tmp_path: Path, 
     report = json.loads(text)
     assert report["torch_version"] == torch.__version__ and report["medunet_version"]
     assert report["monai_version"] and report["device"] == "cpu" and report["model"] == "dynunet"
+    assert report["precision"] == ("bfloat16" if cpu_has_native_bf16() else "float32")  # auto, as trained
     assert report["classes"] == CLASS_NAMES
     assert report["outputs"] == [str(written)] and written.is_file()
     assert report["inputs"] == [{"source": str(tmp_path / "ct"), "kind": "dicom"}]

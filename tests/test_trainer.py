@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from medunet.config import load_config
+from medunet.errors import ConfigError
 from medunet.synthetic import write_dataset
+from medunet.training.data import augmentation_device
 from medunet.training.trainer import train
 
 TINY = [
@@ -67,3 +69,52 @@ def test_disk_cache_gives_the_same_training_as_memory_and_is_keyed_by_settings(d
     other = load_config(None, [*common, "data.cache=disk", f"data.cache_dir={shared}", "data.target_spacing=[2.5,2.5,2.5]"])
     train(dataset, tmp_path / "disk2", other, progress=False)
     assert len(list(shared.iterdir())) == 2
+
+
+def test_channels_last_trains_like_the_default_memory_layout(dataset: Path, tmp_path: Path) -> None:
+    # the option changes how tensors sit in memory, not what is computed: same losses, same weights
+    common = [*TINY, "train.max_epochs=1", "train.amp=off"]
+    train(dataset, tmp_path / "plain", load_config(None, common), progress=False)
+    train(dataset, tmp_path / "cl", load_config(None, [*common, "train.channels_last=true"]), progress=False)
+    assert float(rows(tmp_path / "cl")[0]["train_loss"]) == pytest.approx(float(rows(tmp_path / "plain")[0]["train_loss"]), rel=1e-4)
+    a = torch.load(tmp_path / "plain" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cl" / "last.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
+
+
+def test_compiled_training_learns_the_same_and_saves_a_plain_checkpoint(dataset: Path, tmp_path: Path) -> None:
+    common = [*TINY, "train.max_epochs=1", "train.amp=off"]
+    train(dataset, tmp_path / "eager", load_config(None, common), progress=False)
+    train(dataset, tmp_path / "compiled", load_config(None, [*common, "train.compile=true"]), progress=False)
+    eager_loss, compiled_loss = (float(rows(tmp_path / r)[0]["train_loss"]) for r in ("eager", "compiled"))
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-3)
+    state = torch.load(tmp_path / "compiled" / "last.pt", weights_only=True)["model"]
+    assert not any("_orig_mod" in key for key in state)  # loadable into a plain network for inference
+    eager = torch.load(tmp_path / "eager" / "last.pt", weights_only=True)["model"]
+    assert state.keys() == eager.keys()
+
+
+@pytest.mark.parametrize(
+    ("choice", "device", "workers", "expected"),
+    [
+        ("auto", "cpu", 0, None),
+        ("auto", "cuda", 0, "cuda"),  # a GPU run keeps the volumes on the host and augments patches on the GPU
+        ("auto", "cuda:1", 0, "cuda:1"),
+        ("auto", "cuda", 2, None),  # worker processes cannot use CUDA: they augment on the CPU
+        ("cpu", "cuda", 0, None),
+        ("gpu", "cuda", 0, "cuda"),
+    ],
+)
+def test_augmentation_device_choice(choice: str, device: str, workers: int, expected: str | None) -> None:
+    config = load_config(None, [f"augmentation.device={choice}", f"data.loader_workers={workers}"])
+    got = augmentation_device(config, torch.device(device))
+    assert (str(got) if got is not None else None) == expected
+
+
+@pytest.mark.parametrize(("device", "workers", "phrase"), [("cpu", 0, "needs training on a GPU"), ("cuda", 2, "loader_workers")])
+def test_augmentation_on_gpu_refused_where_it_cannot_run(device: str, workers: int, phrase: str) -> None:
+    config = load_config(None, ["augmentation.device=gpu", f"data.loader_workers={workers}"])
+    with pytest.raises(ConfigError, match=phrase):
+        augmentation_device(config, torch.device(device))

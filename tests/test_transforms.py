@@ -267,6 +267,41 @@ def test_augmentation_is_reproducible_with_seed(preprocessed: dict) -> None:
         torch.testing.assert_close(x["label"].as_tensor(), y["label"].as_tensor())
 
 
+ALL_AUGMENTATION = {"rotate_prob": 1.0, "scale_prob": 1.0, "elastic_prob": 1.0, "elastic_magnitude": [1.0, 3.0],
+                    "intensity_scale_prob": 1.0, "intensity_shift_prob": 1.0, "gamma_prob": 1.0, "noise_prob": 1.0,
+                    "blur_prob": 1.0}
+
+
+def augmented_on(device: torch.device, preprocessed: dict) -> list[dict]:
+    config = cfg(augmentation={"patch_size": [16, 16, 8], "samples_per_volume": 2, **ALL_AUGMENTATION})
+    return augmentation(config, num_classes=3, device=device).set_random_state(seed=7)(preprocessed)
+
+
+def test_augmentation_on_a_device_moves_patches_after_the_crop(preprocessed: dict) -> None:
+    config = cfg(augmentation={"patch_size": [16, 16, 8]})
+    chain = augmentation(config, num_classes=3, device=torch.device("cpu"))
+    names = [type(t).__name__ for t in chain.transforms]
+    # after the (random) crop, so CacheDataset still caches whole volumes in host memory and only patches move
+    assert names.index("ToDeviced") == names.index("RandCropByLabelClassesd") + 1
+    assert "ToDeviced" not in [type(t).__name__ for t in augmentation(config, num_classes=3).transforms]
+    # the same random draws as the host chain: moving the patches changes where they are computed, not what
+    host = augmentation(cfg(augmentation={"patch_size": [16, 16, 8], "samples_per_volume": 2, **ALL_AUGMENTATION}),
+                        num_classes=3).set_random_state(seed=7)(preprocessed)
+    for x, y in zip(augmented_on(torch.device("cpu"), preprocessed), host, strict=True):
+        torch.testing.assert_close(x["image"].as_tensor(), y["image"].as_tensor())
+        torch.testing.assert_close(x["label"].as_tensor(), y["label"].as_tensor())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA to run the augmentation on a GPU")
+def test_augmentation_on_the_gpu_matches_the_cpu(preprocessed: dict) -> None:
+    gpu = augmented_on(torch.device("cuda"), preprocessed)
+    cpu = augmented_on(torch.device("cpu"), preprocessed)
+    for x, y in zip(gpu, cpu, strict=True):
+        assert x["image"].device.type == "cuda" and x["label"].device.type == "cuda"
+        torch.testing.assert_close(x["image"].as_tensor().cpu(), y["image"].as_tensor(), atol=1e-4, rtol=1e-4)
+        assert (x["label"].as_tensor().cpu() != y["label"].as_tensor()).float().mean() < 1e-3  # nearest ties may differ
+
+
 @pytest.mark.parametrize("num_classes", [1, 2, 3, 5, 14])
 @pytest.mark.parametrize("foreground_ratio", [0.0, 0.33, 0.67, 1.0])
 def test_class_ratios(num_classes: int, foreground_ratio: float) -> None:

@@ -13,7 +13,7 @@ import sys
 import click
 
 from medunet import __version__
-from medunet.errors import MedunetError
+from medunet.errors import REPORTED_ON_RANK_0, MedunetError
 
 log = logging.getLogger("medunet")
 
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     except MedunetError as exc:
         if debug:
             raise
-        click.echo(f"medunet: error: {exc}", err=True)
+        if not getattr(exc, REPORTED_ON_RANK_0, False):  # under torchrun, rank 0 already printed it
+            click.echo(f"medunet: error: {exc}", err=True)
         return EXIT_ERROR
     except click.exceptions.Exit as exc:
         return exc.exit_code

@@ -221,6 +221,7 @@ class Segmenter:
             "torch_version": torch.__version__,
             "monai_version": monai.__version__,
             "device": str(self.device),
+            "precision": str(self._amp).removeprefix("torch.") if self._amp else "float32",
             "model": self.config.model.name,
             "checkpoint": self.source,
             "classes": self.class_names,

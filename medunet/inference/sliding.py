@@ -39,7 +39,7 @@ def inference_dtype(config: Config, device: torch.device) -> torch.dtype | None:
         return None
     if precision == "bf16":
         return torch.bfloat16
-    return amp_dtype(config.train.amp, device)  # auto: as in training on CUDA, fp32 on the CPU
+    return amp_dtype(config.train.amp, device)  # auto: as in training
 
 
 def stitch_bytes(num_classes: int, spatial_shape: Sequence[int], *, batch: int = 1, tta: bool = False) -> int:

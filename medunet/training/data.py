@@ -18,7 +18,7 @@ from monai.transforms import Compose
 
 from medunet import __version__
 from medunet.config import Config, config_to_dict
-from medunet.errors import MedunetError
+from medunet.errors import ConfigError, MedunetError
 from medunet.io.datalist import Case
 from medunet.transforms import augmentation, preprocessing
 
@@ -65,12 +65,47 @@ def make_dataset(
         raise cause from None
 
 
+def augmentation_device(config: Config, train_device: torch.device) -> torch.device | None:
+    """Where the random transforms after the crop run (``augmentation.device``); None: the CPU.
+
+    On the GPU they need the loader's background thread (``data.loader_workers: 0``): CUDA does
+    not work in forked worker processes.
+
+    Raises:
+        ConfigError: ``gpu`` was asked for while training on the CPU or with loader workers.
+    """
+    choice = config.augmentation.device
+    on_gpu = train_device.type == "cuda"
+    if choice == "gpu":
+        if not on_gpu:
+            raise ConfigError(f"augmentation.device=gpu needs training on a GPU, but train.device is {train_device}; use auto or cpu")
+        if config.data.loader_workers:
+            raise ConfigError(
+                f"augmentation.device=gpu runs in the loader's thread, but data.loader_workers is {config.data.loader_workers}; "
+                "set data.loader_workers=0 or augmentation.device=cpu"
+            )
+    if choice == "cpu" or not on_gpu or config.data.loader_workers:
+        return None
+    return train_device
+
+
 def training_loader(
-    cases: Sequence[Case], config: Config, *, num_classes: int, in_channels: int, cache_dir: Path, progress: bool
+    cases: Sequence[Case],
+    config: Config,
+    *,
+    num_classes: int,
+    in_channels: int,
+    cache_dir: Path,
+    progress: bool,
+    device: torch.device | None = None,
 ) -> tuple[Dataset, ThreadDataLoader, torch.Generator]:
-    """Training dataset, its loader (shuffled, class-balanced patches) and the loader's generator."""
+    """Training dataset, its loader (shuffled, class-balanced patches) and the loader's generator.
+
+    ``device`` is the training device (default: the CPU); it decides where augmentation runs.
+    """
     pre = preprocessing(config, num_classes=num_classes, in_channels=in_channels, with_label=True)
-    aug = augmentation(config, num_classes=num_classes)
+    aug_device = augmentation_device(config, device or torch.device("cpu"))
+    aug = augmentation(config, num_classes=num_classes, device=aug_device)
     dataset = make_dataset(cases, Compose([*pre.transforms, *aug.transforms]), config, cache_dir=cache_dir, progress=progress)
     generator = torch.Generator()
     loader = ThreadDataLoader(
@@ -82,7 +117,7 @@ def training_loader(
         collate_fn=list_data_collate,
         generator=generator,
         buffer_size=1,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_available() and aug_device is None,  # patches already on the GPU need no pinning
     )
     return dataset, loader, generator
 

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from medunet.errors import ConfigError, MedunetError, TrainingError
+from medunet.errors import REPORTED_ON_RANK_0, ConfigError, MedunetError, TrainingError
 from medunet.runtime import select_device
 
 log = logging.getLogger("medunet")
@@ -243,6 +243,7 @@ def run_on_main(fn: Callable[[], T]) -> T:
             raise
     kind, value = broadcast(outcome)
     if kind == "error":
+        setattr(value, REPORTED_ON_RANK_0, True)  # the CLI prints it once, from rank 0
         raise value
     if kind == "crash":
         raise TrainingError(f"rank 0 failed ({value}); see its output above")

@@ -194,7 +194,11 @@ def train_epoch(
     bar = tqdm(total=iterations, desc=desc, unit="batch", disable=not progress, leave=False)
     try:
         for batch in _cycle(loader, iterations):
-            image, label = batch["image"].to(device), batch["label"].to(device)
+            # plain tensors: the patches' metadata is not needed here, and MetaTensor dispatch costs
+            # time on every op and breaks torch.compile
+            image, label = (torch.Tensor.as_subclass(batch[key], torch.Tensor).to(device) for key in ("image", "label"))
+            if config.train.channels_last:
+                image = image.contiguous(memory_format=torch.channels_last_3d)
             with autocast(device, amp):
                 loss = loss_fn(model(image), label)
             finite = bool(torch.isfinite(loss))
@@ -302,13 +306,16 @@ def _train(datalist_path: Path, run_dir: Path, config: Config, *, resume: bool, 
     share = " (rank 0's share)" if dist.is_distributed() else ""
     log.info("preprocessing and caching %d volumes%s", len(train_cases) + len(val_cases), share)
     train_ds, loader, generator = training_loader(
-        train_cases, config, num_classes=num_classes, in_channels=in_channels, cache_dir=cache_dir / "train", progress=progress
+        train_cases, config, num_classes=num_classes, in_channels=in_channels, cache_dir=cache_dir / "train", progress=progress,
+        device=device,
     )
     val_ds = validation_dataset(
         val_cases, config, num_classes=num_classes, in_channels=in_channels, cache_dir=cache_dir / "val", progress=progress
     )
 
     model = build_network(config.model, in_channels=in_channels, out_channels=num_classes).to(device)
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     loss_fn = DeepSupervisionLoss(config, num_classes).to(device)
     optimizer = build_optimizer(config.optim, model)
     scheduler = build_scheduler(config.optim, optimizer, tc.max_epochs)
@@ -355,6 +362,9 @@ def _train(datalist_path: Path, run_dir: Path, config: Config, *, resume: bool, 
 
     iterations = tc.iterations_per_epoch or len(loader)  # equal on every rank: training shards are equally long
     trained = dist.wrap(model, device)  # DDP under torchrun; ``model`` stays the plain network (validation, checkpoints)
+    if tc.compile:
+        log.info("compiling the network (torch.compile): the first steps are slow")
+        trained = torch.compile(trained)  # type: ignore[assignment]
     stopped_early = False
     for epoch in range(start_epoch, tc.max_epochs):
         started = time.perf_counter()

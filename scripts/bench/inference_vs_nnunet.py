@@ -62,7 +62,7 @@ def medunet_worker(args: argparse.Namespace) -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(args.threads)
-    overrides = ["inference.overlap=0.5", "inference.blend=gaussian", f"inference.tta_flips={args.tta}"]
+    overrides = ["inference.overlap=0.5", "inference.blend=gaussian", f"inference.tta_flips={args.tta}", *json.loads(args.extra)]
     seg = Segmenter.from_checkpoint(args.checkpoint, device="cpu", overrides=overrides)
     output = Path(args.out_dir) / "medunet.nii.gz"
     times = []
@@ -89,9 +89,13 @@ def main() -> None:
     parser.add_argument(
         "--nnunet-python", help="Python with nnunetv2 (default: $NNUNET_PYTHON, else /tmp/nnunet-venv/bin/python)"
     )
+    parser.add_argument("--fp32", action="store_true", help="also medunet without TTA in fp32 (its default is bf16 on "
+                        "CPUs with native bf16)")
+    parser.add_argument("--diagnose-crop", action="store_true",
+                        help="also medunet without its body crop: do the masks then agree with nnU-Net's?")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    for hidden in ("--checkpoint", "--image", "--out-dir", "--tta"):
+    for hidden in ("--checkpoint", "--image", "--out-dir", "--tta", "--extra"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -109,12 +113,16 @@ def main() -> None:
     from medunet.training.checkpoint import load_checkpoint
     from medunet.training.trainer import train
 
-    settings = [
-        ("nnU-Net default (mirroring, step 0.5)", "nnunet", 1),
-        ("medunet, no TTA (its default), overlap 0.5", "medunet", 0),
+    settings = [  # (name, side, TTA/mirroring, medunet overrides)
+        ("nnU-Net default (mirroring, step 0.5)", "nnunet", 1, []),
+        ("medunet, no TTA (its default), overlap 0.5", "medunet", 0, []),
     ]
     if not args.quick:
-        settings += [("nnU-Net, no mirroring", "nnunet", 0), ("medunet, 8-flip TTA", "medunet", 1)]
+        settings += [("nnU-Net, no mirroring", "nnunet", 0, []), ("medunet, 8-flip TTA", "medunet", 1, [])]
+    if args.fp32:
+        settings.append(("medunet, no TTA, fp32 (inference.precision=fp32)", "medunet", 0, ["inference.precision=fp32"]))
+    if args.diagnose_crop:
+        settings.append(("medunet, no TTA, no body crop (diagnostic)", "medunet", 0, ["data.crop_foreground=false"]))
     volumes = {k: v for k, v in VOLUMES.items() if args.large or k.startswith("small")}
     results: dict = {"settings": [s[0] for s in settings], "volumes": {}}
     with tempfile.TemporaryDirectory(prefix="medunet-bench-") as tmp_name:
@@ -154,8 +162,8 @@ def main() -> None:
             image, label = make_phantom(shape, seed=500 + v, num_classes=2, modality="CT")
             image_path = save_nifti(image, grid_affine(spacing, axcodes="RAS"), tmp / f"vol{v}.nii.gz")
             r: dict = {"shape": list(shape), "spacing": list(spacing), "runs": {}}
-            for setting, side, tta in settings:
-                out_dir = tmp / f"out{v}-{side}-{tta}"
+            for number, (setting, side, tta, extra) in enumerate(settings):
+                out_dir = tmp / f"out{v}-{number}"
                 out_dir.mkdir()
                 if side == "nnunet":
                     res = peer.run_side(
@@ -190,6 +198,8 @@ def main() -> None:
                         str(out_dir),
                         "--tta",
                         "true" if tta else "false",
+                        "--extra",
+                        json.dumps(extra),
                         "--repeats",
                         str(args.repeats),
                         "--threads",
@@ -213,12 +223,11 @@ def main() -> None:
                     f"Dice vs reference {res['dice_vs_reference']:.4f}",
                     flush=True,
                 )
-            runs = list(r["runs"].values())
-            r["agreement_default_masks"] = dice(runs[0]["mask"], runs[1]["mask"])
-            if len(runs) == 4:
-                r["agreement_no_tta"] = dice(runs[1]["mask"], runs[2]["mask"])
-                r["agreement_tta"] = dice(runs[0]["mask"], runs[3]["mask"])
-            for res in runs:
+            nnunet_runs = {name: res for (name, side, _, _), res in zip(settings, r["runs"].values()) if side == "nnunet"}
+            for (_, side, _, _), res in zip(settings, r["runs"].values()):
+                if side == "medunet":  # how far each medunet mask is from each nnU-Net mask, on the same model
+                    res["agreement_with"] = {n: dice(res["mask"], other["mask"]) for n, other in nnunet_runs.items()}
+            for res in r["runs"].values():
                 res.pop("mask")
             results["volumes"][name] = r
 
@@ -241,10 +250,9 @@ def main() -> None:
     )
     print(f"\n{setup}\n\n" + "\n".join(lines))
     for name, r in results["volumes"].items():
-        print(
-            f"{name}: mask Dice between pipelines: "
-            + ", ".join(f"{k} {v:.4f}" for k, v in r.items() if k.startswith("agreement"))
-        )
+        for setting, res in r["runs"].items():
+            for other, value in res.get("agreement_with", {}).items():
+                print(f"{name}: mask Dice between '{setting}' and '{other}': {value:.4f}")
     if args.json:
         args.json.write_text(
             json.dumps({"setup": setup, "plan": plan, "torch": torch.__version__, "nnunetv2": version, **results}, indent=2)

@@ -10,8 +10,10 @@ number of optimisation steps, in one process and one run:
   every epoch.
 * medunet: ``medunet.training.data.training_loader`` (CacheDataset + ThreadDataLoader),
   ``DeepSupervisionLoss`` (DiceCE), ``build_optimizer`` (AdamW) and the trainer's gradient clip.
-  Run twice: augmentation reduced to the class-balanced crop ("crop"; the same per-patch work as
-  the baseline) and medunet's default augmentation ("default").
+  Run three times: augmentation reduced to the class-balanced crop ("crop"; the same per-patch work
+  as the baseline), medunet's default augmentation ("default"), and the default in fp32
+  (``train.amp=off``). medunet's default precision is bf16 autocast on CPUs with native bf16
+  (AVX512-BF16/AMX), fp32 elsewhere; the printed setup line says which this CPU got.
 * reference: the medunet step on one fixed in-memory batch (no data path): the compute floor.
 
 Each side runs one warm-up epoch, then ``--epochs`` timed epochs (an epoch = cases / batch
@@ -27,7 +29,8 @@ converted to nnU-Net's raw format and planned by ``nnUNetv2_plan_and_preprocess`
 nnU-Net's ``nnUNetTrainer`` runs blocks of iterations in its own environment (nnunet_side.py,
 which also says how to create it), and medunet and the tutorial pipeline train the equivalent
 MONAI DynUNet at the same patch, batch (1 volume x nnU-Net's batch in patches), spacing and CT
-normalisation (nnunet_peer.medunet_sections). Without nnU-Net, its side is skipped with a message
+normalisation (nnunet_peer.medunet_sections), at their default precision and in fp32. nnU-Net
+autocasts on CUDA only, so it runs fp32 on the CPU. Without nnU-Net, its side is skipped with a message
 and the other sides run at nnU-Net 2.8.1's recorded plan.
 
     NNUNET_PYTHON=/tmp/nnunet-venv/bin/python python scripts/bench/train_throughput.py --nnunet --json out.json
@@ -66,6 +69,7 @@ from monai.transforms import (
 from medunet.config import config_from_dict
 from medunet.io.datalist import load_datalist
 from medunet.networks import build_network
+from medunet.runtime import amp_dtype, autocast
 from medunet.synthetic import write_dataset
 from medunet.training.data import training_loader
 from medunet.training.optim import build_optimizer
@@ -84,7 +88,7 @@ def baseline_network() -> torch.nn.Module:
                 num_res_units=2, norm="batch")
 
 
-def medunet_config(args: argparse.Namespace, aug: str):
+def medunet_config(args: argparse.Namespace, aug: str, amp: str = "auto"):
     augmentation: dict = {"patch_size": [args.patch] * 3, "samples_per_volume": args.samples}
     if aug == "crop":
         augmentation.update({name: 0.0 for name in AUG_OFF})
@@ -93,7 +97,7 @@ def medunet_config(args: argparse.Namespace, aug: str):
                  "loader_workers": 0},
         "augmentation": augmentation,
         "model": {"name": "unet", "features": list(FEATURES), "norm": "batch", "deep_supervision": False},
-        "train": {"batch_size": args.batch, "device": "cpu"},
+        "train": {"batch_size": args.batch, "device": "cpu", "amp": amp},
     })
 
 
@@ -131,7 +135,10 @@ def baseline_side(cases, args, init_state):
 
 
 def medunet_side(cases, config, init_state, cache_dir: Path):
-    """medunet's own data path and training step (as in medunet.training.trainer._train)."""
+    """medunet's own data path and training step (as in medunet.training.trainer.train_epoch).
+
+    ``train.amp`` auto gives bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX), as in the trainer.
+    """
     started = time.perf_counter()
     _, loader, generator = training_loader(cases, config, num_classes=NUM_CLASSES, in_channels=1,
                                            cache_dir=cache_dir, progress=False)
@@ -141,10 +148,12 @@ def medunet_side(cases, config, init_state, cache_dir: Path):
     model.net.load_state_dict(init_state)
     loss_fn = DeepSupervisionLoss(config, NUM_CLASSES)
     optimizer = build_optimizer(config.optim, model)
+    amp = amp_dtype(config.train.amp, torch.device("cpu"))
 
     def step(batch) -> float:
-        image, label = batch["image"], batch["label"]
-        loss = loss_fn(model(image), label)
+        image, label = (torch.Tensor.as_subclass(batch[key], torch.Tensor) for key in ("image", "label"))
+        with autocast(torch.device("cpu"), amp):
+            loss = loss_fn(model(image), label)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.optim.grad_clip:
@@ -160,6 +169,16 @@ def compute_only(cases, config, init_state, steps_per_epoch: int, cache_dir: Pat
     """The medunet step on one pre-collated batch, repeated: the step time with no data path at all."""
     loader, step, _ = medunet_side(cases, config, init_state, cache_dir)
     return [next(iter(loader))] * steps_per_epoch, step, 0.0
+
+
+#: medunet with full-precision arithmetic: what its default costs on CPUs without native bf16.
+FP32_SIDE = "medunet, default augmentation, fp32 (train.amp=off)"
+
+
+def precision_note() -> str:
+    """What ``train.amp: auto`` chose on this CPU, for the printed setup line."""
+    dtype = amp_dtype("auto", torch.device("cpu"))
+    return f"medunet train.amp auto = {'bf16 autocast' if dtype else 'fp32'} on this CPU"
 
 
 def load_peer():
@@ -182,13 +201,13 @@ FALLBACK_PLAN = {
 }
 
 
-def planned_config(sections: dict, samples: int):
+def planned_config(sections: dict, samples: int, amp: str = "auto"):
     """medunet defaults (default augmentation, DiceCE + deep supervision, AdamW) at nnU-Net's plan."""
     return config_from_dict({
         "data": {**sections["data"], "cache": "memory", "cache_workers": 2, "loader_workers": 0},
         "augmentation": {**sections["augmentation"], "samples_per_volume": samples},
         "model": sections["model"],
-        "train": {"batch_size": 1, "device": "cpu"},
+        "train": {"batch_size": 1, "device": "cpu", "amp": amp},
     })
 
 
@@ -310,6 +329,8 @@ def main_nnunet(args: argparse.Namespace) -> None:
         sides = {
             "monai-tutorial (Dataset+DataLoader)": lambda: planned_baseline_side(cases, config, init_state, args.workers),
             "medunet, default augmentation": lambda: medunet_side(cases, config, init_state, Path(tmp) / "c1"),
+            FP32_SIDE: lambda: medunet_side(cases, planned_config(sections, plan["batch_size"], "off"), init_state,
+                                            Path(tmp) / "c3"),
             "reference: no data path": lambda: compute_only(cases, config, init_state, steps_per_epoch, Path(tmp) / "c2"),
         }
         built, records = {}, {}
@@ -349,7 +370,7 @@ def main_nnunet(args: argparse.Namespace) -> None:
              f"{plan['patch_size']}, batch {plan['batch_size']}, features {plan['features_per_stage']}, strides "
              f"{plan['strides']}, spacing {plan['spacing']}; {steps_per_epoch} steps per round, 1 warm-up + {args.epochs} "
              f"timed rounds, torch threads {args.threads}, baseline workers {args.workers}"
-             + ("" if python else "; nnU-Net NOT run (not installed)"))
+             + ("" if python else "; nnU-Net NOT run (not installed)") + f"; {precision_note()}")
     table = "\n".join(lines)
     print(f"\n{setup}\n\n{table}")
     for name, times in netspeed.items():
@@ -407,6 +428,7 @@ def main() -> None:
             "medunet, crop only": lambda: medunet_side(cases, medunet_config(args, "crop"), init_state, Path(tmp) / "c1"),
             "medunet, default augmentation": lambda: medunet_side(cases, medunet_config(args, "default"), init_state,
                                                                   Path(tmp) / "c2"),
+            FP32_SIDE: lambda: medunet_side(cases, medunet_config(args, "default", "off"), init_state, Path(tmp) / "c4"),
             "reference: no data path": lambda: compute_only(cases, medunet_config(args, "crop"), init_state, steps_per_epoch,
                                                             Path(tmp) / "c3"),
         }
@@ -428,7 +450,7 @@ def main() -> None:
     table = markdown(results, baseline)
     setup = (f"{args.cases} cases {tuple(args.shape)} at 1.5x1.5x2.5 mm -> {SPACING} mm, patch {args.patch}^3, "
              f"batch {args.batch} x {args.samples} patches, {steps_per_epoch} steps/epoch, 1 warm-up + {args.epochs} "
-             f"timed epochs, torch threads {args.threads}, baseline workers {args.workers}")
+             f"timed epochs, torch threads {args.threads}, baseline workers {args.workers}; {precision_note()}")
     print(f"\n{setup}\n\n{table}")
     if args.json:
         args.json.write_text(json.dumps({"setup": setup, "args": {k: (str(v) if isinstance(v, Path) else v)
