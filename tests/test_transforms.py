@@ -14,7 +14,7 @@ from medunet.config import Config, config_from_dict
 from medunet.errors import DataError
 from medunet.io.nifti import spacing_of
 from medunet.synthetic import as_stored, grid_affine, make_phantom, save_nifti
-from medunet.transforms import LoadCased, augmentation, class_ratios, preprocessing
+from medunet.transforms import CLASS_CENTRES, ClassCentresd, LoadCased, augmentation, class_ratios, preprocessing
 
 SHAPE = (24, 24, 16)
 SPACING = (1.5, 1.5, 2.5)
@@ -282,7 +282,8 @@ def test_augmentation_on_a_device_moves_patches_after_the_crop(preprocessed: dic
     chain = augmentation(config, num_classes=3, device=torch.device("cpu"))
     names = [type(t).__name__ for t in chain.transforms]
     # after the (random) crop, so CacheDataset still caches whole volumes in host memory and only patches move
-    assert names.index("ToDeviced") == names.index("RandCropByLabelClassesd") + 1
+    crop, to_device = names.index("RandCropByLabelClassesd"), names.index("ToDeviced")
+    assert names[crop + 1 : to_device] == ["DeleteItemsd"]  # only the crop's cached centres are dropped in between
     assert "ToDeviced" not in [type(t).__name__ for t in augmentation(config, num_classes=3).transforms]
     # the same random draws as the host chain: moving the patches changes where they are computed, not what
     host = augmentation(cfg(augmentation={"patch_size": [16, 16, 8], "samples_per_volume": 2, **ALL_AUGMENTATION}),
@@ -300,6 +301,32 @@ def test_augmentation_on_the_gpu_matches_the_cpu(preprocessed: dict) -> None:
         assert x["image"].device.type == "cuda" and x["label"].device.type == "cuda"
         torch.testing.assert_close(x["image"].as_tensor().cpu(), y["image"].as_tensor(), atol=1e-4, rtol=1e-4)
         assert (x["label"].as_tensor().cpu() != y["label"].as_tensor()).float().mean() < 1e-3  # nearest ties may differ
+
+
+def test_class_centres_are_voxels_of_their_class_and_reproducible(preprocessed: dict) -> None:
+    label = preprocessed["label"].numpy().reshape(-1)
+    centres = ClassCentresd(num_classes=3, max_per_class=50)(preprocessed)[CLASS_CENTRES]
+    assert len(centres) == 3
+    for c, where in enumerate(centres):
+        assert len(where) == min(50, int((label == c).sum())) and len(set(where.tolist())) == len(where)
+        assert (label[where.numpy()] == c).all()
+    again = ClassCentresd(num_classes=3, max_per_class=50)(preprocessed)[CLASS_CENTRES]
+    assert all(torch.equal(a, b) for a, b in zip(centres, again, strict=True))  # cacheable: same case, same subset
+    other = ClassCentresd(num_classes=3, max_per_class=50)({**preprocessed, "case": "another"})[CLASS_CENTRES]
+    assert not torch.equal(centres[0], other[0])  # random per case, not one fixed lattice
+    # a small class keeps all of its voxels
+    assert len(ClassCentresd(num_classes=3, max_per_class=10**9)(preprocessed)[CLASS_CENTRES][2]) == int((label == 2).sum())
+
+
+def test_patches_are_centred_on_cached_class_voxels_and_carry_no_centres(preprocessed: dict) -> None:
+    # all weight on class 2: every patch centre must be a class-2 voxel, found from the cached centres
+    config = cfg(augmentation={"patch_size": [8, 8, 8], "samples_per_volume": 4, "class_ratios": [0, 0, 1],
+                               **{f"{n}_prob": 0.0 for n in ("rotate", "scale", "flip", "intensity_scale", "intensity_shift",
+                                                             "gamma", "noise", "blur")}})
+    samples = augmentation(config, num_classes=3).set_random_state(seed=3)(preprocessed)
+    for sample in samples:
+        assert CLASS_CENTRES not in sample
+        assert sample["label"][0, 4, 4, 4] == 2  # the centre voxel of an even-sized patch
 
 
 @pytest.mark.parametrize("num_classes", [1, 2, 3, 5, 14])
