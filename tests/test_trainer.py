@@ -118,3 +118,14 @@ def test_augmentation_on_gpu_refused_where_it_cannot_run(device: str, workers: i
     config = load_config(None, ["augmentation.device=gpu", f"data.loader_workers={workers}"])
     with pytest.raises(ConfigError, match=phrase):
         augmentation_device(config, torch.device(device))
+
+
+def test_disk_cache_key_changes_when_the_cached_chain_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a disk cache written by an older medunet (without, e.g., the cached patch centres) must not be read back
+    from medunet.training import data
+
+    config = load_config(None, TINY)
+    before = data.preprocessing_key(config, num_classes=2, in_channels=1)
+    assert data.preprocessing_key(config, num_classes=2, in_channels=1) == before
+    monkeypatch.setattr(data, "CACHE_FORMAT", data.CACHE_FORMAT + 1)
+    assert data.preprocessing_key(config, num_classes=2, in_channels=1) != before

@@ -33,6 +33,11 @@ def unwrap_error(exc: BaseException) -> BaseException:
     return exc
 
 
+CACHE_FORMAT = 2
+"""What the cached chain stores; bump it when that changes (2: the per-class patch centres were added),
+so a disk cache written by an older medunet is never read back by a newer one."""
+
+
 def preprocessing_key(config: Config, *, num_classes: int, in_channels: int) -> str:
     """A short hash of everything that shapes the cached (preprocessed) data.
 
@@ -42,7 +47,10 @@ def preprocessing_key(config: Config, *, num_classes: int, in_channels: int) -> 
     data = config_to_dict(config.data)
     for irrelevant in ("cache", "cache_dir", "cache_workers", "loader_workers", "val_fraction", "split_seed"):
         data.pop(irrelevant)
-    payload = json.dumps({"data": data, "classes": num_classes, "channels": in_channels, "version": __version__}, sort_keys=True)
+    payload = json.dumps(
+        {"data": data, "classes": num_classes, "channels": in_channels, "version": __version__, "format": CACHE_FORMAT},
+        sort_keys=True,
+    )
     return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
 
