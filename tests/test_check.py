@@ -311,6 +311,32 @@ def test_train_refuses_a_broken_datalist_before_training_and_skip_check_skips(
     assert (skipped / "log.txt").is_file() and not (skipped / "last.pt").exists()
 
 
+def test_the_pre_training_check_uses_labels_and_path_rules_from_the_config_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a datalist without "labels" and with absolute paths; the -c file names 2 classes and allows the paths
+    datalist = write_dataset(tmp_path / "data", num_train=3, num_test=0, shape=SHAPE, num_classes=2)
+    spec = json.loads(datalist.read_text())
+    spec.pop("labels", None)
+    for entry in spec["training"]:
+        entry["image"] = str(datalist.parent / entry["image"])
+        entry["label"] = str(datalist.parent / entry["label"])
+    datalist.write_text(json.dumps(spec))
+    label = datalist.parent / "labelsTr" / "phantom_001.nii.gz"
+    seg, aff = load(label)
+    seg[0, 0, 0] = 2  # a class the config does not have
+    save_nifti(seg, aff, label)
+    config = tmp_path / "cfg.yaml"
+    config.write_text('data:\n  labels: {"0": background, "1": organ}\n  allow_outside_root: true\n')
+
+    run = tmp_path / "run"
+    assert main(["train", str(datalist), "-o", str(run), "-c", str(config), "--device", "cpu"]) == EXIT_ERROR
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("medunet: error:")]
+    # not "outside the datalist's folder" (the file allows it) but the label value the file's classes rule out
+    assert "phantom_001" in line and "2 (1 voxels)" in line and "--skip-check" in line, line
+    assert not run.exists()
+
+
 def test_dicom_series_folders_are_checked_like_files(tmp_path: Path) -> None:
     from medunet.io.image import read_image
     from medunet.synthetic import make_phantom, write_dicom_series

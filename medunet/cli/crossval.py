@@ -51,7 +51,7 @@ def crossval(ctx: click.Context, datalist: Path, root: Path, folds: int | None, 
         raise ConfigError("crossval does not run under torchrun; train each fold with "
                           "`torchrun ... -m medunet train DATALIST -o OUT --fold K`, then run `medunet crossval` once without it")
     if not skip_check and not (root / "splits.json").is_file():  # a new cross-validation: no fold starts on broken data
-        _check_before_training(datalist, overrides, allow_outside_root, progress=ctx.obj["progress"])
+        _check_before_training(datalist, config_path, overrides, allow_outside_root, progress=ctx.obj["progress"])
     config = _crossval_config(datalist, root, config_path, overrides, device, allow_outside_root)
     result = run_crossval(datalist, root, config, folds=folds, splits_file=splits_file, device=device or "auto",
                           progress=ctx.obj["progress"])

@@ -58,7 +58,7 @@ def train(ctx: click.Context, datalist: Path, run_dir: Path, config_path: Path |
     root, run_dir = run_dir, (fold_dir(run_dir, fold) if fold is not None else run_dir)
     with distributed.session():  # under torchrun: rank 0 checks, plans and writes splits; the others wait for its result
         if not resume and not skip_check and not (run_dir / "last.pt").exists():  # (an existing run is refused by the trainer)
-            distributed.run_on_main(lambda: _check_before_training(datalist, overrides, allow_outside_root,
+            distributed.run_on_main(lambda: _check_before_training(datalist, config_path, overrides, allow_outside_root,
                                                                    progress=ctx.obj["progress"]))
         config = distributed.run_on_main(lambda: _training_config(
             datalist, run_dir, config_path, overrides, device, resume, allow_outside_root, gpu_memory=gpu_memory))
@@ -76,18 +76,21 @@ def train(ctx: click.Context, datalist: Path, run_dir: Path, config_path: Path |
     )
 
 
-def _check_before_training(datalist: Path, overrides: tuple[str, ...], allow_outside_root: bool, *, progress: bool) -> None:
-    """Run `medunet check` on the datalist, print its findings and refuse to train when it found errors."""
+def _check_before_training(datalist: Path, config_path: Path | None, overrides: tuple[str, ...], allow_outside_root: bool,
+                           *, progress: bool) -> None:
+    """Run `medunet check` on the datalist, print its findings and refuse to train when it found errors.
+
+    The check uses the run's config (``-c`` file, ``--set`` and ``--allow-outside-root``) for
+    ``data.labels`` and ``data.allow_outside_root``, as training will.
+    """
     from medunet.check import check_datalist
-    from medunet.config import apply_overrides
+    from medunet.config import load_config
     from medunet.errors import DataError
 
-    apply_overrides({}, list(overrides))  # a mistyped --set fails before the data is read
-    allow_outside_root = allow_outside_root or any(
-        key.strip() == "data.allow_outside_root" and value.strip().lower() in ("true", "yes", "1")
-        for key, _, value in (o.partition("=") for o in overrides)
-    )
-    report = check_datalist(datalist, allow_outside_root=allow_outside_root, progress=progress)
+    extra = [*overrides, *(["data.allow_outside_root=true"] if allow_outside_root else [])]
+    data = load_config(config_path, extra).data  # a mistyped --set or a broken -c file fails before the data is read
+    labels = {int(k): v for k, v in data.labels.items()} if data.labels else None
+    report = check_datalist(datalist, allow_outside_root=data.allow_outside_root, labels=labels, progress=progress)
     if report.findings:
         click.echo(report.format_findings(limit=40), err=True)
     if not report.ok:  # the first error as the one-line reason; all of them are listed above
