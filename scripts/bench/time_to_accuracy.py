@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tutorial import tutorial_training_chain  # scripts/bench/tutorial.py
 
 TARGET_LOG = re.compile(r"val Dice (\d+\.\d+)")
 
@@ -114,18 +115,7 @@ def run_tutorial(datalist: Path, args: argparse.Namespace) -> dict:
     from monai.losses import DiceLoss
     from monai.metrics import DiceMetric
     from monai.networks.nets import DynUNet
-    from monai.transforms import (
-        AsDiscrete,
-        Compose,
-        CropForegroundd,
-        EnsureChannelFirstd,
-        LoadImaged,
-        Orientationd,
-        RandCropByPosNegLabeld,
-        ScaleIntensityRanged,
-        Spacingd,
-        SpatialPadd,
-    )
+    from monai.transforms import AsDiscrete
 
     from medunet.config import load_config
     from medunet.demo import DEMO_OVERRIDES
@@ -133,31 +123,8 @@ def run_tutorial(datalist: Path, args: argparse.Namespace) -> dict:
     config = load_config(None, list(DEMO_OVERRIDES))
     low, high = config.data.window()
     patch = config.augmentation.patch_size
-    keys = ["image", "label"]
-    common = [
-        LoadImaged(keys=keys),
-        EnsureChannelFirstd(keys=keys),
-        ScaleIntensityRanged(keys=["image"], a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
-        CropForegroundd(keys=keys, source_key="image", allow_smaller=True),
-        Orientationd(keys=keys, axcodes="RAS"),
-        Spacingd(keys=keys, pixdim=config.data.target_spacing, mode=("bilinear", "nearest")),
-    ]
-    train_tf = Compose(
-        [
-            *common,
-            SpatialPadd(keys=keys, spatial_size=patch),
-            RandCropByPosNegLabeld(
-                keys=keys,
-                label_key="label",
-                spatial_size=patch,
-                pos=1,
-                neg=1,
-                num_samples=config.augmentation.samples_per_volume,
-                image_key="image",
-                image_threshold=0,
-            ),
-        ]
-    )
+    train_tf, val_tf = tutorial_training_chain(config.data.target_spacing, (low, high), patch,
+                                               config.augmentation.samples_per_volume, pad_to_patch=True)
     listing = json.loads(datalist.read_text())
 
     def files(entries):
@@ -171,7 +138,7 @@ def run_tutorial(datalist: Path, args: argparse.Namespace) -> dict:
         num_workers=args.workers,
         collate_fn=list_data_collate,
     )
-    val_loader = DataLoader(Dataset(files(listing["validation"]), Compose(common)), batch_size=1, num_workers=args.workers)
+    val_loader = DataLoader(Dataset(files(listing["validation"]), val_tf), batch_size=1, num_workers=args.workers)
     m = config.model
     model = DynUNet(
         spatial_dims=3,

@@ -65,6 +65,7 @@ from monai.transforms import (
     Spacingd,
     SpatialPadd,
 )
+from tutorial import tutorial_training_chain  # scripts/bench/tutorial.py
 
 from medunet.config import config_from_dict
 from medunet.io.datalist import load_datalist
@@ -103,17 +104,7 @@ def medunet_config(args: argparse.Namespace, aug: str, amp: str = "auto"):
 
 def baseline_side(cases, args, init_state):
     """The spleen tutorial's training pipeline, unchanged apart from the shared settings."""
-    keys = ["image", "label"]
-    transforms = Compose([
-        LoadImaged(keys=keys),
-        EnsureChannelFirstd(keys=keys),
-        ScaleIntensityRanged(keys=["image"], a_min=WINDOW[0], a_max=WINDOW[1], b_min=0.0, b_max=1.0, clip=True),
-        CropForegroundd(keys=keys, source_key="image", allow_smaller=True),
-        Orientationd(keys=keys, axcodes="RAS"),
-        Spacingd(keys=keys, pixdim=SPACING, mode=("bilinear", "nearest")),
-        RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=(args.patch,) * 3, pos=1, neg=1,
-                               num_samples=args.samples, image_key="image", image_threshold=0),
-    ])
+    transforms, _ = tutorial_training_chain(SPACING, WINDOW, (args.patch,) * 3, args.samples)
     files = [{"image": str(c.image[0]), "label": str(c.label)} for c in cases]
     loader = DataLoader(Dataset(files, transforms), batch_size=args.batch, shuffle=True, num_workers=args.workers,
                         collate_fn=list_data_collate)

@@ -29,3 +29,27 @@ def tutorial_inference_chain(spacing: Sequence[float], window: Sequence[float], 
                       separate_folder=False, print_log=False),
     ])
     return pre, post
+
+
+def tutorial_training_chain(
+    spacing: Sequence[float], window: Sequence[float], patch: Sequence[int], samples: int, *, pad_to_patch: bool = False
+) -> tuple[mt.Compose, mt.Compose]:
+    """(train, validation) as in MONAI's spleen tutorial's training section, with no cache.
+
+    Both: load, window to [0, 1], crop to the foreground, RAS, resample. ``train`` then draws
+    ``samples`` patches per volume, half centred on the label's foreground (RandCropByPosNegLabeld);
+    ``pad_to_patch`` pads volumes smaller than a patch first.
+    """
+    keys = ["image", "label"]
+    common = [
+        mt.LoadImaged(keys=keys),
+        mt.EnsureChannelFirstd(keys=keys),
+        mt.ScaleIntensityRanged(keys=["image"], a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True),
+        mt.CropForegroundd(keys=keys, source_key="image", allow_smaller=True),
+        mt.Orientationd(keys=keys, axcodes="RAS"),
+        mt.Spacingd(keys=keys, pixdim=tuple(spacing), mode=("bilinear", "nearest")),
+    ]
+    pad = [mt.SpatialPadd(keys=keys, spatial_size=tuple(patch))] if pad_to_patch else []
+    crop = mt.RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=tuple(patch), pos=1, neg=1,
+                                     num_samples=samples, image_key="image", image_threshold=0)
+    return mt.Compose([*common, *pad, crop]), mt.Compose(common)
