@@ -26,16 +26,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from medunet.synthetic import add_second_sequence, write_dataset  # noqa: E402
+import plan_demo  # noqa: E402  (scripts/plan_demo.py: the same two small datasets)
+
+from medunet.synthetic import write_dataset  # noqa: E402
 
 
 def datasets(out: Path) -> dict[str, Path]:
-    """The plan_demo datasets, plus a larger anisotropic CT where the memory budget decides the patch."""
+    """The plan_demo datasets (under this script's shorter labels), plus a larger anisotropic CT where the memory budget decides the patch."""
+    ct, mri = plan_demo.datasets(out).values()
     return {
-        "CT 32^3, 2 mm iso": write_dataset(out / "ct", num_train=8, num_test=0, shape=(32, 32, 32), spacing=(2.0, 2.0, 2.0)),
-        "MRI 40x40x16, 0.9x0.9x3.6 mm, 2 seq": add_second_sequence(
-            write_dataset(out / "mri", num_train=8, num_test=0, shape=(40, 40, 16), spacing=(0.9, 0.9, 3.6), modality="MRI")
-        ),
+        "CT 32^3, 2 mm iso": ct,
+        "MRI 40x40x16, 0.9x0.9x3.6 mm, 2 seq": mri,
         "CT 256x256x64, 0.8x0.8x3 mm": write_dataset(
             out / "ct_large", num_train=6, num_test=0, shape=(256, 256, 64), spacing=(0.8, 0.8, 3.0), num_classes=3
         ),
