@@ -179,7 +179,7 @@ class AugmentationConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The network, picked by name from the registry in medunet.networks."""
+    """The network, picked by name from the registry in medunet.model.networks."""
 
     name: str = "dynunet"
     """One of: dynunet, unet, attention_unet, unet++, segresnet."""

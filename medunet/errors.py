@@ -59,3 +59,13 @@ class TrainingError(MedunetError):
 
 class PacsError(MedunetError):
     """A PACS (DICOMweb) request failed: unreachable, refused credentials, timed out, or not found."""
+
+
+def unwrap_error(exc: BaseException) -> BaseException:
+    """The MedunetError behind MONAI's "applying transform" wrappers, or ``exc`` itself."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, MedunetError):
+            return seen
+        seen = seen.__cause__ or seen.__context__  # type: ignore[assignment]
+    return exc

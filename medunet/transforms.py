@@ -47,7 +47,8 @@ from monai.transforms import (
 
 from medunet.config import AugmentationConfig, Config
 from medunet.errors import ConfigError, DataError
-from medunet.io.nifti import describe_affine, load_volume, same_grid
+from medunet.io.geometry import describe_affine, same_grid
+from medunet.io.image import load_volume
 
 IMAGE = "image"
 LABEL = "label"

@@ -1,4 +1,4 @@
-"""Tests of medunet.training.checkpoint (safe loading, atomic saving, RNG state) and medunet.training.optim."""
+"""Tests of medunet.model.checkpoint (safe loading, atomic saving, RNG state) and medunet.training.optim."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
 from medunet.config import Config, OptimConfig, config_from_dict, config_to_dict
 from medunet.errors import CheckpointError
-from medunet.training.checkpoint import (
+from medunet.model.checkpoint import (
     FORMAT_VERSION,
     capture_rng,
     load_checkpoint,

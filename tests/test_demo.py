@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from medunet.cli import main
-from medunet.demo import run_demo
 from medunet.errors import OutputExistsError
+from medunet.workflows.demo import run_demo
 
 
 def test_demo_leaves_a_usable_run_folder(tmp_path: Path) -> None:

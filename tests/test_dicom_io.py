@@ -25,8 +25,7 @@ from medunet.cli import main
 from medunet.errors import DataError
 from medunet.io.datalist import load_datalist
 from medunet.io.dicom import list_series, read_series
-from medunet.io.image import DicomSource, read_image
-from medunet.io.nifti import load_volume
+from medunet.io.image import DicomSource, load_volume, read_image
 from medunet.synthetic import CANARY_IDENTIFIERS as CANARIES
 from medunet.synthetic import grid_affine, make_phantom, save_nifti, write_dicom_series
 

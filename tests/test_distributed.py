@@ -22,7 +22,7 @@ import torch
 
 from medunet.cli import main
 from medunet.config import config_from_dict
-from medunet.networks import build_network
+from medunet.model.networks import build_network
 from medunet.synthetic import write_dataset
 from medunet.training.distributed import split_among
 

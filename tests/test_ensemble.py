@@ -15,12 +15,12 @@ from medunet.cli import main
 from medunet.config import ClassPostprocessing, PostprocessingConfig, load_config
 from medunet.errors import CheckpointError
 from medunet.inference.segmenter import Segmenter
-from medunet.inference.sliding import inference_dtype, predict_probabilities
 from medunet.io.datalist import load_datalist
-from medunet.io.nifti import spacing_of
-from medunet.postprocessing import postprocess_labels
+from medunet.io.geometry import spacing_of
+from medunet.model.checkpoint import fold_checkpoints, load_checkpoint, save_checkpoint
+from medunet.model.sliding import inference_dtype, predict_probabilities
+from medunet.postprocessing.operations import postprocess_labels
 from medunet.synthetic import write_dataset
-from medunet.training.checkpoint import fold_checkpoints, load_checkpoint, save_checkpoint
 from medunet.training.splits import datalist_folds, fold_dir
 from medunet.training.trainer import train
 

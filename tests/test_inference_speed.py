@@ -24,10 +24,10 @@ from medunet.errors import ConfigError, DataError, OutputExistsError
 from medunet.inference.batch import Shard, collect_inputs, segment_all
 from medunet.inference.pipeline import Job, run_jobs
 from medunet.inference.segmenter import Segmenter
-from medunet.inference.sliding import choose_stitch_device, predict_probabilities, stitch_bytes
-from medunet.networks import build_network
+from medunet.model.checkpoint import FORMAT_VERSION, save_checkpoint
+from medunet.model.networks import build_network
+from medunet.model.sliding import choose_stitch_device, predict_probabilities, stitch_bytes
 from medunet.synthetic import as_stored, grid_affine, make_phantom, save_nifti
-from medunet.training.checkpoint import FORMAT_VERSION, save_checkpoint
 
 GiB = 2**30
 CUDA = torch.device("cuda:0")

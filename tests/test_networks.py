@@ -1,4 +1,4 @@
-"""Tests of medunet.networks: every registered network honours one output contract."""
+"""Tests of medunet.model.networks: every registered network honours one output contract."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from medunet.config import ModelConfig
 from medunet.errors import ConfigError
-from medunet.networks import NETWORKS, SegmentationNetwork, build_network
+from medunet.model.networks import NETWORKS, SegmentationNetwork, build_network
 
 TINY = {
     "dynunet": (4, 8, 16, 32),

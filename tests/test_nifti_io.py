@@ -14,7 +14,9 @@ from monai.data import MetaTensor
 
 from medunet.errors import DataError, GeometryError, OutputExistsError
 from medunet.io.atomic import atomic_path, atomic_write_text
-from medunet.io.nifti import label_dtype, load_volume, mask_image, same_grid, spacing_of, write_mask
+from medunet.io.geometry import same_grid, spacing_of
+from medunet.io.image import load_volume
+from medunet.io.nifti import label_dtype, mask_image, write_mask
 from medunet.synthetic import grid_affine
 
 SHAPE = (10, 12, 8)

@@ -205,7 +205,7 @@ def test_labels_without_foreground_cannot_be_planned(tmp_path: Path, capsys: pyt
 
 def saved_tensor_bytes(model: ModelConfig, patch: tuple[int, int, int], batch: int, in_channels: int, classes: int) -> int:
     """Bytes autograd keeps for backward in one forward + loss (each storage once, parameters excluded)."""
-    from medunet.networks import build_network
+    from medunet.model.networks import build_network
     from medunet.training.trainer import DeepSupervisionLoss
 
     torch.manual_seed(0)
@@ -243,7 +243,7 @@ def test_activation_estimate_matches_the_bytes_autograd_saves(features, strides,
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA to measure the peak of a real training step")
 def test_step_estimate_matches_cuda_peak_memory() -> None:
-    from medunet.networks import build_network
+    from medunet.model.networks import build_network
     from medunet.training.trainer import DeepSupervisionLoss
 
     model, patch, batch = ModelConfig(features=(32, 64, 128, 256, 320)), (128, 128, 128), 2

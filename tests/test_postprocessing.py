@@ -7,7 +7,7 @@ import pytest
 
 from medunet.config import ClassPostprocessing, PostprocessingConfig
 from medunet.errors import DataError
-from medunet.postprocessing import (
+from medunet.postprocessing.operations import (
     DEFAULT_CONNECTIVITY,
     ball,
     binary_closing,

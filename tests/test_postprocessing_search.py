@@ -13,8 +13,8 @@ from medunet.config import ClassPostprocessing, PostprocessingConfig
 from medunet.errors import CheckpointError, ConfigError, GeometryError
 from medunet.evaluation import dice_per_class
 from medunet.io.datalist import Case
-from medunet.postprocessing import postprocess_labels
-from medunet.postprocessing_search import (
+from medunet.postprocessing.operations import postprocess_labels
+from medunet.postprocessing.search import (
     SearchCase,
     confusion_dice,
     crop_to_foreground,

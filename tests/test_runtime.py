@@ -7,7 +7,7 @@ import torch
 
 from medunet import runtime
 from medunet.config import load_config
-from medunet.inference.sliding import inference_dtype
+from medunet.model.sliding import inference_dtype
 
 CPU = torch.device("cpu")
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from medunet.config import load_config
-from medunet.inference.sliding import ALL_FLIPS, predict_probabilities
+from medunet.model.sliding import ALL_FLIPS, predict_probabilities
 
 
 class Pointwise(nn.Module):

@@ -14,12 +14,12 @@ from torch import nn
 
 from medunet.cli import EXIT_ERROR, main
 from medunet.config import config_to_dict, load_config
-from medunet.evaluation.statistics import STAT_COLUMNS, label_statistics
 from medunet.inference.batch import segment_all
 from medunet.inference.segmenter import Segmenter
-from medunet.networks import build_network
+from medunet.inference.statistics import STAT_COLUMNS, label_statistics
+from medunet.model.checkpoint import FORMAT_VERSION, save_checkpoint
+from medunet.model.networks import build_network
 from medunet.synthetic import as_stored, grid_affine, make_phantom, save_nifti
-from medunet.training.checkpoint import FORMAT_VERSION, save_checkpoint
 
 SPACING = (1.5, 0.8, 2.5)
 WINDOW = (-200.0, 400.0)

@@ -12,7 +12,7 @@ import torch
 
 from medunet.config import Config, config_from_dict
 from medunet.errors import DataError
-from medunet.io.nifti import spacing_of
+from medunet.io.geometry import spacing_of
 from medunet.synthetic import as_stored, grid_affine, make_phantom, save_nifti
 from medunet.transforms import CLASS_CENTRES, ClassCentresd, LoadCased, augmentation, class_ratios, preprocessing
 

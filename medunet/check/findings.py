@@ -10,7 +10,7 @@ from typing import Any, Literal
 import numpy as np
 
 from medunet.io.atomic import atomic_write_text
-from medunet.io.nifti import spacing_of
+from medunet.io.geometry import spacing_of
 
 Severity = Literal["error", "warning"]
 

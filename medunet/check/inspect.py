@@ -20,8 +20,9 @@ import numpy as np
 
 from medunet.check.findings import FileSummary, Finding, Severity
 from medunet.errors import DataError
+from medunet.io.geometry import SHEAR_TOLERANCE, shear_of, spacing_of
 from medunet.io.image import read_image
-from medunet.io.nifti import SHEAR_TOLERANCE, read_nifti, shear_of, spacing_of, spatial_shape_3d
+from medunet.io.nifti import read_nifti, spatial_shape_3d
 
 #: Spacings (mm) outside this range are implausible for CT/MRI (a warning; <= 0 or non-finite is an error).
 MIN_SPACING_MM = 0.05

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from medunet.check.findings import CaseSummary, CheckReport, FileSummary, Finding
 from medunet.check.inspect import FileTask, inspect_file, modality_kind
 from medunet.io.datalist import Case, Datalist, load_datalist
-from medunet.io.nifti import AFFINE_TOLERANCE, describe_affine, same_grid, spacing_of
+from medunet.io.geometry import AFFINE_TOLERANCE, describe_affine, same_grid, spacing_of
 
 Section = Literal["training", "validation", "test"]
 

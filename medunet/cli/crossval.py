@@ -44,8 +44,8 @@ def crossval(ctx: click.Context, datalist: Path, root: Path, folds: int | None, 
     saved config.yaml plus any --set).
     """
     from medunet.cli.train import _check_before_training
-    from medunet.crossval import run_crossval
     from medunet.training.distributed import launched
+    from medunet.workflows.crossval import run_crossval
 
     if launched():  # every process would predict and evaluate too (see docs/distributed.md)
         raise ConfigError("crossval does not run under torchrun; train each fold with "

@@ -22,7 +22,7 @@ def demo(ctx: click.Context, out_dir: Path, epochs: int | None, device: str, ove
     Takes a few minutes on a laptop CPU (seconds on a GPU). The run folder it leaves is a real
     model: `medunet infer -m OUT/run -i ...` accepts it.
     """
-    from medunet.demo import run_demo
+    from medunet.workflows.demo import run_demo
 
     result = run_demo(out_dir, epochs=epochs, device=device, overwrite=overwrite, progress=ctx.obj["progress"])
     lines = [

@@ -116,7 +116,7 @@ def _training_config(datalist: Path, run_dir: Path, config_path: Path | None, ov
     if resume:
         if config_path is not None:
             raise ConfigError("--resume continues with the run's saved config; change it with --set instead of -c")
-        from medunet.training.checkpoint import load_checkpoint
+        from medunet.model.checkpoint import load_checkpoint
 
         saved = load_checkpoint(run_dir / "last.pt")["config"]
         return config_from_dict(apply_overrides(saved, extra))

@@ -5,7 +5,7 @@
 - :mod:`~medunet.evaluation.evaluate`: :func:`evaluate` a folder of predictions against a
   datalist's labels (``metrics.csv``, ``summary.json``, report); :func:`evaluate_pair` in memory.
 - :mod:`~medunet.evaluation.report`: box plots, worst-case contour pictures, HTML/Markdown report.
-- :mod:`~medunet.evaluation.statistics`: volume and intensity per class (``medunet infer --stats``).
+- :mod:`~medunet.inference.statistics`: volume and intensity per class (``medunet infer --stats``).
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ from medunet.errors import DataError, GeometryError
 from medunet.evaluation.metrics import METRICS, binary_metrics, union_box
 from medunet.io.atomic import atomic_write_text
 from medunet.io.datalist import Case
-from medunet.io.nifti import describe_affine, read_nifti, read_voxels, same_grid, spacing_of, spatial_shape_3d
+from medunet.io.geometry import describe_affine, same_grid, spacing_of
+from medunet.io.nifti import read_nifti, read_voxels, spatial_shape_3d
 
 log = logging.getLogger("medunet")
 

@@ -136,7 +136,7 @@ def segment_all(
     """Segment every case into ``out_dir/<case>.nii.gz``; a failing case is reported and skipped.
 
     Writes ``out_dir/inference_report.json`` (versions, model, per-case status and timing) and, with
-    ``stats_csv``, volume and intensity per case and class there (:mod:`medunet.evaluation.statistics`).
+    ``stats_csv``, volume and intensity per case and class there (:mod:`medunet.inference.statistics`).
 
     Args:
         shard: segment only this process's share of the cases (see :class:`Shard`); the report (and the
@@ -180,7 +180,7 @@ def segment_all(
         if job.name in finished:
             return
         if seg_targets:  # DICOM SEG (and NIfTI) from one prediction
-            from medunet.io.dicom_seg import segment_to_seg
+            from medunet.inference.dicom_seg import segment_to_seg
 
             nifti = targets[job.name] if "nifti" in output_formats else None
             segment_to_seg(segmenter, job.inputs[0], seg_targets[job.name], nifti_output=nifti, overwrite=replace, case=job.name)
@@ -195,7 +195,7 @@ def segment_all(
         if preview and name not in finished:
             _write_preview(segmenter, name, source, targets[name], out_dir / f"{name}_preview.png")
         if stats_csv is not None:
-            from medunet.evaluation.statistics import case_statistics
+            from medunet.inference.statistics import case_statistics
 
             stats_rows.extend(case_statistics(targets[name], source, segmenter.class_names, case=name))
         job.outputs = [str(p) for p in (targets[name] if "nifti" in output_formats else None, seg_targets.get(name)) if p is not None]
@@ -225,7 +225,7 @@ def segment_all(
     }
     atomic_write_text(shard.path(out_dir / "inference_report.json"), json.dumps(report, indent=2))
     if stats_csv is not None:
-        from medunet.evaluation.statistics import write_statistics_csv
+        from medunet.inference.statistics import write_statistics_csv
 
         write_statistics_csv(stats_rows, Path(stats_csv))
     return results

@@ -29,17 +29,17 @@ from monai.data import MetaTensor
 from monai.transforms import Invertd
 
 from medunet.config import Config, apply_overrides, config_from_dict
-from medunet.errors import CheckpointError, DataError, GeometryError, MedunetError, OutputExistsError
-from medunet.inference.sliding import inference_dtype, predict_probabilities
+from medunet.errors import CheckpointError, DataError, GeometryError, MedunetError, OutputExistsError, unwrap_error
 from medunet.io.atomic import atomic_write_text
+from medunet.io.geometry import same_grid, spacing_of
 from medunet.io.image import ArrayWithAffine, DicomSource, Source, as_source_list, read_image, source_name
-from medunet.io.nifti import ImageSource, label_dtype, mask_image, same_grid, spacing_of, write_mask
-from medunet.networks import build_network
-from medunet.postprocessing import postprocess_labels
-from medunet.postprocessing_search import validated_postprocessing
+from medunet.io.nifti import ImageSource, label_dtype, mask_image, write_mask
+from medunet.model.checkpoint import fold_checkpoints, load_checkpoint, resolve_checkpoint
+from medunet.model.networks import build_network
+from medunet.model.sliding import inference_dtype, predict_probabilities
+from medunet.postprocessing.operations import postprocess_labels
+from medunet.postprocessing.search import validated_postprocessing
 from medunet.runtime import select_device
-from medunet.training.checkpoint import fold_checkpoints, load_checkpoint, resolve_checkpoint
-from medunet.training.data import unwrap_error
 from medunet.transforms import IMAGE, preprocessing
 
 log = logging.getLogger("medunet")

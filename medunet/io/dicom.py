@@ -33,7 +33,7 @@ import nibabel as nib
 import numpy as np
 
 from medunet.errors import DataError
-from medunet.io.nifti import MAX_VOXELS
+from medunet.io.geometry import MAX_VOXELS
 
 log = logging.getLogger("medunet")
 

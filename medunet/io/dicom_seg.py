@@ -39,13 +39,10 @@ from medunet.errors import ConfigError, GeometryError, OutputExistsError
 from medunet.io.atomic import atomic_path
 
 if TYPE_CHECKING:
-    import nibabel as nib
     from pydicom import Dataset
     from pydicom.sr.coding import Code
 
-    from medunet.inference.segmenter import Segmenter
     from medunet.io.dicom import DicomSeries
-    from medunet.io.image import DicomSource
 
 log = logging.getLogger("medunet")
 
@@ -267,74 +264,3 @@ def _algorithm(model_name: str):  # noqa: ANN202  (highdicom type, imported lazi
     return hd.AlgorithmIdentificationSequence(
         name=_long_string(model_name) or "medunet", version=__version__, family=codes.cid7162.ArtificialIntelligence
     )
-
-
-def model_name_of(segmenter: Segmenter) -> str:
-    """A short model name for the SEG: the run folder's name for ``<run>/best.pt``, else the checkpoint's stem."""
-    source = Path(str(segmenter.source).split(" (folds")[0]) if segmenter.source else Path("medunet")
-    if source.suffix == ".pt":
-        return source.parent.name if source.stem in ("best", "last") and source.parent.name else source.stem
-    return source.name or "medunet"
-
-
-def predict_dicom_seg(
-    segmenter: Segmenter,
-    series: DicomSeries,
-    output: str | Path,
-    *,
-    model_name: str | None = None,
-    overwrite: bool = False,
-    case: str | None = None,
-) -> nib.Nifti1Image:
-    """Segment a DICOM series and write its SEG to ``output``; returns the mask on ``series.image``'s grid.
-
-    The returned mask is what a NIfTI output of the same case holds, so callers writing both
-    formats predict once.
-    """
-    output = Path(output)
-    if output.exists() and not overwrite:  # before the (slow) prediction
-        raise OutputExistsError(f"output {output} already exists; pass --overwrite to replace it")
-    if series.resampled:
-        raise GeometryError(
-            f"case {case!r}: the series was resampled onto a regular grid, so its voxels no longer match the source slices; "
-            "a DICOM SEG needs the original slices (write NIfTI only, or fix the series)"
-        )
-    mask = segmenter.predict(series.image, case=case)
-    write_dicom_seg(
-        np.asarray(mask.dataobj),
-        series,
-        segmenter.class_names,
-        output,
-        model_name=model_name or model_name_of(segmenter),
-        overwrite=overwrite,
-    )
-    return mask
-
-
-def segment_to_seg(
-    segmenter: Segmenter,
-    source: DicomSource | str | Path,
-    seg_output: str | Path,
-    *,
-    nifti_output: str | Path | None = None,
-    overwrite: bool = False,
-    case: str | None = None,
-) -> None:
-    """Read a DICOM series, segment it once, and write its SEG (and, if asked, the same mask as NIfTI).
-
-    Used by ``medunet infer --output-format dicom-seg`` (or ``nifti,dicom-seg``). The SEG is written
-    first: if it cannot be (e.g. a resampled series), no NIfTI is left either.
-    """
-    from medunet.io.dicom import read_series
-    from medunet.io.nifti import write_mask
-
-    if nifti_output is not None and Path(nifti_output).exists() and not overwrite:
-        raise OutputExistsError(f"output {nifti_output} already exists; pass --overwrite to replace it")
-    from medunet.io import image
-
-    if not isinstance(source, image.DicomSource):
-        source = image.DicomSource(Path(source))
-    series = read_series(source.folder, series_uid=source.series_uid, allow_resample=source.allow_resample, case=case)
-    mask = predict_dicom_seg(segmenter, series, seg_output, overwrite=overwrite, case=case)
-    if nifti_output is not None:
-        write_mask(np.asarray(mask.dataobj), series.image, Path(nifti_output), num_classes=segmenter.num_classes, overwrite=overwrite)

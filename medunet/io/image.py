@@ -8,15 +8,18 @@ series' own grid (see :mod:`medunet.io.dicom`), so a mask written on it lies on 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from monai.data import MetaTensor
 
 from medunet.errors import DataError
 from medunet.io.dicom import is_dicom_file
-from medunet.io.nifti import read_nifti
+from medunet.io.geometry import describe_affine, same_grid
+from medunet.io.nifti import ImageSource, read_nifti, read_voxels, spatial_shape_3d, to_meta_tensor
 
 
 @dataclass(frozen=True)
@@ -106,3 +109,35 @@ def as_source_list(sources: object) -> list:
     if isinstance(sources, (list, tuple)):
         return list(sources)
     return [sources]
+
+
+def load_volume(
+    sources: ImageSource | Sequence[ImageSource], *, case: str | None = None, dtype: type = np.float32
+) -> tuple[MetaTensor, nib.Nifti1Image]:
+    """Read one or more channels of a case into a channel-first MetaTensor.
+
+    Returns:
+        The tensor (C, X, Y, Z) and the first channel's NIfTI image, the reference grid for outputs.
+
+    Raises:
+        DataError: missing/unreadable/truncated file, not 3D, NaN/Inf voxels, or channels on different grids.
+    """
+    sources = as_source_list(sources)
+    if not sources:
+        raise DataError("no image file given", case=case)
+    images = [read_image(s, case=case) for s in sources]
+    names = [source_name(s) for s in sources]
+    reference = images[0]
+    ref_shape = spatial_shape_3d(reference.shape, case=case, path=names[0])
+    channels = []
+    for image, name in zip(images, names):
+        shape = spatial_shape_3d(image.shape, case=case, path=name)
+        if shape != ref_shape or not same_grid(image.affine, reference.affine):
+            raise DataError(
+                f"channel grid differs from the first channel's: shape {shape} vs {ref_shape}, "
+                f"{describe_affine(image.affine)} vs {describe_affine(reference.affine)}",
+                case=case,
+                path=name,
+            )
+        channels.append(read_voxels(image, case=case, path=name, dtype=dtype))
+    return to_meta_tensor(channels, reference.affine, source=names[0]), reference

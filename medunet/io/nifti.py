@@ -23,46 +23,9 @@ from monai.utils import SpaceKeys
 
 from medunet.errors import DataError, GeometryError, OutputExistsError
 from medunet.io.atomic import atomic_path
-
-#: Refuse files that declare more voxels than this (a corrupt header must not allocate terabytes).
-MAX_VOXELS = 2_000_000_000
-#: Tolerance of "same grid" comparisons between affines (relative to the voxel size).
-AFFINE_TOLERANCE = 1e-3
-#: Largest |cosine| between voxel axes still taken as orthogonal (rounding in headers, not real shear).
-SHEAR_TOLERANCE = 1e-3
+from medunet.io.geometry import MAX_VOXELS, SHEAR_TOLERANCE, shear_of
 
 ImageSource = str | Path | nib.Nifti1Image
-
-
-def spacing_of(affine: np.ndarray) -> np.ndarray:
-    """Voxel spacing in mm (column norms of the affine's 3x3 part)."""
-    return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
-
-
-def shear_of(affine: np.ndarray) -> float:
-    """Largest |cosine| between two voxel axes of the affine (0 for an orthogonal grid)."""
-    columns = np.asarray(affine, dtype=np.float64)[:3, :3]
-    unit = columns / np.maximum(np.linalg.norm(columns, axis=0), 1e-12)
-    gram = unit.T @ unit
-    return float(np.abs(gram - np.diag(np.diag(gram))).max())
-
-
-def same_grid(affine_a: np.ndarray, affine_b: np.ndarray, *, tolerance: float = AFFINE_TOLERANCE) -> bool:
-    """True when two affines describe the same grid within ``tolerance`` of a voxel."""
-    a = np.asarray(affine_a, dtype=np.float64)
-    b = np.asarray(affine_b, dtype=np.float64)
-    scale = max(float(spacing_of(a).max()), 1e-6)
-    return bool(np.allclose(a[:3, :4], b[:3, :4], rtol=0.0, atol=tolerance * scale))
-
-
-def describe_affine(affine: np.ndarray) -> str:
-    """Short text for error messages: spacing, origin and axis codes."""
-    affine = np.asarray(affine, dtype=np.float64)
-    # a degenerate axis (zero or non-finite spacing) has no direction: shown as "?"
-    codes = "".join(c or "?" for c in nib.aff2axcodes(affine)) if np.isfinite(affine).all() else "???"
-    spacing = ", ".join(f"{s:.4g}" for s in spacing_of(affine))
-    origin = ", ".join(f"{o:.4g}" for o in affine[:3, 3])
-    return f"spacing ({spacing}) mm, origin ({origin}), axes {codes}"
 
 
 def read_nifti(source: ImageSource, *, case: str | None = None, check_shear: bool = True) -> nib.Nifti1Image:
@@ -154,40 +117,6 @@ def to_meta_tensor(channels: Sequence[np.ndarray], affine: np.ndarray, *, source
     }
     array = np.stack([np.ascontiguousarray(c) for c in channels], axis=0)
     return MetaTensor(torch.from_numpy(array), affine=affine_t, meta=meta)
-
-
-def load_volume(
-    sources: ImageSource | Sequence[ImageSource], *, case: str | None = None, dtype: type = np.float32
-) -> tuple[MetaTensor, nib.Nifti1Image]:
-    """Read one or more channels of a case into a channel-first MetaTensor.
-
-    Returns:
-        The tensor (C, X, Y, Z) and the first channel's NIfTI image, the reference grid for outputs.
-
-    Raises:
-        DataError: missing/unreadable/truncated file, not 3D, NaN/Inf voxels, or channels on different grids.
-    """
-    from medunet.io.image import as_source_list, read_image, source_name  # NIfTI files, DICOM folders, in-memory images
-
-    sources = as_source_list(sources)
-    if not sources:
-        raise DataError("no image file given", case=case)
-    images = [read_image(s, case=case) for s in sources]
-    names = [source_name(s) for s in sources]
-    reference = images[0]
-    ref_shape = spatial_shape_3d(reference.shape, case=case, path=names[0])
-    channels = []
-    for image, name in zip(images, names):
-        shape = spatial_shape_3d(image.shape, case=case, path=name)
-        if shape != ref_shape or not same_grid(image.affine, reference.affine):
-            raise DataError(
-                f"channel grid differs from the first channel's: shape {shape} vs {ref_shape}, "
-                f"{describe_affine(image.affine)} vs {describe_affine(reference.affine)}",
-                case=case,
-                path=name,
-            )
-        channels.append(read_voxels(image, case=case, path=name, dtype=dtype))
-    return to_meta_tensor(channels, reference.affine, source=names[0]), reference
 
 
 def label_dtype(num_classes: int) -> np.dtype:

@@ -32,7 +32,8 @@ import numpy as np
 from medunet.errors import DataError
 from medunet.io.atomic import atomic_write_text
 from medunet.io.datalist import Case, Datalist
-from medunet.io.nifti import describe_affine, load_volume, same_grid, spacing_of
+from medunet.io.geometry import describe_affine, same_grid, spacing_of
+from medunet.io.image import load_volume
 from medunet.transforms import CT_BODY_HU, check_label_values
 
 log = logging.getLogger("medunet")

@@ -72,7 +72,7 @@ def level_shapes(model: ModelConfig, patch: Sequence[int]) -> list[tuple[int, in
 @functools.lru_cache(maxsize=256)  # the planner asks for the same topology many times
 def parameter_count(model: ModelConfig, in_channels: int, out_channels: int) -> int:
     """Exact number of trainable parameters (the network is built on the meta device: no memory, little time)."""
-    from medunet.networks import build_network
+    from medunet.model.networks import build_network
 
     with torch.device("meta"):
         net = build_network(model, in_channels=in_channels, out_channels=out_channels)

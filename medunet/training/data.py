@@ -18,20 +18,9 @@ from monai.transforms import Compose
 
 from medunet import __version__
 from medunet.config import Config, config_to_dict
-from medunet.errors import ConfigError, MedunetError
+from medunet.errors import ConfigError, unwrap_error
 from medunet.io.datalist import Case
 from medunet.transforms import augmentation, preprocessing
-
-
-def unwrap_error(exc: BaseException) -> BaseException:
-    """The MedunetError behind MONAI's "applying transform" wrappers, or ``exc`` itself."""
-    seen = exc
-    while seen is not None:
-        if isinstance(seen, MedunetError):
-            return seen
-        seen = seen.__cause__ or seen.__context__  # type: ignore[assignment]
-    return exc
-
 
 CACHE_FORMAT = 2
 """What the cached chain stores; bump it when that changes (2: the per-class patch centres were added),

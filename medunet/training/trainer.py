@@ -34,14 +34,14 @@ from tqdm.auto import tqdm
 
 from medunet import __version__
 from medunet.config import Config, config_to_dict, save_config
-from medunet.errors import ConfigError, DataError, MedunetError, TrainingError
-from medunet.inference.sliding import predict_probabilities
+from medunet.errors import ConfigError, DataError, MedunetError, TrainingError, unwrap_error
 from medunet.io.datalist import Case, Datalist, load_datalist, split_cases
-from medunet.networks import SegmentationNetwork, build_network
+from medunet.model.checkpoint import FORMAT_VERSION, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from medunet.model.networks import SegmentationNetwork, build_network
+from medunet.model.sliding import predict_probabilities
 from medunet.runtime import amp_dtype, autocast, derived_seed, seed_everything
 from medunet.training import distributed as dist
-from medunet.training.checkpoint import FORMAT_VERSION, capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from medunet.training.data import batch_cases, preprocessing_key, training_loader, unwrap_error, validation_dataset
+from medunet.training.data import batch_cases, preprocessing_key, training_loader, validation_dataset
 from medunet.training.optim import build_optimizer, build_scheduler, continue_schedule
 from medunet.training.records import MetricsLog, dice_column, write_split
 from medunet.training.splits import Fold

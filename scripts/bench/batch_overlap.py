@@ -36,7 +36,7 @@ def worker(args: argparse.Namespace) -> None:
     from medunet.config import load_config
     from medunet.inference.batch import collect_inputs, segment_all
     from medunet.inference.segmenter import Segmenter
-    from medunet.networks import build_network
+    from medunet.model.networks import build_network
 
     config = load_config(Path(__file__).resolve().parents[2] / "configs" / "ct.yaml",
                          ["inference.device=cpu", f"model.features={list(args.features)}"])

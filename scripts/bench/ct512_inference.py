@@ -74,7 +74,7 @@ def cpu_seconds() -> float:
 def run_medunet(args: argparse.Namespace) -> dict:
     from medunet.config import load_config
     from medunet.inference.segmenter import Segmenter
-    from medunet.networks import build_network
+    from medunet.model.networks import build_network
 
     config = load_config(ROOT / "configs" / "ct.yaml", ["inference.device=cpu", *args.set])
     torch.manual_seed(0)
@@ -98,7 +98,7 @@ def run_monai(args: argparse.Namespace) -> dict:
     from monai.inferers import sliding_window_inference
 
     from medunet.config import load_config
-    from medunet.networks import build_network
+    from medunet.model.networks import build_network
 
     config = load_config(ROOT / "configs" / "ct.yaml", ["inference.device=cpu", *args.set])
     torch.manual_seed(0)

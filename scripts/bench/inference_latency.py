@@ -59,7 +59,7 @@ def network() -> torch.nn.Module:
 def medunet_runner(args: argparse.Namespace, state: dict):
     from medunet.config import config_from_dict
     from medunet.inference.segmenter import Segmenter
-    from medunet.networks import build_network
+    from medunet.model.networks import build_network
 
     config = config_from_dict({
         "data": {"target_spacing": list(SPACING), "ct_window": list(WINDOW)},

@@ -109,8 +109,8 @@ def main() -> None:
         args.train_epochs, args.repeats, args.large = 1, 1, False
     torch.set_num_threads(args.threads)
     from medunet.config import load_config
+    from medunet.model.checkpoint import load_checkpoint
     from medunet.synthetic import grid_affine, make_phantom, save_nifti, write_dataset
-    from medunet.training.checkpoint import load_checkpoint
     from medunet.training.trainer import train
 
     settings = [  # (name, side, TTA/mirroring, medunet overrides)

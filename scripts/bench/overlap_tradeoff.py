@@ -47,11 +47,11 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
 
-    from medunet.demo import run_demo
     from medunet.errors import ConfigError
     from medunet.evaluation import dice_per_class
     from medunet.inference.segmenter import Segmenter
     from medunet.synthetic import write_dataset
+    from medunet.workflows.demo import run_demo
 
     if not (args.demo / "run" / "best.pt").exists():
         run_demo(args.demo, device="cpu", progress=False)

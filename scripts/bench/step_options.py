@@ -26,7 +26,7 @@ import warnings
 import torch
 
 from medunet.config import load_config
-from medunet.networks import build_network
+from medunet.model.networks import build_network
 from medunet.runtime import cpu_has_native_bf16
 from medunet.training.trainer import DeepSupervisionLoss
 

@@ -76,9 +76,9 @@ def write_task(root: Path, args: argparse.Namespace) -> Path:
 def run_medunet(datalist: Path, run_dir: Path, args: argparse.Namespace, amp: str = "auto") -> dict:
     """medunet's trainer with the demo preset; ``amp`` is train.amp (auto: bf16 on CPUs that compute it natively)."""
     from medunet.config import load_config
-    from medunet.demo import DEMO_OVERRIDES
     from medunet.runtime import amp_dtype
     from medunet.training.trainer import train
+    from medunet.workflows.demo import DEMO_OVERRIDES
 
     config = load_config(None, [*DEMO_OVERRIDES, "train.val_every=1", "train.device=cpu", "inference.device=cpu",
                                 f"train.amp={amp}"])
@@ -118,7 +118,7 @@ def run_tutorial(datalist: Path, args: argparse.Namespace) -> dict:
     from monai.transforms import AsDiscrete
 
     from medunet.config import load_config
-    from medunet.demo import DEMO_OVERRIDES
+    from medunet.workflows.demo import DEMO_OVERRIDES
 
     config = load_config(None, list(DEMO_OVERRIDES))
     low, high = config.data.window()

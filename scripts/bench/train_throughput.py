@@ -69,7 +69,7 @@ from tutorial import tutorial_training_chain  # scripts/bench/tutorial.py
 
 from medunet.config import config_from_dict
 from medunet.io.datalist import load_datalist
-from medunet.networks import build_network
+from medunet.model.networks import build_network
 from medunet.runtime import amp_dtype, autocast
 from medunet.synthetic import write_dataset
 from medunet.training.data import training_loader

@@ -29,14 +29,14 @@ from medunet import __version__
 from medunet.config import Config, save_config
 from medunet.io.atomic import atomic_write_text
 from medunet.io.datalist import Case, load_datalist
-from medunet.postprocessing_search import (
+from medunet.model.checkpoint import load_checkpoint
+from medunet.postprocessing.search import (
     POSTPROCESSING_FILE,
     PostprocessingChoice,
     load_search_cases,
     save_choice,
     search_postprocessing,
 )
-from medunet.training.checkpoint import load_checkpoint
 from medunet.training.splits import Fold, datalist_folds, fold_dir
 
 log = logging.getLogger("medunet")

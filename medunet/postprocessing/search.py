@@ -36,8 +36,9 @@ from medunet.config import ClassPostprocessing, PostprocessingConfig, config_fro
 from medunet.errors import CheckpointError, ConfigError, DataError, GeometryError
 from medunet.io.atomic import atomic_write_text
 from medunet.io.datalist import Case
-from medunet.io.nifti import read_nifti, read_voxels, same_grid, spacing_of
-from medunet.postprocessing import DEFAULT_CONNECTIVITY, postprocess_labels
+from medunet.io.geometry import same_grid, spacing_of
+from medunet.io.nifti import read_nifti, read_voxels
+from medunet.postprocessing.operations import DEFAULT_CONNECTIVITY, postprocess_labels
 
 log = logging.getLogger("medunet")
 

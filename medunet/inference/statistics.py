@@ -18,8 +18,9 @@ import numpy as np
 
 from medunet.errors import DataError, GeometryError
 from medunet.io.atomic import atomic_write_text
+from medunet.io.geometry import describe_affine, same_grid, spacing_of
 from medunet.io.image import read_image
-from medunet.io.nifti import describe_affine, read_nifti, read_voxels, same_grid, spacing_of
+from medunet.io.nifti import read_nifti, read_voxels
 
 #: Columns of the statistics CSV.
 STAT_COLUMNS = ("case", "class", "label", "voxels", "volume_ml", "intensity_mean", "intensity_std")

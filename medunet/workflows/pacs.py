@@ -288,15 +288,15 @@ def segment_from_pacs(
         pacs: the DICOMweb service.
         study_uid: StudyInstanceUID to search.
         series_uid: the series to segment; needed when the study holds several image series.
-        model_name: recorded in the SEG (default: see :func:`medunet.io.dicom_seg.model_name_of`).
+        model_name: recorded in the SEG (default: see :func:`medunet.inference.dicom_seg.model_name_of`).
         keep: a folder that also receives a copy of the SEG (``<series uid>.seg.dcm``).
 
     Raises:
         PacsError: the PACS is unreachable, refuses the login, times out, or lacks the study/series.
         MedunetError: the retrieved series cannot be read or segmented (the PACS is left unchanged).
     """
+    from medunet.inference.dicom_seg import model_name_of, predict_dicom_seg
     from medunet.io.dicom import read_series
-    from medunet.io.dicom_seg import model_name_of, predict_dicom_seg
 
     started = time.perf_counter()
     pacs.check()
