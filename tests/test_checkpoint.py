@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import pickle
@@ -18,6 +19,8 @@ from medunet.config import Config, OptimConfig, config_from_dict, config_to_dict
 from medunet.errors import CheckpointError
 from medunet.model.checkpoint import (
     FORMAT_VERSION,
+    Checkpoint,
+    TrainState,
     capture_rng,
     load_checkpoint,
     resolve_checkpoint,
@@ -32,22 +35,15 @@ def tiny_model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.InstanceNorm3d(2, affine=True))
 
 
-def make_state(epoch: int = 3, **extra: Any) -> dict[str, Any]:
+def make_state(epoch: int = 3, rng: dict[str, Any] | None = None) -> Checkpoint:
     model = tiny_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(1, 1, 5, 5, 5)).mean().backward()
     optimizer.step()
-    return {
-        "format": FORMAT_VERSION,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "config": config_to_dict(Config()),
-        "labels": {0: "background", 1: "liver"},
-        "in_channels": 1,
-        "epoch": epoch,
-        "history": [{"epoch": 0, "loss": 0.9, "dice": None}],
-        **extra,
-    }
+    state = TrainState(optimizer=optimizer.state_dict(), scheduler={}, rng=rng or {}, best_dice=0.5, best_epoch=2,
+                       history=[{"epoch": 0, "loss": 0.9, "dice": None}])
+    return Checkpoint(model=model.state_dict(), config=config_to_dict(Config()), class_names=["background", "liver"],
+                      in_channels=1, epoch=epoch, train_state=state)
 
 
 def make_marker(path: str) -> None:
@@ -73,26 +69,45 @@ def test_round_trip(tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary files
 
     loaded = load_checkpoint(path)
-    assert loaded["epoch"] == 7
-    assert loaded["labels"] == {0: "background", 1: "liver"}
-    assert loaded["in_channels"] == 1
-    assert loaded["history"] == state["history"]
-    assert config_from_dict(loaded["config"]) == Config()
-    assert loaded["model"].keys() == state["model"].keys()
-    for key, value in state["model"].items():
-        torch.testing.assert_close(loaded["model"][key], value)
+    assert loaded.epoch == 7
+    assert loaded.labels() == {0: "background", 1: "liver"}
+    assert loaded.in_channels == 1
+    assert loaded.train_state is not None and state.train_state is not None
+    assert loaded.train_state.history == state.train_state.history
+    assert (loaded.train_state.best_dice, loaded.train_state.best_epoch) == (0.5, 2)
+    assert config_from_dict(loaded.config) == Config()
+    assert loaded.model.keys() == state.model.keys()
+    for key, value in state.model.items():
+        torch.testing.assert_close(loaded.model[key], value)
     # the weights drive a model again, and so does the optimizer state
     model = tiny_model()
-    model.load_state_dict(loaded["model"])
+    model.load_state_dict(loaded.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    optimizer.load_state_dict(loaded["optimizer"])
-    torch.testing.assert_close(model[0].weight, state["model"]["0.weight"])
+    optimizer.load_state_dict(loaded.train_state.optimizer)
+    torch.testing.assert_close(model[0].weight, state.model["0.weight"])
+
+
+def test_a_model_only_checkpoint_loads_without_train_state(tmp_path: Path) -> None:
+    """What an export ships: weights and config, nothing that only resuming needs."""
+    path = save_checkpoint(make_state(epoch=5).without_train_state(), tmp_path / "model.pt")
+    stored = torch.load(path, weights_only=True)
+    assert "optimizer" not in stored and "rng" not in stored
+    loaded = load_checkpoint(path)
+    assert loaded.train_state is None and loaded.epoch == 5 and loaded.class_names == ["background", "liver"]
+
+
+def test_labels_must_be_numbered_from_zero(tmp_path: Path) -> None:
+    path = tmp_path / "gappy.pt"
+    torch.save(make_state().to_dict() | {"labels": {"0": "background", "2": "liver"}}, path)
+    with pytest.raises(CheckpointError, match="numbered 0..1") as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value)
 
 
 def test_load_refuses_pickled_object_without_running_it(tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     path = tmp_path / "evil.pt"
-    torch.save(make_state(evil=Evil(marker)), path)
+    torch.save(make_state().to_dict() | {"evil": Evil(marker)}, path)
     with pytest.raises(CheckpointError, match="refusing") as info:
         load_checkpoint(path)
     assert str(path) in str(info.value)
@@ -146,7 +161,7 @@ def test_not_a_dict(tmp_path: Path) -> None:
 
 
 def test_newer_format_refused(tmp_path: Path) -> None:
-    path = save_checkpoint(make_state() | {"format": FORMAT_VERSION + 1}, tmp_path / "future.pt")
+    path = save_checkpoint(dataclasses.replace(make_state(), format=FORMAT_VERSION + 1), tmp_path / "future.pt")
     with pytest.raises(CheckpointError, match="upgrade medunet"):
         load_checkpoint(path)
 
@@ -165,7 +180,7 @@ def test_resolve_run_folder_prefers_best_then_last(tmp_path: Path) -> None:
     assert resolve_checkpoint(run) == run / "last.pt"
     save_checkpoint(make_state(epoch=4), run / "best.pt")
     assert resolve_checkpoint(run) == run / "best.pt"
-    assert load_checkpoint(run)["epoch"] == 4
+    assert load_checkpoint(run).epoch == 4
     assert resolve_checkpoint(run / "last.pt") == run / "last.pt"
 
 
@@ -186,7 +201,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pyte
     assert "No space left on device" in str(info.value)
     monkeypatch.undo()
     assert path.read_bytes() == before
-    assert load_checkpoint(path)["epoch"] == 1
+    assert load_checkpoint(path).epoch == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
@@ -196,7 +211,7 @@ def test_failed_save_any_error_keeps_previous_checkpoint(tmp_path: Path, monkeyp
     with pytest.raises((RuntimeError, CheckpointError)):
         save_checkpoint(make_state(epoch=2), path)
     monkeypatch.undo()
-    assert load_checkpoint(path)["epoch"] == 1
+    assert load_checkpoint(path).epoch == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
@@ -244,7 +259,7 @@ def test_rng_state_survives_checkpoint(tmp_path: Path) -> None:
     expected = draw()
     path = save_checkpoint(make_state(rng=rng), tmp_path / "last.pt")  # make_state itself draws numbers
     draw()
-    restore_rng(load_checkpoint(path)["rng"])  # through weights_only loading
+    restore_rng(load_checkpoint(path).train_state.rng)  # type: ignore[union-attr]  # through weights_only loading
     assert draw() == expected
 
 

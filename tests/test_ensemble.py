@@ -87,13 +87,13 @@ def test_mismatched_folds_are_refused(folds_run: tuple[Path, Path], tmp_path: Pa
     shutil.copytree(folds_run[0], root, ignore=shutil.ignore_patterns("cache"))
     path = root / "fold_1" / "best.pt"
     state = load_checkpoint(path)
-    state["config"]["data"]["target_spacing"] = [1.0, 1.0, 1.0]
+    state.config["data"]["target_spacing"] = [1.0, 1.0, 1.0]
     save_checkpoint(state, path)
     with pytest.raises(CheckpointError, match="data.target_spacing"):
         Segmenter.from_checkpoint(root)
     assert len(Segmenter.from_checkpoint(root, folds=[0]).models) == 1  # a matching subset still loads
-    state["config"]["data"]["target_spacing"] = [2.0, 2.0, 2.5]
-    state["labels"] = {"0": "background", "1": "spleen"}
+    state.config["data"]["target_spacing"] = [2.0, 2.0, 2.5]
+    state.class_names = ["background", "spleen"]
     save_checkpoint(state, path)
     with pytest.raises(CheckpointError, match="classes"):
         Segmenter.from_checkpoint(root)

@@ -24,7 +24,7 @@ from medunet.errors import ConfigError, DataError, OutputExistsError
 from medunet.inference.batch import Shard, collect_inputs, segment_all
 from medunet.inference.pipeline import Job, run_jobs
 from medunet.inference.segmenter import Segmenter
-from medunet.model.checkpoint import FORMAT_VERSION, save_checkpoint
+from medunet.model.checkpoint import Checkpoint, save_checkpoint
 from medunet.model.networks import build_network
 from medunet.model.sliding import choose_stitch_device, predict_probabilities, stitch_bytes
 from medunet.synthetic import as_stored, grid_affine, make_phantom, save_nifti
@@ -208,8 +208,8 @@ def checkpoint(path: Path) -> Path:
     torch.manual_seed(0)
     config = load_config(None, OVERRIDES)
     state = build_network(config.model, in_channels=1, out_channels=2).state_dict()
-    return save_checkpoint({"format": FORMAT_VERSION, "model": state, "config": config_to_dict(config),
-                            "labels": {"0": "background", "1": "organ"}, "in_channels": 1, "epoch": 0}, path)
+    return save_checkpoint(Checkpoint(model=state, config=config_to_dict(config), class_names=["background", "organ"],
+                                      in_channels=1, epoch=0), path)
 
 
 def shard_report(preds: Path, k: int) -> dict[str, str]:

@@ -17,7 +17,7 @@ from medunet.config import config_to_dict, load_config
 from medunet.inference.batch import segment_all
 from medunet.inference.segmenter import Segmenter
 from medunet.inference.statistics import STAT_COLUMNS, label_statistics
-from medunet.model.checkpoint import FORMAT_VERSION, save_checkpoint
+from medunet.model.checkpoint import Checkpoint, save_checkpoint
 from medunet.model.networks import build_network
 from medunet.synthetic import as_stored, grid_affine, make_phantom, save_nifti
 
@@ -94,8 +94,8 @@ def constant_checkpoint(path: Path) -> Path:
         tensor.zero_()
         if name.endswith("bias") and tuple(tensor.shape) == (2,):
             tensor.copy_(torch.tensor([-5.0, 5.0]))
-    return save_checkpoint({"format": FORMAT_VERSION, "model": state, "config": config_to_dict(config),
-                            "labels": {"0": "background", "1": "organ"}, "in_channels": 1, "epoch": 0}, path)
+    return save_checkpoint(Checkpoint(model=state, config=config_to_dict(config), class_names=["background", "organ"],
+                                      in_channels=1, epoch=0), path)
 
 
 def test_cli_infer_stats_and_no_silent_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

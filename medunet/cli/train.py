@@ -118,7 +118,7 @@ def _training_config(datalist: Path, run_dir: Path, config_path: Path | None, ov
             raise ConfigError("--resume continues with the run's saved config; change it with --set instead of -c")
         from medunet.model.checkpoint import load_checkpoint
 
-        saved = load_checkpoint(run_dir / "last.pt")["config"]
+        saved = load_checkpoint(run_dir / "last.pt").config
         return config_from_dict(apply_overrides(saved, extra))
     if config_path is None and not (run_dir / "last.pt").exists():  # (an existing run is refused by the trainer)
         from medunet.planning.api import load_planned_config, plan_datalist

@@ -34,7 +34,7 @@ from medunet.io.atomic import atomic_write_text
 from medunet.io.geometry import same_grid, spacing_of
 from medunet.io.image import ArrayWithAffine, DicomSource, Source, as_source_list, read_image, source_name
 from medunet.io.nifti import ImageSource, label_dtype, mask_image, write_mask
-from medunet.model.checkpoint import fold_checkpoints, load_checkpoint, resolve_checkpoint
+from medunet.model.checkpoint import Checkpoint, fold_checkpoints, load_checkpoint, resolve_checkpoint
 from medunet.model.networks import build_network
 from medunet.model.sliding import inference_dtype, predict_probabilities
 from medunet.postprocessing.operations import postprocess_labels
@@ -133,26 +133,25 @@ class Segmenter:
         """
         by_fold = fold_checkpoints(path, folds)
         checkpoints = list(by_fold.values()) or [resolve_checkpoint(path)]
-        states = [load_checkpoint(c) for c in checkpoints]
-        check_ensemble(states, [str(c) for c in checkpoints])
-        labels = states[0]["labels"]
-        class_names = [labels[str(i)] for i in range(len(labels))]
-        values = states[0]["config"]
+        loaded = [load_checkpoint(c) for c in checkpoints]
+        check_ensemble(loaded, [str(c) for c in checkpoints])
+        class_names = loaded[0].class_names
+        values = loaded[0].config
         chosen = validated_postprocessing(Path(path), class_names, overrides)
         if chosen is not None:
             values = {**values, "postprocessing": chosen}
         config = config_from_dict(apply_overrides(values, overrides))
         torch_device = select_device(device if device != "auto" else config.inference.device)
         models = []
-        for checkpoint, state in zip(checkpoints, states):
-            model = build_network(config.model, in_channels=int(state["in_channels"]), out_channels=len(class_names))
-            model.load_state_dict(state["model"])
+        for checkpoint, saved in zip(checkpoints, loaded):
+            model = build_network(config.model, in_channels=saved.in_channels, out_channels=len(class_names))
+            model.load_state_dict(saved.model)
             models.append(model)
-            log.debug("loaded %s (epoch %s)", checkpoint, state["epoch"])
+            log.debug("loaded %s (epoch %s)", checkpoint, saved.epoch)
         source = f"{path} (folds {', '.join(map(str, by_fold))})" if by_fold else str(checkpoints[0])
         if len(models) > 1:
             log.info("ensemble of %d folds (%s), averaging probabilities", len(models), ", ".join(map(str, by_fold)))
-        return cls(models, config, class_names=class_names, in_channels=int(states[0]["in_channels"]), device=torch_device, source=source)
+        return cls(models, config, class_names=class_names, in_channels=loaded[0].in_channels, device=torch_device, source=source)
 
     def predict(self, image: InputImage | Sequence[InputImage], *, case: str | None = None) -> nib.Nifti1Image:
         """Segment one volume.
@@ -380,21 +379,21 @@ _ENSEMBLE_SECTIONS = ("data", "model")
 _ENSEMBLE_IGNORED = {"cache", "cache_dir", "cache_workers", "loader_workers", "val_fraction", "split_seed", "allow_outside_root"}
 
 
-def check_ensemble(states: Sequence[dict[str, Any]], sources: Sequence[str]) -> None:
+def check_ensemble(checkpoints: Sequence[Checkpoint], sources: Sequence[str]) -> None:
     """Refuse to average models that disagree on classes, input channels, preprocessing or architecture.
 
     Raises:
         CheckpointError: naming the two checkpoints and what differs.
     """
-    first = states[0]
-    for state, source in zip(states[1:], sources[1:]):
+    first = checkpoints[0]
+    for other, source in zip(checkpoints[1:], sources[1:]):
         differences = []
-        if state["labels"] != first["labels"]:
-            differences.append(f"classes {list(state['labels'].values())} vs {list(first['labels'].values())}")
-        if int(state["in_channels"]) != int(first["in_channels"]):
-            differences.append(f"input channels {state['in_channels']} vs {first['in_channels']}")
+        if other.class_names != first.class_names:
+            differences.append(f"classes {other.class_names} vs {first.class_names}")
+        if other.in_channels != first.in_channels:
+            differences.append(f"input channels {other.in_channels} vs {first.in_channels}")
         for section in _ENSEMBLE_SECTIONS:
-            a, b = state["config"].get(section, {}), first["config"].get(section, {})
+            a, b = other.config.get(section, {}), first.config.get(section, {})
             differences += [f"{section}.{k} {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b))
                             if k not in _ENSEMBLE_IGNORED and a.get(k) != b.get(k)]
         if differences:

@@ -1,10 +1,13 @@
-"""Checkpoints: saved atomically, loaded safely.
+"""The one on-disk format of a trained model: typed, saved atomically, loaded safely.
 
-A checkpoint holds only tensors and plain Python values, so it loads with
-``torch.load(weights_only=True)``: a file carrying a pickle payload is refused and
-runs nothing. It holds everything ``infer`` needs (weights, resolved config,
-label names, channel count) and everything ``--resume`` needs (optimizer,
-scheduler, scaler, RNG states, history).
+A :class:`Checkpoint` holds everything inference needs (weights, resolved config, class names,
+channel count, modality, and the training data's fingerprint when the run had one) and, in a
+:class:`TrainState`, everything ``--resume`` needs (optimizer, scheduler, scaler, RNG states,
+best score, history). :meth:`Checkpoint.to_dict` and :meth:`Checkpoint.from_dict` are the only
+places that know the stored keys.
+
+On disk it is a flat dict of tensors and plain Python values, so it loads with
+``torch.load(weights_only=True)``: a file carrying a pickle payload is refused and runs nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import logging
 import pickle
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +32,134 @@ log = logging.getLogger("medunet")
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "model", "config", "labels", "in_channels", "epoch")
+_TRAIN_STATE_KEYS = ("optimizer", "scheduler", "rng", "best_dice", "best_epoch", "stale_validations", "history")
 
 
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` to ``path`` via a temporary file and rename: a crash keeps the previous file."""
+@dataclass
+class TrainState:
+    """What ``--resume`` needs besides the weights: optimisation state, generators and the run's records."""
+
+    optimizer: dict[str, Any]
+    """``optimizer.state_dict()``."""
+    scheduler: dict[str, Any]
+    """``scheduler.state_dict()``."""
+    rng: dict[str, Any]
+    """Every random generator's state (:func:`capture_rng`)."""
+    scaler: dict[str, Any] | None = None
+    """The fp16 gradient scaler's state; None when it was disabled."""
+    best_dice: float = -1.0
+    """Best mean validation score so far (-1 before the first validation)."""
+    best_epoch: int = 0
+    """Epoch (1-based) of ``best_dice``; 0 before the first validation."""
+    stale_validations: int = 0
+    """Validations since the last improvement (drives early stopping)."""
+    best_class_dice: dict[str, float] = field(default_factory=dict)
+    """Per-class validation score at ``best_epoch``, by class name."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """One ``metrics.csv`` row per completed epoch."""
+
+
+@dataclass
+class Checkpoint:
+    """A trained model and, for a run still training, its :class:`TrainState`."""
+
+    model: dict[str, torch.Tensor]
+    """The network's ``state_dict()``."""
+    config: dict[str, Any]
+    """The resolved config (``config_to_dict``) the network was trained with."""
+    class_names: list[str]
+    """Class names by label value (index 0 is background)."""
+    in_channels: int
+    """Input channels (image files per case)."""
+    epoch: int
+    """Epochs completed when this was saved."""
+    modality: Any = None
+    """The datalist's ``"modality"`` (or ``data.modality``), as given."""
+    fingerprint: dict[str, Any] | None = None
+    """Summary of the training data (spacings, intensities, class volumes) when the run computed one."""
+    medunet_version: str = ""
+    """The medunet version that wrote it."""
+    train_state: TrainState | None = None
+    """Optimisation state for ``--resume``; None in a model-only checkpoint."""
+    format: int = FORMAT_VERSION
+    """On-disk format number; a newer number than this medunet knows is refused."""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def labels(self) -> dict[int, str]:
+        """Class names by label value."""
+        return dict(enumerate(self.class_names))
+
+    def without_train_state(self) -> Checkpoint:
+        """The same model without what only resuming needs (smaller; what an export ships)."""
+        return replace(self, train_state=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored form: a flat dict of tensors and plain values (``weights_only``-loadable)."""
+        stored: dict[str, Any] = {
+            "format": self.format,
+            "medunet_version": self.medunet_version,
+            "epoch": int(self.epoch),
+            "model": self.model,
+            "config": self.config,
+            "labels": {str(i): name for i, name in enumerate(self.class_names)},
+            "in_channels": int(self.in_channels),
+            "modality": self.modality,
+        }
+        if self.fingerprint is not None:
+            stored["fingerprint"] = self.fingerprint
+        if self.train_state is not None:
+            ts = self.train_state
+            stored.update(
+                optimizer=ts.optimizer, scheduler=ts.scheduler, scaler=ts.scaler, rng=ts.rng, best_dice=float(ts.best_dice),
+                best_epoch=int(ts.best_epoch), stale_validations=int(ts.stale_validations),
+                best_class_dice=dict(ts.best_class_dice), history=list(ts.history),
+            )
+        return stored
+
+    @classmethod
+    def from_dict(cls, stored: Mapping[str, Any], *, source: str = "checkpoint") -> Checkpoint:
+        """Rebuild a checkpoint from its stored form.
+
+        Raises:
+            CheckpointError: keys are missing or the format is newer than this medunet reads.
+        """
+        missing = [k for k in REQUIRED_KEYS if k not in stored]
+        if missing:
+            raise CheckpointError(f"{source} is not a medunet checkpoint (missing {missing})")
+        if int(stored["format"]) > FORMAT_VERSION:
+            raise CheckpointError(
+                f"checkpoint {source} has format {stored['format']}; this medunet reads up to {FORMAT_VERSION}; upgrade medunet"
+            )
+        labels = stored["labels"]
+        try:
+            class_names = [str(labels[str(i)]) for i in range(len(labels))]
+        except (KeyError, TypeError):
+            raise CheckpointError(f"{source}: its class labels are not numbered 0..{len(labels) - 1}") from None
+        train_state = None
+        if all(k in stored for k in _TRAIN_STATE_KEYS):
+            train_state = TrainState(
+                optimizer=stored["optimizer"], scheduler=stored["scheduler"], rng=stored["rng"], scaler=stored.get("scaler"),
+                best_dice=float(stored["best_dice"]), best_epoch=int(stored["best_epoch"]),
+                stale_validations=int(stored["stale_validations"]),
+                best_class_dice={str(k): float(v) for k, v in stored.get("best_class_dice", {}).items()},
+                history=list(stored["history"]),
+            )
+        return cls(
+            model=stored["model"], config=stored["config"], class_names=class_names, in_channels=int(stored["in_channels"]),
+            epoch=int(stored["epoch"]), modality=stored.get("modality"), fingerprint=stored.get("fingerprint"),
+            medunet_version=str(stored.get("medunet_version", "")), train_state=train_state, format=int(stored["format"]),
+        )
+
+
+def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> Path:
+    """Write ``checkpoint`` to ``path`` via a temporary file and rename: a crash keeps the previous file."""
     path = Path(path)
     try:
         with atomic_path(path) as tmp:
-            torch.save(state, tmp)
+            torch.save(checkpoint.to_dict(), tmp)
     except (OSError, RuntimeError) as exc:  # torch reports a full disk as RuntimeError
         reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
         raise CheckpointError(f"cannot write checkpoint {path} ({reason}); the previous one is intact") from None
@@ -96,15 +220,15 @@ def _fold_count(splits: Path) -> int:
     return len(raw) if isinstance(raw, list) else 0
 
 
-def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a medunet checkpoint with ``weights_only=True`` and check its contents.
+def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Load a medunet checkpoint (a file or a run folder's best/last) with ``weights_only=True``.
 
     Raises:
         CheckpointError: missing, truncated, unsafe (pickled objects), or not a medunet checkpoint.
     """
     path = resolve_checkpoint(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        stored = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights only" in str(exc).lower() and "unsupported global" in str(exc).lower():
             raise CheckpointError(
@@ -113,11 +237,9 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({type(exc).__name__})") from None
     except Exception as exc:  # torch's unpickler raises many types on junk input; all mean "unusable file"
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
-        raise CheckpointError(f"{path} is not a medunet checkpoint (missing {[k for k in REQUIRED_KEYS if k not in state] if isinstance(state, dict) else 'everything'})")
-    if state["format"] > FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format {state['format']}; this medunet reads up to {FORMAT_VERSION}; upgrade medunet")
-    return state
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{path} is not a medunet checkpoint (missing everything)")
+    return Checkpoint.from_dict(stored, source=str(path))
 
 
 def capture_rng() -> dict[str, Any]:

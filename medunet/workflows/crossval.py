@@ -29,7 +29,7 @@ from medunet import __version__
 from medunet.config import Config, save_config
 from medunet.io.atomic import atomic_write_text
 from medunet.io.datalist import Case, load_datalist
-from medunet.model.checkpoint import load_checkpoint
+from medunet.model.checkpoint import Checkpoint, load_checkpoint
 from medunet.postprocessing.search import (
     POSTPROCESSING_FILE,
     PostprocessingChoice,
@@ -61,11 +61,11 @@ class CrossvalResult:
     """The out-of-fold evaluation report (HTML)."""
 
 
-def fold_finished(state: dict[str, Any], config: Config) -> bool:
+def fold_finished(saved: Checkpoint, config: Config) -> bool:
     """True when a fold's ``last.pt`` has reached ``train.max_epochs`` or stopped early."""
     patience = config.train.early_stopping_patience
-    stopped = patience is not None and int(state.get("stale_validations", 0)) >= patience
-    return int(state["epoch"]) >= config.train.max_epochs or stopped
+    stale = saved.train_state.stale_validations if saved.train_state else 0
+    return saved.epoch >= config.train.max_epochs or (patience is not None and stale >= patience)
 
 
 def train_folds(datalist_path: Path, root: Path, config: Config, folds: list[Fold], *, progress: bool) -> dict[int, float]:
@@ -78,12 +78,12 @@ def train_folds(datalist_path: Path, root: Path, config: Config, folds: list[Fol
         last = run_dir / "last.pt"
         resume = last.is_file()
         if resume:
-            state = load_checkpoint(last)
-            if fold_finished(state, config):
-                log.info("fold %d: finished (epoch %s), skipping", fold.index, state["epoch"])
-                best[fold.index] = float(state["best_dice"])
+            saved = load_checkpoint(last)
+            if fold_finished(saved, config):
+                log.info("fold %d: finished (epoch %s), skipping", fold.index, saved.epoch)
+                best[fold.index] = max(saved.train_state.best_dice, 0.0) if saved.train_state else 0.0
                 continue
-            log.info("fold %d: resuming after epoch %s", fold.index, state["epoch"])
+            log.info("fold %d: resuming after epoch %s", fold.index, saved.epoch)
         else:
             log.info("fold %d of %d: training on %d cases, validating on %d", fold.index, len(folds), len(fold.train), len(fold.val))
         result = train(datalist_path, run_dir, config, resume=resume, progress=progress, fold=fold)
@@ -133,7 +133,7 @@ def run_crossval(
         MedunetError: bad data, config, splits or checkpoints, or a failed training.
     """
     from medunet.evaluation import evaluate
-    from medunet.training.trainer import resolve_labels
+    from medunet.training.cases import resolve_labels
 
     datalist_path, root = Path(datalist_path), Path(root)
     datalist = load_datalist(datalist_path, allow_outside_root=config.data.allow_outside_root)

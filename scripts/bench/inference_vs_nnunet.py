@@ -155,7 +155,7 @@ def main() -> None:
             "seconds": time.perf_counter() - started,
             "validation_dice": trained.best_dice,
         }
-        state = load_checkpoint(tmp / "run" / "last.pt")["model"]
+        state = load_checkpoint(tmp / "run" / "last.pt").model
         torch.save({k.removeprefix("net."): v for k, v in state.items()}, tmp / "dynunet.pt")
         model_dir = peer.run_side(python, ["import-weights", "--state", str(tmp / "dynunet.pt")], env)["model_dir"]
         for v, (name, (shape, spacing)) in enumerate(volumes.items()):
