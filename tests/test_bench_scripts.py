@@ -114,3 +114,43 @@ def test_quick_mode_runs_and_writes_its_results(
     assert check(result), f"{script} --quick wrote implausible results: {json.dumps(result)[:2000]}"
     if consults_nnunet:
         assert SKIPPED in capsys.readouterr().err
+
+
+def _load_gpu_check() -> ModuleType:
+    path = BENCH.parent / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_refuses_cleanly_without_cuda(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal cannot happen here")
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(BENCH.parent / "gpu_check.sh"), str(out)], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 2, done.stderr
+    assert "no CUDA device" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_its_cpu_paths(tmp_path: Path) -> None:
+    """With --device cpu the checks that have a CPU path run for real; the CUDA-only ones say they were skipped."""
+    out = tmp_path / "gpu.json"
+    assert _load_gpu_check().main([str(out), "--device", "cpu"]) == 0
+    report = json.loads(out.read_text())
+    checks = report["checks"]
+    assert report["passed"] is True and report["failed"] == []
+    assert {name for name, c in checks.items() if c["passed"] is None} == {"amp_fp16", "stitching", "ddp", "planner_memory"}
+    assert checks["amp_bf16"]["autocast"] == "torch.bfloat16" and not checks["amp_bf16"]["grad_scaler"]
+    assert checks["gpu_augmentation"]["max_image_difference"] == 0.0  # on the CPU the "moved" chain is the host chain
+    assert checks["end_to_end"]["on_input_grid"] is True

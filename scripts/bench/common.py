@@ -180,18 +180,20 @@ def phantom_scan(
 
 
 def bench_trainer(datalist: Path, run_dir: Path, config: Any, *, progress: bool = False) -> Any:
-    """medunet's own :class:`~medunet.training.trainer.Trainer` on every training case of ``datalist``, validating on none.
+    """medunet's own :class:`~medunet.training.trainer.Trainer` on every training case of ``datalist``.
 
-    The cases are handed over as a fold with an empty validation side (the public way to fix the
-    split), so every case trains, as on the benchmark's other sides. Building it fills the cache.
+    Without a "validation" list in the datalist, the cases are handed over as a fold with an empty
+    validation side (the public way to fix the split), so every case trains, as on the benchmark's
+    other sides; with one, that list validates. Building it fills the cache.
     """
     from medunet.io.datalist import load_datalist
     from medunet.training.splits import Fold
     from medunet.training.trainer import Trainer
 
-    names = tuple(c.name for c in load_datalist(datalist).training)
+    listed = load_datalist(datalist)
+    fold = None if listed.validation else Fold(0, tuple(c.name for c in listed.training), ())
     run_dir.mkdir(parents=True, exist_ok=True)
-    return Trainer(datalist, run_dir, config, progress=progress, fold=Fold(0, names, ()))
+    return Trainer(datalist, run_dir, config, progress=progress, fold=fold)
 
 
 def workdir(prefix: str) -> tempfile.TemporaryDirectory[str]:

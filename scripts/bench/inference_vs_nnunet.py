@@ -100,8 +100,8 @@ def train_shared_model(args: argparse.Namespace, tmp: Path, python: str | None, 
     from medunet.config import load_config
     from medunet.training.trainer import train
 
-    datalist = synthetic_datalist(tmp / "data", cases=args.cases, shape=(64, 64, 40) if not args.quick else (40, 40, 24))
-    plan = nnunet_peer.QUICK_PLAN if args.quick else nnunet_peer.FALLBACK_PLAN
+    datalist = synthetic_datalist(tmp / "data", cases=args.cases, shape=(40, 40, 24) if args.quick and not python else (64, 64, 40))
+    plan = nnunet_peer.QUICK_PLAN if args.quick else nnunet_peer.FALLBACK_PLAN  # replaced by nnU-Net's own when it runs
     if python:
         print("nnU-Net: planning and preprocessing ...", flush=True)
         plan = nnunet_peer.run_side(python, ["prepare", "--datalist", str(datalist)], env)

@@ -260,9 +260,9 @@ def main_nnunet(args: argparse.Namespace) -> None:
     """nnU-Net v2's trainer, medunet and the tutorial pipeline at nnU-Net's planned network, patch and batch."""
     python, version = nnunet_peer.peer_python(args.nnunet_python)
     if args.quick:  # with nnU-Net, its planning and preprocessing alone take 1-2 min here
-        args.cases, args.epochs, args.workers = (5, 1, 0) if python else (2, 1, 0)
-        if python is None:
-            args.shape = [40, 40, 24]
+        args.cases, args.epochs = 5, 1
+        if python is None:  # medunet's and the tutorial's side alone, at a shrunk plan (QUICK_PLAN)
+            args.cases, args.shape, args.workers = 2, [40, 40, 24], 0
     results: dict[str, dict] = {}
     with workdir("bench") as tmp_name:
         tmp = Path(tmp_name)
