@@ -55,6 +55,11 @@ class DiceWatch:
         return dice >= self.target or elapsed > self.cap
 
 
+def quick_overrides(args: argparse.Namespace) -> list[str]:
+    """--quick shrinks the patch for both sides (the demo's 48x48x32 costs seconds per step)."""
+    return ["augmentation.patch_size=[32,32,16]"] if args.quick else []
+
+
 def run_medunet(datalist: Path, run_dir: Path, args: argparse.Namespace, amp: str = "auto") -> dict:
     """medunet's trainer with the demo preset; ``amp`` is train.amp (auto: bf16 on CPUs that compute it natively)."""
     from medunet.config import load_config
@@ -62,8 +67,8 @@ def run_medunet(datalist: Path, run_dir: Path, args: argparse.Namespace, amp: st
     from medunet.training.trainer import train
     from medunet.workflows.demo import DEMO_OVERRIDES
 
-    config = load_config(None, [*DEMO_OVERRIDES, "train.val_every=1", "train.device=cpu", "inference.device=cpu",
-                                f"train.amp={amp}"])
+    config = load_config(None, [*DEMO_OVERRIDES, *quick_overrides(args), "train.val_every=1", "train.device=cpu",
+                                "inference.device=cpu", f"train.amp={amp}"])
     started = time.perf_counter()
     watch = DiceWatch(started, args.target, args.cap)
     train(datalist, run_dir, config, progress=False, callbacks=[watch])
@@ -94,7 +99,7 @@ def run_tutorial(datalist: Path, args: argparse.Namespace) -> dict:
     from medunet.model.networks import build_network
     from medunet.workflows.demo import DEMO_OVERRIDES
 
-    config = load_config(None, list(DEMO_OVERRIDES))
+    config = load_config(None, [*DEMO_OVERRIDES, *quick_overrides(args)])
     low, high = config.data.window()
     patch = config.augmentation.patch_size
     train_tf, val_tf = tutorial_training_chain(config.data.target_spacing, (low, high), patch,
