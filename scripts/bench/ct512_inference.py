@@ -21,54 +21,34 @@ run: a clinical service segments each volume once, and the sliding window domina
     python scripts/bench/ct512_inference.py --cache /tmp/ct512                  # the preset, ~2-3 min
     python scripts/bench/ct512_inference.py --cache /tmp/ct512 --baseline        # + MONAI tutorial side
     python scripts/bench/ct512_inference.py --cache /tmp/ct512 --set inference.overlap=0.5 --json out.json
+    python scripts/bench/ct512_inference.py --quick     # seconds: a 48x48x32 phantom, a 3-level network, both sides in-process
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import subprocess
-import sys
-import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
-from memory import peak_rss_mib  # scripts/bench/memory.py
+from common import ROOT, bench_parser, cpu_seconds, load_average, peak_rss_mib, phantom_scan, run_side, start, workdir, write_json
 from tutorial import tutorial_inference_chain  # scripts/bench/tutorial.py
 
-ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (512, 512, 300)
 SPACING = (0.8, 0.8, 1.5)
+QUICK_SHAPE = (48, 48, 32)
+QUICK_OVERRIDES = ["augmentation.patch_size=[32,32,32]", "model.features=[8,16,32]"]
 
 
-def make_ct(path: Path) -> Path:
-    """The 512 x 512 x 300 phantom (int16 HU, as scanners store CT), written once."""
-    from medunet.synthetic import as_stored, grid_affine, make_phantom
-
-    if path.exists():
-        return path
-    image, _ = make_phantom(SHAPE, seed=512, num_classes=2, modality="CT")
-    affine = grid_affine(SPACING, axcodes="LPS", origin=(200.0, 180.0, -300.0))
-    img = nib.Nifti1Image(np.round(as_stored(image, "LPS")).astype(np.int16), affine)
-    img.header.set_qform(affine, code=1)
-    img.header.set_sform(affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, str(path))
+def make_ct(path: Path, shape: tuple[int, int, int]) -> Path:
+    """The phantom (int16 HU, as scanners store CT, LPS like a DICOM conversion), written once."""
+    if not path.exists():
+        phantom_scan(path, shape, SPACING, axcodes="LPS", seed=512, origin=(200.0, 180.0, -300.0), int16=True)
     return path
-
-
-
-
-def cpu_seconds() -> float:
-    """User + system CPU time of this process (with wall time, shows how much other load slowed a run)."""
-    t = os.times()
-    return t.user + t.system
 
 
 def run_medunet(args: argparse.Namespace) -> dict:
@@ -125,37 +105,34 @@ def run_monai(args: argparse.Namespace) -> dict:
             "output": str(Path(args.out_dir) / f"{name}_seg.nii.gz")}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = bench_parser(__doc__, f"a {QUICK_SHAPE} phantom, network 8-16-32 with window 32^3, --baseline, sides in-process")
     parser.add_argument("--cache", type=Path, help="folder keeping the phantom between runs (default: a temporary folder)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for both sides")
     parser.add_argument("--baseline", action="store_true", help="also run the MONAI tutorial pipeline (about as long again)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--worker", choices=["medunet", "monai"], help=argparse.SUPPRESS)
     parser.add_argument("--image", help=argparse.SUPPRESS)
     parser.add_argument("--out-dir", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    start(args.threads)
     if args.worker:
-        warnings.filterwarnings("ignore")
-        torch.set_num_threads(args.threads)
         print(json.dumps((run_medunet if args.worker == "medunet" else run_monai)(args)))
         return
-    with tempfile.TemporaryDirectory(prefix="medunet-ct512-") as tmp:
+    shape = QUICK_SHAPE if args.quick else SHAPE
+    if args.quick:
+        args.set, args.baseline = [*QUICK_OVERRIDES, *args.set], True
+    with workdir("ct512") as tmp:
         cache = args.cache or Path(tmp)
         tick = time.perf_counter()
-        image = make_ct(cache / "ct512.nii.gz")
-        print(f"phantom {SHAPE} @ {SPACING} mm: {image} ({time.perf_counter() - tick:.0f} s)", flush=True)
+        image = make_ct(cache / ("ct_quick.nii.gz" if args.quick else "ct512.nii.gz"), shape)
+        print(f"phantom {shape} @ {SPACING} mm: {image} ({time.perf_counter() - tick:.0f} s)", flush=True)
         results: dict = {}
         for side in ["medunet"] + (["monai"] if args.baseline else []):
             out = Path(tmp) / f"out-{side}"
             out.mkdir()
-            cmd = [sys.executable, __file__, "--worker", side, "--image", str(image), "--out-dir", str(out),
-                   "--threads", str(args.threads)] + [f"--set={s}" for s in args.set]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if done.returncode:
-                sys.exit(f"{side} failed:\n{done.stderr[-4000:]}")
-            results[side] = json.loads(done.stdout.strip().splitlines()[-1])
+            results[side] = run_side(__file__, main, ["--worker", side, "--image", str(image), "--out-dir", str(out),
+                                                      "--threads", str(args.threads), *[f"--set={s}" for s in args.set]],
+                                     in_process=args.quick)
             r = results[side]
             stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items())
             print(f"{side}: {r['seconds_total']:.1f} s end to end, {r['cpu_seconds']:.0f} CPU s ({stages}); peak RSS {r['peak_rss_mib']:.0f} MiB "
@@ -170,15 +147,14 @@ def main() -> None:
             results["mask_dice_medunet_vs_monai"] = float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
             print(f"time medunet / monai: {results['medunet']['seconds_total'] / results['monai']['seconds_total']:.2f}x, "
                   f"mask Dice {results['mask_dice_medunet_vs_monai']:.4f}")
-        load = Path("/proc/loadavg").read_text().split()[:3]
-        print(f"target: < 120 s and < 6144 MiB peak RSS; load average after the run {' '.join(load)}")
+        print(f"target: < 120 s and < 6144 MiB peak RSS; load average after the run {load_average()}")
         if args.json:
             import monai
 
-            meta = {"shape": SHAPE, "spacing": SPACING, "overrides": args.set, "threads": args.threads, "torch": torch.__version__,
+            meta = {"shape": shape, "spacing": SPACING, "overrides": args.set, "threads": args.threads, "torch": torch.__version__,
                     "monai": monai.__version__, "nibabel": nib.__version__, "python": platform.python_version(),
                     "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-            args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+            write_json(args.json, {"meta": meta, "results": results})
 
 
 if __name__ == "__main__":

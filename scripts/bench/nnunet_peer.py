@@ -2,7 +2,8 @@
 
 nnU-Net is never imported here (it is not a medunet dependency). Its side runs in its own
 environment; see nnunet_side.py for how to create it. ``NNUNET_PYTHON`` (or ``--nnunet-python``)
-names that environment's interpreter; without one, the nnU-Net side is skipped with a message.
+names that environment's interpreter; without one, the nnU-Net side is skipped with a message
+(:func:`peer_python`) and medunet's side runs at a recorded plan (:data:`FALLBACK_PLAN`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,35 @@ def find_python(explicit: str | None) -> tuple[str | None, str]:
         reason = (probe.stderr.strip().splitlines() or ["no error message"])[-1]
         return None, f"{python} cannot import nnunetv2 ({reason}); {HOW_TO}"
     return python, probe.stdout.strip()
+
+
+#: What a benchmark prints when it runs without nnU-Net (the tests look for this line).
+SKIPPED = "nnU-Net v2 not installed: peer side skipped"
+
+#: nnU-Net 2.8.1's 3d_fullres plan for phantoms of 64x64x40 at 1.5x1.5x2.5 mm (8 cases, seed 0; 5 or 6 cases plan the
+#: same patch, batch and network, with intensity statistics a little different), as ``nnUNetv2_plan_and_preprocess``
+#: wrote it (nnU-Net axis order z, y, x). medunet's side runs at it when nnU-Net is not installed.
+FALLBACK_PLAN: dict[str, Any] = {
+    "patch_size": [40, 64, 64], "batch_size": 2, "spacing": [2.5, 1.5, 1.5],
+    "features_per_stage": [32, 64, 128, 256, 320], "kernel_sizes": [[3, 3, 3]] * 5,
+    "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]],
+    "n_conv_per_stage": [2] * 5, "n_conv_per_stage_decoder": [2] * 4,
+    "intensity": {"percentile_00_5": 104.84, "percentile_99_5": 157.75, "mean": 135.04, "std": 10.92},
+}
+
+#: The same kind of plan shrunk for ``--quick`` runs without nnU-Net (3 levels, 8-32 features, patch 16x32x32).
+QUICK_PLAN: dict[str, Any] = {
+    **FALLBACK_PLAN, "patch_size": [16, 32, 32], "features_per_stage": [8, 16, 32], "kernel_sizes": [[3, 3, 3]] * 3,
+    "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "n_conv_per_stage": [2] * 3, "n_conv_per_stage_decoder": [2] * 2,
+}
+
+
+def peer_python(explicit: str | None) -> tuple[str | None, str]:
+    """Like :func:`find_python`, and says on stderr, in one agreed line, when the peer side is skipped."""
+    python, version = find_python(explicit)
+    if python is None:
+        print(f"{SKIPPED} ({version})", file=sys.stderr, flush=True)
+    return python, version
 
 
 def nnunet_env(root: Path) -> dict[str, str]:

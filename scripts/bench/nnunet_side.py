@@ -1,7 +1,7 @@
 """The nnU-Net v2 side of the benchmarks, run by the *nnU-Net* Python, never by medunet's.
 
 nnU-Net is not a medunet dependency. The benchmark scripts (train_throughput.py --nnunet,
-inference_latency.py --nnunet) call this file with the interpreter of a separate environment:
+inference_vs_nnunet.py) call this file with the interpreter of a separate environment:
 
     python3 -m venv /tmp/nnunet-venv --system-site-packages   # shares the torch already installed
     /tmp/nnunet-venv/bin/pip install nnunetv2                  # 2.8.1 was measured
@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from memory import peak_rss_mib  # scripts/bench/memory.py
+from common import peak_rss_mib  # scripts/bench/common.py
 
 DATASET_ID = 501
 DATASET_NAME = f"Dataset{DATASET_ID}_MedunetBench"

@@ -16,61 +16,48 @@ cases), validate after every epoch and stop at the target Dice or the time cap:
 
 The clock starts before any data is touched (medunet's cache fill counts) and stops when a
 validation reaches the target; the sides run one after the other with the same thread count.
+medunet's run is ended by an epoch callback of ``train`` (:class:`DiceWatch`) that records each
+validation and asks the trainer to stop at the target or the cap.
 
-    python scripts/bench/time_to_accuracy.py                 # up to 2 x --cap seconds
-    python scripts/bench/time_to_accuracy.py --quick         # < 1 min; the target is usually not reached
+    python scripts/bench/time_to_accuracy.py                 # up to 3 x --cap seconds
+    python scripts/bench/time_to_accuracy.py --quick         # seconds: one epoch per side on tiny phantoms
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import logging
-import re
-import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import bench_parser, markdown_table, start, synthetic_datalist, workdir, write_json
 from tutorial import tutorial_training_chain  # scripts/bench/tutorial.py
 
-TARGET_LOG = re.compile(r"val Dice (\d+\.\d+)")
+from medunet.training.trainer import EpochRecord
 
 
-class StopRun(Exception):
-    """Raised from the log handler to end medunet's training once the target (or the cap) is reached."""
-
-
-class DiceWatch(logging.Handler):
-    """Watches medunet's per-epoch log lines: records (seconds, Dice) and stops the run at the target or the cap."""
+class DiceWatch:
+    """An epoch callback for medunet's ``train``: records (seconds, mean Dice) per validation; True (stop) at the target or the cap."""
 
     def __init__(self, started: float, target: float, cap: float) -> None:
-        super().__init__()
         self.started, self.target, self.cap = started, target, cap
         self.curve: list[tuple[float, float]] = []
 
-    def emit(self, record: logging.LogRecord) -> None:
-        found = TARGET_LOG.search(record.getMessage())
-        if not found:
-            return
+    def __call__(self, record: EpochRecord) -> bool:
+        if not record.validated:
+            return False
         elapsed = time.perf_counter() - self.started
-        self.curve.append((elapsed, float(found.group(1))))
-        if float(found.group(1)) >= self.target or elapsed > self.cap:
-            raise StopRun
+        dice = float(record.row["val_dice_mean"])
+        self.curve.append((elapsed, dice))
+        return dice >= self.target or elapsed > self.cap
 
 
-def write_task(root: Path, args: argparse.Namespace) -> Path:
-    """The fixed task: phantoms with one organ; the last ``--val`` cases form the datalist's "validation" list."""
-    from medunet.synthetic import write_dataset
-
-    path = write_dataset(root, num_train=args.train + args.val, num_test=0, shape=args.shape, num_classes=2, seed=args.seed)
-    datalist = json.loads(path.read_text())
-    datalist["validation"] = datalist["training"][args.train :]
-    datalist["training"] = datalist["training"][: args.train]
-    path.write_text(json.dumps(datalist, indent=2))
-    return path
+def quick_overrides(args: argparse.Namespace) -> list[str]:
+    """--quick shrinks the patch for both sides (the demo's 48x48x32 costs seconds per step)."""
+    return ["augmentation.patch_size=[32,32,16]"] if args.quick else []
 
 
 def run_medunet(datalist: Path, run_dir: Path, args: argparse.Namespace, amp: str = "auto") -> dict:
@@ -80,19 +67,11 @@ def run_medunet(datalist: Path, run_dir: Path, args: argparse.Namespace, amp: st
     from medunet.training.trainer import train
     from medunet.workflows.demo import DEMO_OVERRIDES
 
-    config = load_config(None, [*DEMO_OVERRIDES, "train.val_every=1", "train.device=cpu", "inference.device=cpu",
-                                f"train.amp={amp}"])
-    log = logging.getLogger("medunet")
-    log.setLevel(logging.INFO)
+    config = load_config(None, [*DEMO_OVERRIDES, *quick_overrides(args), "train.val_every=1", "train.device=cpu",
+                                "inference.device=cpu", f"train.amp={amp}"])
     started = time.perf_counter()
     watch = DiceWatch(started, args.target, args.cap)
-    log.addHandler(watch)
-    try:
-        train(datalist, run_dir, config, progress=False)
-    except StopRun:
-        pass
-    finally:
-        log.removeHandler(watch)
+    train(datalist, run_dir, config, progress=False, callbacks=[watch])
     return {
         "curve": watch.curve,
         "wall_s": time.perf_counter() - started,
@@ -114,13 +93,13 @@ def run_tutorial(datalist: Path, args: argparse.Namespace) -> dict:
     from monai.inferers import sliding_window_inference
     from monai.losses import DiceLoss
     from monai.metrics import DiceMetric
-    from monai.networks.nets import DynUNet
     from monai.transforms import AsDiscrete
 
     from medunet.config import load_config
+    from medunet.model.networks import build_network
     from medunet.workflows.demo import DEMO_OVERRIDES
 
-    config = load_config(None, list(DEMO_OVERRIDES))
+    config = load_config(None, [*DEMO_OVERRIDES, *quick_overrides(args)])
     low, high = config.data.window()
     patch = config.augmentation.patch_size
     train_tf, val_tf = tutorial_training_chain(config.data.target_spacing, (low, high), patch,
@@ -139,18 +118,7 @@ def run_tutorial(datalist: Path, args: argparse.Namespace) -> dict:
         collate_fn=list_data_collate,
     )
     val_loader = DataLoader(Dataset(files(listing["validation"]), val_tf), batch_size=1, num_workers=args.workers)
-    m = config.model
-    model = DynUNet(
-        spatial_dims=3,
-        in_channels=1,
-        out_channels=2,
-        kernel_size=m.level_kernels(),
-        strides=m.level_strides(),
-        upsample_kernel_size=m.level_strides()[1:],
-        filters=list(m.features),
-        norm_name=("instance", {"affine": True}),
-        act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
-    )
+    model = build_network(dataclasses.replace(config.model, deep_supervision=False), in_channels=1, out_channels=2).net
     loss_fn = DiceLoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.Adam(model.parameters(), 1e-4)
     metric = DiceMetric(include_background=False, reduction="mean")
@@ -194,26 +162,23 @@ def reached(curve: list[tuple[float, float]], target: float) -> float | None:
     return next((t for t, d in curve if d >= target), None)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run (4+1 small cases, 15 s cap per side)")
+def main(argv: list[str] | None = None) -> None:
+    parser = bench_parser(__doc__, "2 training + 1 validation phantoms of 32x32x24, one epoch and one validation per side")
     parser.add_argument("--target", type=float, default=0.85, help="validation Dice of the organ to reach")
     parser.add_argument("--cap", type=float, default=300.0, help="seconds per side before giving up")
     parser.add_argument("--train", type=int, default=10, help="training cases")
     parser.add_argument("--val", type=int, default=2, help="validation cases")
     parser.add_argument("--shape", type=int, nargs=3, default=[64, 64, 40], help="volume shape in voxels")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for both sides")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes of the tutorial side")
-    parser.add_argument("--json", type=Path, help="write the results here")
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    if args.quick:
-        args.train, args.val, args.shape, args.cap = 4, 1, [48, 48, 32], 15.0
-    torch.set_num_threads(args.threads)
+    args = parser.parse_args(argv)
+    if args.quick:  # a cap of 0 s: every side stops after its first validation
+        args.train, args.val, args.shape, args.cap, args.workers = 2, 1, [32, 32, 24], 0.0, 0
+    start(args.threads)
     results = {}
-    with tempfile.TemporaryDirectory(prefix="medunet-tta-") as tmp:
-        datalist = write_task(Path(tmp) / "data", args)
+    with workdir("tta") as tmp:
+        datalist = synthetic_datalist(Path(tmp) / "data", cases=args.train, validation=args.val, shape=args.shape,
+                                      spacing=(1.5, 1.5, 2.5), seed=args.seed)
         for name, run in (
             (OURS, lambda: run_medunet(datalist, Path(tmp) / "run", args)),
             (OURS_FP32, lambda: run_medunet(datalist, Path(tmp) / "run-fp32", args, amp="off")),
@@ -236,20 +201,18 @@ def main() -> None:
         ratio = f"> {args.cap / ours:.2f}x faster (the tutorial did not reach {args.target} within {args.cap:.0f} s)"
     else:
         ratio = f"not measured: medunet did not reach {args.target} within {args.cap:.0f} s"
-    lines = ["| pipeline | s to Dice >= target | validations | best Dice | Dice at the end |", "|---|---|---|---|---|"]
+    rows = []
     for name, r in results.items():
         curve = r["curve"]
         at = f"{r['seconds_to_target']:.1f}" if r["seconds_to_target"] else f"not within {args.cap:.0f} s"
-        lines.append(f"| {name} | {at} | {len(curve)} | {max(d for _, d in curve):.3f} | {curve[-1][1]:.3f} |")
+        rows.append([name, at, len(curve), f"{max(d for _, d in curve):.3f}", f"{curve[-1][1]:.3f}"])
+    table = markdown_table(["pipeline", "s to Dice >= target", "validations", "best Dice", "Dice at the end"], rows)
     setup = (
         f"target Dice {args.target} (organ), {args.train} training + {args.val} validation phantoms {tuple(args.shape)}, "
         f"validation after every epoch, cap {args.cap:.0f} s per side, torch threads {args.threads}"
     )
-    print(f"\n{setup}\n\n" + "\n".join(lines) + f"\n\nmedunet vs tutorial: {ratio}")
-    if args.json:
-        args.json.write_text(
-            json.dumps({"setup": setup, "ratio": ratio, "torch": torch.__version__, "results": results}, indent=2)
-        )
+    print(f"\n{setup}\n\n{table}\n\nmedunet vs tutorial: {ratio}")
+    write_json(args.json, {"setup": setup, "ratio": ratio, "torch": torch.__version__, "results": results})
 
 
 if __name__ == "__main__":
