@@ -66,7 +66,7 @@ def main() -> None:
 
     variants = {"none": [], "crf (defaults)": ["postprocessing.crf.enabled=true"]}
     for text in args.variant:
-        variants[f"crf ({text.removeprefix('postprocessing.crf.')})"] = ["postprocessing.crf.enabled=true", *text.split(",")]
+        variants[f"crf ({text.replace('postprocessing.crf.', '')})"] = ["postprocessing.crf.enabled=true", *text.split(",")]
     rows = []
     for label, overrides in variants.items():
         segmenter = Segmenter.from_checkpoint(run, device="cpu", overrides=[*NO_CLEANUP, *overrides])
