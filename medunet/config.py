@@ -360,13 +360,47 @@ class ClassPostprocessing:
 
 
 @dataclass(frozen=True)
+class CrfConfig:
+    """Dense (fully connected) 3D CRF on the softmax probabilities and the image, on the network's grid before inversion (medunet.postprocessing.crf)."""
+
+    enabled: bool = False
+    """Refine the probabilities with mean-field inference of a dense CRF before they are brought back to the input grid. Off by default; `medunet crossval` tries it and keeps it only if it raises the out-of-fold Dice (docs/benchmarks.md has its time and effect)."""
+    iterations: int = 5
+    """Mean-field iterations (each: one Gaussian and one bilateral filtering of the class maps)."""
+    spatial_sigma_mm: float = 3.0
+    """Width (standard deviation, mm) of the smoothness kernel: nearby voxels prefer the same class whatever their intensity."""
+    spatial_weight: float = 1.0
+    """Weight of the smoothness kernel: how far full agreement of the neighbourhood shifts a voxel's log-probabilities."""
+    bilateral_sigma_mm: float = 8.0
+    """Spatial width (standard deviation, mm) of the appearance kernel: voxels this close and of similar intensity prefer the same class."""
+    intensity_sigma: float = 0.1
+    """Intensity width of the appearance kernel, in the network's normalised input units (ct_window: 0..1 over the window, so 0.1 = a tenth of it; z-score: standard deviations)."""
+    bilateral_weight: float = 2.0
+    """Weight of the appearance kernel: how far full agreement of similar-looking neighbours shifts a voxel's log-probabilities."""
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise ConfigError(f"postprocessing.crf.iterations must be >= 1, got {self.iterations}")
+        for name in ("spatial_sigma_mm", "bilateral_sigma_mm", "intensity_sigma"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"postprocessing.crf.{name} must be a finite number > 0, got {value}")
+        for name in ("spatial_weight", "bilateral_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"postprocessing.crf.{name} must be a finite number >= 0, got {value}")
+
+
+@dataclass(frozen=True)
 class PostprocessingConfig:
-    """Post-processing per class, applied on the input grid after inference."""
+    """Post-processing: an optional dense CRF on the probabilities, then clean-up per class on the input grid."""
 
     default: ClassPostprocessing = field(default_factory=ClassPostprocessing)
     """Applied to every foreground class without its own entry."""
     classes: dict[str, ClassPostprocessing] = field(default_factory=dict)
     """Per-class settings keyed by class name or index (e.g. {"liver": {keep_largest: true}})."""
+    crf: CrfConfig = field(default_factory=CrfConfig)
+    """Dense CRF on the softmax probabilities (all classes together), before the per-class clean-up."""
 
 
 @dataclass(frozen=True)

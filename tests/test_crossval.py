@@ -141,8 +141,16 @@ def test_crossval_trains_every_fold_and_predicts_every_case_once_on_its_grid(cro
     with open(root / "oof_eval" / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert sorted({r["case"] for r in rows}) == sorted(cases) and {r["class"] for r in rows} == {"organ", "vessel"}
+    for name, image_path in cases.items():  # the dense CRF's candidate masks: same cases, same grids
+        image, refined = nib.load(image_path), nib.load(root / "oof_crf" / f"{name}.nii.gz")
+        assert refined.shape == image.shape
+        np.testing.assert_allclose(refined.affine, image.affine, atol=1e-5)
     decision = json.loads((root / "postprocessing.json").read_text())
     assert set(decision["postprocessing"]["classes"]) == {"organ", "vessel"}
+    (crf,) = [c for c in decision["candidates"] if c["operation"] == "dense_crf"]
+    assert decision["postprocessing"]["crf"]["enabled"] is crf["chosen"]
+    assert crf["chosen"] is (crf["mean_dice"] > decision["mean_dice_before"] and
+                             all(crf["class_dice"][n] >= decision["dice_before"][n] - 1e-6 for n in decision["dice_before"]))
     assert decision["cases"] == len(cases)
     assert decision["mean_dice_after"] >= decision["mean_dice_before"]
     summary = json.loads((root / "crossval.json").read_text())

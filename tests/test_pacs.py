@@ -327,5 +327,7 @@ def test_dicom_seg_output_needs_dicom_input(model: Path, tmp_path: Path, capsys:
     nib.save(nib.Nifti1Image(image, np.eye(4)), nifti)
     assert main(["infer", "-m", str(model), "-i", str(nifti), "-o", str(tmp_path / "out"), "--output-format", "dicom-seg"]) == 1
     assert "needs a DICOM series input" in capsys.readouterr().err
-    assert main(["infer", "-m", str(model), "-i", str(nifti), "-o", str(tmp_path / "out"), "--output-format", "rtstruct"]) == 2
+    assert main(["infer", "-m", str(model), "-i", str(nifti), "-o", str(tmp_path / "out"), "--output-format", "nifti,rtstruct"]) == 1
+    assert "rtstruct output needs a DICOM series input" in capsys.readouterr().err
+    assert main(["infer", "-m", str(model), "-i", str(nifti), "-o", str(tmp_path / "out"), "--output-format", "rt-struct"]) == 2
     assert not (tmp_path / "out").exists()

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from medunet.config import ClassPostprocessing, PostprocessingConfig
-from medunet.errors import CheckpointError, ConfigError, GeometryError
+from medunet.config import ClassPostprocessing, CrfConfig, PostprocessingConfig
+from medunet.errors import CheckpointError, ConfigError, DataError, GeometryError
 from medunet.evaluation import dice_per_class
 from medunet.io.datalist import Case
 from medunet.postprocessing.operations import postprocess_labels
@@ -117,6 +118,42 @@ def test_an_operation_that_hurts_one_case_more_than_it_helps_another_is_refused(
     p2[ball((34, 34, 16), 4.0)] = 1
     choice = search_postprocessing([case("a", p1, r1), case("b", p2, r2)], {0: "background", 1: "liver"})
     assert not choice.settings["liver"].keep_largest
+
+
+def test_dense_crf_is_kept_only_when_its_out_of_fold_masks_score_better(tmp_path: Path) -> None:
+    """CRF masks that fix a liver rim (and keep the kidney) are kept, the morphology search then runs on them; CRF masks
+    that help the liver but lose kidney voxels are refused; the kept decision switches the CRF on at inference."""
+    plain, better, worse = [], [], []
+    for i, (pred, ref) in enumerate(organ_cases()):
+        ref[ball((30, 30, 10), 4.0)] = 2
+        pred[ball((30, 30, 10), 4.0)] = 2
+        rough = pred.copy()
+        rough[(ref == 1) & ~ball((18 + i, 20, 10), 7.0)] = 0  # the network misses the liver's rim
+        rough[ball((34, 34, 3), 2.5)] = 1  # and adds an island the CRF does not remove
+        plain.append(case(f"c{i}", rough, ref))
+        fixed = pred.copy()
+        fixed[ball((34, 34, 3), 2.5)] = 1
+        better.append(case(f"c{i}", fixed, ref))
+        lossy = fixed.copy()
+        lossy[ball((30, 30, 10), 4.0) & ~ball((30, 30, 10), 3.5)] = 0  # a thin kidney shell lost
+        worse.append(case(f"c{i}", lossy, ref))
+    settings = CrfConfig(spatial_sigma_mm=2.5)
+    kept = search_postprocessing(plain, NAMES, crf_cases=better, crf=settings)
+    assert kept.crf == replace(settings, enabled=True)
+    assert kept.settings["liver"].keep_largest and kept.dice_after["liver"] == pytest.approx(1.0)  # searched on the CRF's masks
+    refused = search_postprocessing(plain, NAMES, crf_cases=worse, crf=settings)
+    assert refused.crf is not None and not refused.crf.enabled
+    (candidate,) = [c for c in refused.candidates if c["operation"] == "dense_crf"]
+    assert not candidate["chosen"] and candidate["mean_dice"] > refused.mean_before  # better on average, but a class dropped
+    assert search_postprocessing(plain, NAMES).crf is None  # not a candidate without CRF masks
+    with pytest.raises(DataError, match="same cases"):
+        search_postprocessing(plain, NAMES, crf_cases=better[:2], crf=settings)
+
+    save_choice(kept, tmp_path / "postprocessing.json")
+    section = validated_postprocessing(tmp_path, list(NAMES.values()), [])
+    assert section is not None and section["crf"]["enabled"] is True and section["crf"]["spatial_sigma_mm"] == 2.5
+    save_choice(refused, tmp_path / "postprocessing.json")
+    assert validated_postprocessing(tmp_path, list(NAMES.values()), [])["crf"]["enabled"] is False
 
 
 def test_thresholds_come_from_the_smallest_reference_component() -> None:

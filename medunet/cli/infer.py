@@ -33,7 +33,8 @@ from medunet.cli.app import EXIT_ERROR, EXIT_PARTIAL, cli, log
 @click.option("--allow-resample", is_flag=True,
               help="DICOM input: interpolate missing/uneven slices and gantry tilt onto a regular grid instead of refusing.")
 @click.option("--output-format", "output_formats", default="nifti", show_default=True, callback=lambda _c, _p, v: _formats(v),
-              help="nifti (<case>.nii.gz), dicom-seg (<case>.seg.dcm, DICOM input only) or both: nifti,dicom-seg.")
+              help="nifti (<case>.nii.gz), dicom-seg (<case>.seg.dcm) and/or rtstruct (<case>.rtstruct.dcm, an RT Structure "
+                   "Set for radiotherapy planning); the DICOM formats need DICOM input. Combine with commas: nifti,dicom-seg,rtstruct.")
 @click.option("--shard", "shard_text", default=None, metavar="K/N",
               help="Segment only share K of N (0-based; cases sorted by name, every N-th from K), for N processes or GPUs "
                    "on one batch. Under torchrun, RANK/WORLD_SIZE choose it. Each share writes inference_report.shard-K-of-N.json (and its own --stats CSV).")
@@ -54,6 +55,7 @@ def infer(ctx: click.Context, model_path: Path, input_path: Path, out_dir: Path,
       medunet infer -m runs/liver -i dataset.json -o preds/ --tta --overwrite
       medunet infer -m runs/liver -i dicom/ct_series/ -o preds/ --series 1.2.840.99.1   # a DICOM series
       medunet infer -m runs/liver -i dicom/ct_series/ -o preds/ --output-format nifti,dicom-seg   # + DICOM SEG
+      medunet infer -m runs/liver -i dicom/ct_series/ -o preds/ --output-format rtstruct   # RT Structure Set
       medunet infer -m runs/liver_cv -i scans/ -o preds/ --folds 0,2   # crossval folder: fold ensemble
       medunet infer -m runs/liver -i scans/ -o preds/ --shard 0/2 --device cuda:0 &   # two GPUs,
       medunet infer -m runs/liver -i scans/ -o preds/ --shard 1/2 --device cuda:1     # half the cases each
@@ -103,10 +105,11 @@ def _fold_list(text: str | None) -> list[int] | None:
 
 
 def _formats(text: str) -> tuple[str, ...]:
-    """``"nifti,dicom-seg"`` -> ("nifti", "dicom-seg"), checked against the known formats."""
+    """``"nifti,rtstruct"`` -> ("nifti", "rtstruct"), checked against the known formats."""
     from medunet.inference.batch import OUTPUT_FORMATS
 
     formats = tuple(dict.fromkeys(part.strip().lower() for part in text.split(",") if part.strip()))
     if not formats or set(formats) - set(OUTPUT_FORMATS):
-        raise click.BadParameter(f"expected {', '.join(OUTPUT_FORMATS)} or both comma-separated, got {text!r}", param_hint="--output-format")
+        raise click.BadParameter(f"expected one or more of {', '.join(OUTPUT_FORMATS)}, comma-separated, got {text!r}",
+                                 param_hint="--output-format")
     return formats

@@ -154,8 +154,8 @@ def segment_all(
     cases = shard.select(cases)
     stats_csv = shard.path(Path(stats_csv)) if stats_csv is not None else None
     targets = {name: out_dir / f"{name}.nii.gz" for name, _ in cases}
-    seg_targets = _check_output_formats(output_formats, cases, out_dir, needs_nifti=preview or stats_csv is not None)
-    per_case = {name: [*([targets[name]] if "nifti" in output_formats else []), *([seg_targets[name]] if name in seg_targets else []),
+    dicom_targets = _check_output_formats(output_formats, cases, out_dir, needs_nifti=preview or stats_csv is not None)
+    per_case = {name: [*([targets[name]] if "nifti" in output_formats else []), *dicom_targets.get(name, {}).values(),
                        *([out_dir / f"{name}_preview.png"] if preview else [])] for name, _ in cases}
     finished = {name for name, paths in per_case.items() if skip_existing and all(p.exists() for p in paths)}
     outputs = [p for name, paths in per_case.items() if name not in finished for p in paths if not p.name.endswith(".png")]
@@ -171,7 +171,7 @@ def segment_all(
     stats_rows: list[dict] = []
 
     def prepare(job: Job) -> None:
-        if job.name in finished or seg_targets:  # DICOM SEG: read, predict and write together in the predict stage
+        if job.name in finished or dicom_targets:  # DICOM SEG / RTSTRUCT: read, predict and write together in the predict stage
             return
         job.prepared = segmenter.prepare(job.inputs, case=job.name, timings=job.timings)
         job.reference = job.prepared.reference  # kept for the writer: the pipeline frees `prepared` after the prediction
@@ -179,11 +179,12 @@ def segment_all(
     def predict(job: Job) -> None:
         if job.name in finished:
             return
-        if seg_targets:  # DICOM SEG (and NIfTI) from one prediction
-            from medunet.inference.dicom_seg import segment_to_seg
+        if dicom_targets:  # DICOM SEG and/or RTSTRUCT (and NIfTI) from one prediction
+            from medunet.inference.dicom_seg import segment_dicom
 
-            nifti = targets[job.name] if "nifti" in output_formats else None
-            segment_to_seg(segmenter, job.inputs[0], seg_targets[job.name], nifti_output=nifti, overwrite=replace, case=job.name)
+            dicom = dicom_targets[job.name]
+            segment_dicom(segmenter, job.inputs[0], seg_output=dicom.get("dicom-seg"), rtstruct_output=dicom.get("rtstruct"),
+                          nifti_output=targets[job.name] if "nifti" in output_formats else None, overwrite=replace, case=job.name)
         else:
             job.labels = segmenter.labels_for(job.prepared, timings=job.timings)
 
@@ -198,7 +199,8 @@ def segment_all(
             from medunet.inference.statistics import case_statistics
 
             stats_rows.extend(case_statistics(targets[name], source, segmenter.class_names, case=name))
-        job.outputs = [str(p) for p in (targets[name] if "nifti" in output_formats else None, seg_targets.get(name)) if p is not None]
+        nifti = [targets[name]] if "nifti" in output_formats else []
+        job.outputs = [str(p) for p in (*nifti, *dicom_targets.get(name, {}).values())]
 
     jobs = [Job(name, list(paths)) for name, paths in cases]
     results: list[CaseResult] = []
@@ -232,13 +234,15 @@ def segment_all(
 
 
 #: Values of ``--output-format`` (comma-separated combinations allowed).
-OUTPUT_FORMATS = ("nifti", "dicom-seg")
+OUTPUT_FORMATS = ("nifti", "dicom-seg", "rtstruct")
+#: File name suffix of each DICOM output format (``<case><suffix>``).
+DICOM_OUTPUT_SUFFIXES = {"dicom-seg": ".seg.dcm", "rtstruct": ".rtstruct.dcm"}
 
 
 def _check_output_formats(
     formats: Sequence[str], cases: Sequence[tuple[str, list]], out_dir: Path, *, needs_nifti: bool
-) -> dict[str, Path]:
-    """Validate the output formats before any work; the ``<case>.seg.dcm`` targets when DICOM SEG is asked for."""
+) -> dict[str, dict[str, Path]]:
+    """Validate the output formats before any work; per case, the DICOM targets by format (``<case>.seg.dcm``, ``<case>.rtstruct.dcm``)."""
     from medunet.errors import ConfigError
     from medunet.io.image import DicomSource
 
@@ -246,16 +250,17 @@ def _check_output_formats(
     if unknown or not formats:
         raise ConfigError(f"output format must be one or more of {', '.join(OUTPUT_FORMATS)} (comma-separated), got {list(formats)}")
     if needs_nifti and "nifti" not in formats:
-        raise ConfigError("--preview and --stats read the NIfTI mask; use --output-format nifti,dicom-seg")
-    if "dicom-seg" not in formats:
+        raise ConfigError("--preview and --stats read the NIfTI mask; add nifti to --output-format (e.g. nifti,dicom-seg)")
+    dicom_formats = [f for f in formats if f in DICOM_OUTPUT_SUFFIXES]
+    if not dicom_formats:
         return {}
     from medunet.io.dicom import is_dicom_folder
 
     for name, paths in cases:
         if not isinstance(paths[0], DicomSource) and not is_dicom_folder(paths[0]):
-            raise DataError("a DICOM SEG output needs a DICOM series input (it references the source slices); "
+            raise DataError(f"a {' / '.join(dicom_formats)} output needs a DICOM series input (it references the source slices); "
                             "this case is not one: use --output-format nifti", case=name, path=str(paths[0]))
-    return {name: out_dir / f"{name}.seg.dcm" for name, _ in cases}
+    return {name: {f: out_dir / f"{name}{DICOM_OUTPUT_SUFFIXES[f]}" for f in dicom_formats} for name, _ in cases}
 
 
 def _write_preview(segmenter: Segmenter, name: str, image_path: Path, mask_path: Path, png: Path) -> None:

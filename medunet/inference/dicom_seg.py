@@ -1,8 +1,9 @@
-"""Segment a DICOM series straight to a DICOM SEG (and, if asked, the same mask as NIfTI).
+"""Segment a DICOM series straight to DICOM outputs: a SEG, an RT Structure Set (and, if asked, the same mask as NIfTI).
 
-The SEG writer itself (:func:`medunet.io.dicom_seg.write_dicom_seg`) knows nothing of models; this
-module runs a :class:`~medunet.inference.segmenter.Segmenter` on the series' own grid and hands
-the mask to it, so one prediction serves both output formats.
+The writers themselves (:func:`medunet.io.dicom_seg.write_dicom_seg`,
+:func:`medunet.io.rtstruct.write_rtstruct`) know nothing of models; this module runs a
+:class:`~medunet.inference.segmenter.Segmenter` on the series' own grid and hands the mask to
+them, so one prediction serves every output format.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from medunet.io.dicom import DicomSeries, read_series
 from medunet.io.dicom_seg import write_dicom_seg
 from medunet.io.image import DicomSource
 from medunet.io.nifti import write_mask
+from medunet.io.rtstruct import write_rtstruct
 
 
 def model_name_of(segmenter: Segmenter) -> str:
@@ -62,25 +64,42 @@ def predict_dicom_seg(
     return mask
 
 
-def segment_to_seg(
+def segment_dicom(
     segmenter: Segmenter,
     source: DicomSource | str | Path,
-    seg_output: str | Path,
     *,
+    seg_output: str | Path | None = None,
+    rtstruct_output: str | Path | None = None,
     nifti_output: str | Path | None = None,
     overwrite: bool = False,
     case: str | None = None,
-) -> None:
-    """Read a DICOM series, segment it once, and write its SEG (and, if asked, the same mask as NIfTI).
+) -> nib.Nifti1Image:
+    """Read a DICOM series, segment it once, and write the asked outputs: SEG, RT Structure Set, NIfTI.
 
-    Used by ``medunet infer --output-format dicom-seg`` (or ``nifti,dicom-seg``). The SEG is written
-    first: if it cannot be (e.g. a resampled series), no NIfTI is left either.
+    Used by ``medunet infer --output-format`` with ``dicom-seg`` and/or ``rtstruct`` (and ``nifti``).
+    The DICOM objects are written first: if one cannot be (e.g. a resampled series), no NIfTI is left.
+    Returns the mask on the series' grid.
     """
-    if nifti_output is not None and Path(nifti_output).exists() and not overwrite:
-        raise OutputExistsError(f"output {nifti_output} already exists; pass --overwrite to replace it")
+    outputs = [Path(p) for p in (seg_output, rtstruct_output, nifti_output) if p is not None]
+    for output in outputs:  # before the (slow) read and prediction
+        if output.exists() and not overwrite:
+            raise OutputExistsError(f"output {output} already exists; pass --overwrite to replace it")
     if not isinstance(source, DicomSource):
         source = DicomSource(Path(source))
     series = read_series(source.folder, series_uid=source.series_uid, allow_resample=source.allow_resample, case=case)
-    mask = predict_dicom_seg(segmenter, series, seg_output, overwrite=overwrite, case=case)
+    if series.resampled and (seg_output is not None or rtstruct_output is not None):
+        raise GeometryError(
+            f"case {case!r}: the series was resampled onto a regular grid, so its voxels no longer match the source slices; "
+            "DICOM SEG and RTSTRUCT outputs need the original slices (write NIfTI only, or fix the series)"
+        )
+    mask = segmenter.predict(series.image, case=case)
+    labels = np.asarray(mask.dataobj)
+    model_name = model_name_of(segmenter)
+    if seg_output is not None:
+        write_dicom_seg(labels, series, segmenter.class_names, seg_output, model_name=model_name, overwrite=overwrite)
+    if rtstruct_output is not None:
+        write_rtstruct(labels, series, segmenter.class_names, rtstruct_output, model_name=model_name, overwrite=overwrite)
     if nifti_output is not None:
-        write_mask(np.asarray(mask.dataobj), series.image, Path(nifti_output), num_classes=segmenter.num_classes, overwrite=overwrite)
+        write_mask(labels, series.image, Path(nifti_output), num_classes=segmenter.num_classes, overwrite=overwrite)
+    return mask
+

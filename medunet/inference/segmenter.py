@@ -37,6 +37,7 @@ from medunet.io.nifti import ImageSource, label_dtype, mask_image, write_mask
 from medunet.model.checkpoint import Checkpoint, fold_checkpoints, load_checkpoint, resolve_checkpoint
 from medunet.model.networks import build_network
 from medunet.model.sliding import inference_dtype, predict_probabilities
+from medunet.postprocessing.crf import dense_crf
 from medunet.postprocessing.operations import postprocess_labels
 from medunet.postprocessing.search import validated_postprocessing
 from medunet.runtime import select_device
@@ -312,6 +313,11 @@ class Segmenter:
             timings["wait_for_model"] = time.perf_counter() - tick
             probs = self.probabilities(torch.as_tensor(pre_image)[None])[0]
         timings["network"] = time.perf_counter() - tick - timings["wait_for_model"]
+        if self.config.postprocessing.crf.enabled:  # on the network's grid, before inversion (medunet.postprocessing.crf)
+            tick = time.perf_counter()
+            probs = dense_crf(probs, torch.as_tensor(pre_image), spacing=spacing_of(np.asarray(pre_image.affine)),
+                              config=self.config.postprocessing.crf)
+            timings["crf"] = time.perf_counter() - tick
         tick = time.perf_counter()
         # Invert either the probabilities (linear; argmax on the input grid) or the hard labels (nearest).
         if self.config.inference.resample_probabilities:

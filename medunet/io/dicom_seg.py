@@ -144,9 +144,31 @@ def voxels_to_frames(labels: np.ndarray, affine: np.ndarray, datasets: Sequence[
     return np.ascontiguousarray(np.transpose(arranged, (2, 1, 0)))  # (column, row, slice) -> (slice, row, column)
 
 
-def _class_names(class_names: Mapping[int, str] | Sequence[str]) -> dict[int, str]:
+def class_name_map(class_names: Mapping[int, str] | Sequence[str]) -> dict[int, str]:
+    """Class names by index, from a list with background first or a mapping."""
     names = dict(class_names) if isinstance(class_names, Mapping) else dict(enumerate(class_names))
     return {int(k): str(v) for k, v in names.items()}
+
+
+def source_frames(labels: np.ndarray, source: DicomSeries, names: Mapping[int, str], *, kind: str = "a DICOM SEG") -> np.ndarray:
+    """``labels`` (on ``source.image``'s grid) checked and rearranged as (slice, row, column) frames of ``source.datasets``.
+
+    Shared by the SEG and RTSTRUCT writers: both describe the mask slice by slice on the source's own images.
+
+    Raises:
+        GeometryError: a resampled series, labels of another shape or grid, or a value that is not a class.
+    """
+    if getattr(source, "resampled", False):
+        raise GeometryError(f"the series was resampled onto a regular grid; {kind} needs labels on its original slices")
+    labels = np.asarray(labels)
+    if labels.shape != tuple(source.image.shape[:3]):
+        raise GeometryError(f"labels have shape {labels.shape} but the source series {tuple(source.image.shape[:3])}")
+    present = set(np.unique(labels).tolist())
+    unknown = sorted(v for v in present if v != 0 and v not in names)
+    if unknown or min(present) < 0:
+        raise GeometryError(f"labels hold values {unknown or sorted(present)[:1]} that are not classes {sorted(names)}")
+    max_class = max((k for k in names if k != 0), default=0)
+    return voxels_to_frames(labels.astype(np.uint16 if max_class > 255 else np.uint8), source.image.affine, source.datasets)
 
 
 def write_dicom_seg(
@@ -186,19 +208,9 @@ def write_dicom_seg(
     output = Path(output)
     if output.exists() and not overwrite:
         raise OutputExistsError(f"output {output} already exists; pass --overwrite to replace it")
-    if getattr(source, "resampled", False):
-        raise GeometryError("the series was resampled onto a regular grid; a DICOM SEG needs labels on its original slices")
-    names = _class_names(class_names)
-    labels = np.asarray(labels)
-    if labels.shape != tuple(source.image.shape[:3]):
-        raise GeometryError(f"labels have shape {labels.shape} but the source series {tuple(source.image.shape[:3])}")
-    present = set(np.unique(labels).tolist())
-    unknown = sorted(v for v in present if v != 0 and v not in names)
-    if unknown or min(present) < 0:
-        raise GeometryError(f"labels hold values {unknown or sorted(present)[:1]} that are not classes {sorted(names)}")
-    foreground = sorted(k for k in names if k != 0)
-    max_class = max(foreground, default=0)
-    frames = voxels_to_frames(labels.astype(np.uint16 if max_class > 255 else np.uint8), source.image.affine, source.datasets)
+    names = class_name_map(class_names)
+    frames = source_frames(labels, source, names)
+    max_class = max((k for k in names if k != 0), default=0)
 
     algorithm = _algorithm(model_name)
     generic = generic_property_codes()
@@ -208,7 +220,7 @@ def write_dicom_seg(
         descriptions.append(
             hd.seg.SegmentDescription(
                 segment_number=number,
-                segment_label=_long_string(names.get(number, f"class {number}")),
+                segment_label=long_string(names.get(number, f"class {number}")),
                 segmented_property_category=category,
                 segmented_property_type=kind,
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
@@ -231,8 +243,8 @@ def write_dicom_seg(
         software_versions=__version__,
         device_serial_number="0",
         content_label="SEGMENTATION",
-        content_description=_long_string(f"medunet {model_name}"),
-        series_description=_long_string(f"medunet segmentation ({model_name})"),
+        content_description=long_string(f"medunet {model_name}"),
+        series_description=long_string(f"medunet segmentation ({model_name})"),
         omit_empty_frames=omit_empty_frames,
     )
     _drop_identifying(seg)
@@ -242,7 +254,7 @@ def write_dicom_seg(
     return output
 
 
-def _long_string(text: str) -> str:
+def long_string(text: str) -> str:
     """``text`` as a valid DICOM LO value: at most 64 characters, no backslash (the value separator) or control characters."""
     cleaned = "".join(" " if ch == "\\" or not ch.isprintable() else ch for ch in str(text))
     return cleaned.strip()[:64]
@@ -262,5 +274,5 @@ def _algorithm(model_name: str):  # noqa: ANN202  (highdicom type, imported lazi
     from pydicom.sr.codedict import codes
 
     return hd.AlgorithmIdentificationSequence(
-        name=_long_string(model_name) or "medunet", version=__version__, family=codes.cid7162.ArtificialIntelligence
+        name=long_string(model_name) or "medunet", version=__version__, family=codes.cid7162.ArtificialIntelligence
     )

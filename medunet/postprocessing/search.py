@@ -1,6 +1,13 @@
 """Choose post-processing per class from out-of-fold predictions, keeping only what validation proves.
 
-For each foreground class, three operations of :mod:`medunet.postprocessing` are tried on
+First, when out-of-fold predictions refined by the dense CRF (:mod:`medunet.postprocessing.crf`)
+are given, the CRF is tried for all classes at once: it acts on the probabilities before they
+are inverted to the input grid, so it cannot be replayed on saved label maps; instead the
+cross-validation predicts every out-of-fold case twice (``oof/`` without, ``oof_crf/`` with the
+CRF, same network), and the search compares the two label maps. If the CRF is kept, the per-class
+search below runs on the CRF-refined predictions.
+
+Then, for each foreground class, three operations of :mod:`medunet.postprocessing` are tried on
 the out-of-fold predictions of a cross-validation, one at a time on top of what that class
 already kept:
 
@@ -24,7 +31,7 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +39,7 @@ import cc3d
 import numpy as np
 
 from medunet import __version__
-from medunet.config import ClassPostprocessing, PostprocessingConfig, config_from_dict, config_to_dict
+from medunet.config import ClassPostprocessing, CrfConfig, PostprocessingConfig, config_from_dict, config_to_dict
 from medunet.errors import CheckpointError, ConfigError, DataError, GeometryError
 from medunet.io.atomic import atomic_write_text
 from medunet.io.datalist import Case
@@ -52,8 +59,8 @@ THRESHOLD_FRACTIONS = (0.1, 0.25, 0.5)
 TOLERANCE = 1e-6
 
 RULE = (
-    "per class and operation (keep largest component, remove small components, fill holes): kept when it raises the "
-    "mean foreground Dice of the out-of-fold predictions and lowers no class's mean Dice"
+    "the dense CRF (all classes), then per class and operation (keep largest component, remove small components, fill holes): "
+    "kept when it raises the mean foreground Dice of the out-of-fold predictions and lowers no class's mean Dice"
 )
 
 
@@ -76,6 +83,8 @@ class PostprocessingChoice:
     dice_after: dict[str, float]
     candidates: list[dict[str, Any]] = field(default_factory=list)
     num_cases: int = 0
+    crf: CrfConfig | None = None
+    """The dense CRF settings tried (``enabled`` true when kept); None when it was not a candidate."""
 
     @property
     def mean_before(self) -> float:
@@ -88,11 +97,12 @@ class PostprocessingChoice:
         return float(np.mean(list(self.dice_after.values())))
 
     def describe(self) -> str:
-        """One line per class: what was chosen and its Dice before -> after."""
-        return "\n".join(
+        """One line per class: what was chosen and its Dice before -> after (and whether the dense CRF was kept)."""
+        lines = [] if self.crf is None else [f"  dense CRF (all classes): {'kept' if self.crf.enabled else 'not kept'}"]
+        return "\n".join(lines + [
             f"  {name}: {describe_settings(s)} (Dice {self.dice_before[name]:.4f} -> {self.dice_after[name]:.4f})"
             for name, s in self.settings.items()
-        )
+        ])
 
     def to_json(self) -> dict[str, Any]:
         """The plain-JSON form saved as ``postprocessing.json``."""
@@ -101,7 +111,10 @@ class PostprocessingChoice:
             "medunet_version": __version__,
             "rule": RULE,
             "cases": self.num_cases,
-            "postprocessing": {"classes": {n: _searched_fields(s) for n, s in self.settings.items()}},
+            "postprocessing": {
+                "classes": {n: _searched_fields(s) for n, s in self.settings.items()},
+                **({"crf": asdict(self.crf)} if self.crf is not None else {}),
+            },
             "dice_before": self.dice_before,
             "dice_after": self.dice_after,
             "mean_dice_before": self.mean_before,
@@ -216,15 +229,38 @@ def _score(
     return np.mean(per_case, axis=0)
 
 
-def search_postprocessing(cases: Sequence[SearchCase], class_names: Mapping[int, str]) -> PostprocessingChoice:
-    """Decide per class which clean-up operations the out-of-fold predictions support (see the module docstring).
+def _try_crf(
+    cases: Sequence[SearchCase], crf_cases: Sequence[SearchCase], crf: CrfConfig, names: Mapping[int, str], current: np.ndarray
+) -> tuple[CrfConfig, np.ndarray, dict[str, Any]]:
+    """The dense CRF as a candidate: (its settings, enabled when kept; its class Dice; the candidate's record)."""
+    if [c.name for c in crf_cases] != [c.name for c in cases]:
+        raise DataError("the CRF-refined out-of-fold predictions are not the same cases as the plain ones; re-run the cross-validation")
+    foreground = [k for k in names if k > 0]
+    dice = _score(crf_cases, {k: ClassPostprocessing() for k in foreground}, names)
+    keep = bool(dice.mean() > current.mean() + TOLERANCE and np.all(dice >= current - TOLERANCE))
+    record = {"class": "*", "operation": "dense_crf", "settings": asdict(replace(crf, enabled=True)), "mean_dice": float(dice.mean()),
+              "class_dice": {names[j]: float(d) for j, d in zip(foreground, dice)}, "chosen": keep}
+    return replace(crf, enabled=keep), dice, record
+
+
+def search_postprocessing(
+    cases: Sequence[SearchCase],
+    class_names: Mapping[int, str],
+    *,
+    crf_cases: Sequence[SearchCase] | None = None,
+    crf: CrfConfig | None = None,
+) -> PostprocessingChoice:
+    """Decide whether the dense CRF and which per-class clean-up operations the out-of-fold predictions support.
 
     Args:
         cases: predictions and references (e.g. from :func:`load_search_cases`).
         class_names: index -> name, background (0) included.
+        crf_cases: the same cases predicted with the dense CRF ``crf`` (same names and references);
+            None: the CRF is not a candidate.
+        crf: the CRF settings that produced ``crf_cases``.
 
     Raises:
-        DataError: no cases.
+        DataError: no cases, or ``crf_cases`` that are not the same cases.
     """
     if not cases:
         raise DataError("post-processing search needs at least one case with a prediction and a reference")
@@ -234,6 +270,12 @@ def search_postprocessing(cases: Sequence[SearchCase], class_names: Mapping[int,
     before = _score(cases, settings, names)
     current = before
     candidates: list[dict[str, Any]] = []
+    tried_crf: CrfConfig | None = None
+    if crf_cases is not None:
+        tried_crf, crf_dice, candidate = _try_crf(cases, crf_cases, crf or CrfConfig(), names, current)
+        candidates.append(candidate)
+        if tried_crf.enabled:
+            cases, current = crf_cases, crf_dice
 
     def record(k: int, operation: str, trial: ClassPostprocessing, dice: np.ndarray, chosen: bool) -> None:
         candidates.append({
@@ -270,6 +312,7 @@ def search_postprocessing(cases: Sequence[SearchCase], class_names: Mapping[int,
         dice_after={names[k]: float(d) for k, d in zip(foreground, current)},
         candidates=candidates,
         num_cases=len(cases),
+        crf=tried_crf,
     )
 
 
@@ -312,6 +355,7 @@ def validated_postprocessing(run_dir: Path, class_names: Sequence[str], override
         return None
     section = load_choice(path, class_names)
     config = config_from_dict({"postprocessing": section}).postprocessing
-    applied = "; ".join(f"{n}: {describe_settings(s)}" for n, s in config.classes.items()) or "none"
+    applied = "; ".join([*(["dense CRF"] if config.crf.enabled else []),
+                         *(f"{n}: {describe_settings(s)}" for n, s in config.classes.items())]) or "none"
     log.info("post-processing chosen by cross-validation (%s): %s", path, applied)
     return config_to_dict(config)

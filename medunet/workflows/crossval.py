@@ -7,6 +7,7 @@ One call, :func:`run_crossval`, fills a cross-validation folder::
       splits.json          the folds (see medunet.training.splits)
       fold_0/ ... fold_k/  one ordinary run folder per fold (best.pt, last.pt, metrics.csv, ...)
       oof/                 <case>.nii.gz: each training case predicted once, by the fold that validated it, on its own grid
+      oof_crf/             the same predictions refined by the dense CRF (postprocessing.crf settings): its candidate in the search
       oof_eval/            metrics.csv, summary.json, report.html of the out-of-fold predictions
       postprocessing.json  the post-processing the out-of-fold predictions support (applied by `medunet infer -m runs/x`)
       crossval.json        per-fold best validation Dice, out-of-fold Dice before/after post-processing
@@ -14,14 +15,17 @@ One call, :func:`run_crossval`, fills a cross-validation folder::
 Restarting the same command skips finished folds, resumes an interrupted one from its
 ``last.pt`` and redoes the prediction, evaluation and search (they are cheap next to training).
 The out-of-fold masks are predicted without any post-processing so the search starts from
-the network's own output.
+the network's own output. The dense CRF works on probabilities before their inversion to the
+input grid, so it cannot be replayed on saved masks: each case is also predicted with it
+(``oof_crf/``; read, preprocessed and predicted again) and the search keeps it only
+if those masks score better.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +46,7 @@ from medunet.training.splits import Fold, datalist_folds, fold_dir
 log = logging.getLogger("medunet")
 
 #: Overrides that switch every post-processing step off (out-of-fold masks are the raw network output).
-NO_POSTPROCESSING = ("postprocessing.default={}", "postprocessing.classes={}")
+NO_POSTPROCESSING = ("postprocessing.default={}", "postprocessing.classes={}", "postprocessing.crf.enabled=false")
 
 
 @dataclass
@@ -91,22 +95,27 @@ def train_folds(datalist_path: Path, root: Path, config: Config, folds: list[Fol
     return best
 
 
-def predict_out_of_fold(root: Path, folds: list[Fold], cases: dict[str, Case], *, device: str, progress: bool) -> Path:
-    """Predict each fold's validation cases with that fold's model into ``root/oof/<case>.nii.gz`` (input grid, no post-processing)."""
+def predict_out_of_fold(root: Path, folds: list[Fold], cases: dict[str, Case], *, device: str, progress: bool) -> tuple[Path, Path]:
+    """Predict each fold's validation cases with that fold's model, on their input grids, into ``root/oof/<case>.nii.gz``
+    (no post-processing) and ``root/oof_crf/<case>.nii.gz`` (only the dense CRF, with the run's ``postprocessing.crf`` settings)."""
     from tqdm.auto import tqdm
 
     from medunet.inference.segmenter import Segmenter
 
-    oof_dir = root / "oof"
-    oof_dir.mkdir(parents=True, exist_ok=True)
+    oof_dir, crf_dir = root / "oof", root / "oof_crf"
     total = sum(len(f.val) for f in folds)
     with tqdm(total=total, desc="out-of-fold", unit="case", disable=not progress) as bar:
         for fold in folds:
-            segmenter = Segmenter.from_checkpoint(fold_dir(root, fold.index), device=device, overrides=NO_POSTPROCESSING)
+            plain = Segmenter.from_checkpoint(fold_dir(root, fold.index), device=device, overrides=NO_POSTPROCESSING)
+            post = plain.config.postprocessing
+            with_crf = replace(plain.config, postprocessing=replace(post, crf=replace(post.crf, enabled=True)))
+            refined = Segmenter(plain.models, with_crf, class_names=plain.class_names, in_channels=plain.in_channels,
+                                device=plain.device, source=plain.source)
             for name in fold.val:
-                segmenter.predict_file(list(cases[name].image), oof_dir / f"{name}.nii.gz", overwrite=True, case=name)
+                for segmenter, folder in ((plain, oof_dir), (refined, crf_dir)):  # each inverts with its own preprocessing chain
+                    segmenter.predict_file(list(cases[name].image), folder / f"{name}.nii.gz", overwrite=True, case=name)
                 bar.update()
-    return oof_dir
+    return oof_dir, crf_dir
 
 
 def run_crossval(
@@ -147,13 +156,14 @@ def run_crossval(
     cases = {c.name: c for c in datalist.training}
     oof_cases = [cases[n] for f in fold_list for n in f.val]
     log.info("predicting %d out-of-fold cases on their original grids", len(oof_cases))
-    oof_dir = predict_out_of_fold(root, fold_list, cases, device=device, progress=progress)
+    oof_dir, crf_dir = predict_out_of_fold(root, fold_list, cases, device=device, progress=progress)
     labels = resolve_labels(datalist, config)
     evaluation = evaluate(oof_dir, oof_cases, labels, root / "oof_eval",
                           nsd_tolerance_mm=config.evaluation.nsd_tolerance_mm, progress=progress)
 
     log.info("choosing post-processing on the out-of-fold predictions")
-    choice = search_postprocessing(load_search_cases(oof_dir, oof_cases), labels)
+    choice = search_postprocessing(load_search_cases(oof_dir, oof_cases), labels,
+                                   crf_cases=load_search_cases(crf_dir, oof_cases), crf=config.postprocessing.crf)
     save_choice(choice, root / POSTPROCESSING_FILE)
     summary = {
         "medunet_version": __version__,
@@ -163,6 +173,7 @@ def run_crossval(
         "oof_mean_dice": evaluation.summary.get("mean_dice"),
         "oof_dice": {n: evaluation.summary[n]["dice"]["mean"] for n in choice.dice_before},
         "postprocessing": {n: s for n, s in choice.to_json()["postprocessing"]["classes"].items()},
+        "dense_crf_kept": bool(choice.crf is not None and choice.crf.enabled),
         "oof_dice_postprocessed": choice.dice_after,
     }
     atomic_write_text(root / "crossval.json", json.dumps(summary, indent=2) + "\n")
