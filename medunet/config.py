@@ -377,6 +377,8 @@ class CrfConfig:
     """Intensity width of the appearance kernel, in the network's normalised input units (ct_window: 0..1 over the window, so 0.1 = a tenth of it; z-score: standard deviations)."""
     bilateral_weight: float = 2.0
     """Weight of the appearance kernel: how far full agreement of similar-looking neighbours shifts a voxel's log-probabilities."""
+    search: bool = True
+    """Let `medunet crossval` try the CRF as a post-processing candidate. It predicts every out-of-fold case a second time and the CRF's time grows with the network-grid volume (about 1 s for 60k voxels, minutes for a full CT on a CPU: docs/benchmarks.md), so turn it off for large volumes without a GPU."""
 
     def __post_init__(self) -> None:
         if self.iterations < 1:

@@ -95,9 +95,12 @@ def train_folds(datalist_path: Path, root: Path, config: Config, folds: list[Fol
     return best
 
 
-def predict_out_of_fold(root: Path, folds: list[Fold], cases: dict[str, Case], *, device: str, progress: bool) -> tuple[Path, Path]:
+def predict_out_of_fold(
+    root: Path, folds: list[Fold], cases: dict[str, Case], *, device: str, progress: bool, try_crf: bool = True
+) -> tuple[Path, Path | None]:
     """Predict each fold's validation cases with that fold's model, on their input grids, into ``root/oof/<case>.nii.gz``
-    (no post-processing) and ``root/oof_crf/<case>.nii.gz`` (only the dense CRF, with the run's ``postprocessing.crf`` settings)."""
+    (no post-processing) and, with ``try_crf``, ``root/oof_crf/<case>.nii.gz`` (only the dense CRF, with the run's
+    ``postprocessing.crf`` settings; None is returned for it otherwise)."""
     from tqdm.auto import tqdm
 
     from medunet.inference.segmenter import Segmenter
@@ -111,11 +114,12 @@ def predict_out_of_fold(root: Path, folds: list[Fold], cases: dict[str, Case], *
             with_crf = replace(plain.config, postprocessing=replace(post, crf=replace(post.crf, enabled=True)))
             refined = Segmenter(plain.models, with_crf, class_names=plain.class_names, in_channels=plain.in_channels,
                                 device=plain.device, source=plain.source)
+            runs = ((plain, oof_dir), (refined, crf_dir)) if try_crf else ((plain, oof_dir),)
             for name in fold.val:
-                for segmenter, folder in ((plain, oof_dir), (refined, crf_dir)):  # each inverts with its own preprocessing chain
+                for segmenter, folder in runs:  # each inverts with its own preprocessing chain
                     segmenter.predict_file(list(cases[name].image), folder / f"{name}.nii.gz", overwrite=True, case=name)
                 bar.update()
-    return oof_dir, crf_dir
+    return oof_dir, crf_dir if try_crf else None
 
 
 def run_crossval(
@@ -156,14 +160,15 @@ def run_crossval(
     cases = {c.name: c for c in datalist.training}
     oof_cases = [cases[n] for f in fold_list for n in f.val]
     log.info("predicting %d out-of-fold cases on their original grids", len(oof_cases))
-    oof_dir, crf_dir = predict_out_of_fold(root, fold_list, cases, device=device, progress=progress)
+    oof_dir, crf_dir = predict_out_of_fold(root, fold_list, cases, device=device, progress=progress,
+                                           try_crf=config.postprocessing.crf.search)
     labels = resolve_labels(datalist, config)
     evaluation = evaluate(oof_dir, oof_cases, labels, root / "oof_eval",
                           nsd_tolerance_mm=config.evaluation.nsd_tolerance_mm, progress=progress)
 
     log.info("choosing post-processing on the out-of-fold predictions")
     choice = search_postprocessing(load_search_cases(oof_dir, oof_cases), labels,
-                                   crf_cases=load_search_cases(crf_dir, oof_cases), crf=config.postprocessing.crf)
+                                   crf_cases=load_search_cases(crf_dir, oof_cases) if crf_dir else None, crf=config.postprocessing.crf)
     save_choice(choice, root / POSTPROCESSING_FILE)
     summary = {
         "medunet_version": __version__,
