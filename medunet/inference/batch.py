@@ -119,6 +119,167 @@ def _dicom_cases(source: Path, *, series_uid: str | None, allow_resample: bool) 
     return [(n, [DicomSource(f, series_uid=series_uid, allow_resample=allow_resample)]) for n, f in zip(names, folders)]
 
 
+@dataclass(frozen=True)
+class BatchOptions:
+    """How :func:`segment_all` writes a batch (the ``medunet infer`` flags)."""
+
+    overwrite: bool = False
+    """Replace existing outputs."""
+    preview: bool = False
+    """Also write ``<case>_preview.png`` overlays."""
+    progress: bool = True
+    """Show a progress bar."""
+    stats_csv: Path | None = None
+    """Also write volume and intensity per case and class to this CSV (:mod:`medunet.inference.statistics`)."""
+    output_formats: tuple[str, ...] = ("nifti",)
+    """Values of :data:`OUTPUT_FORMATS`."""
+    shard: Shard = Shard(0, 1)
+    """This process's share of the cases (see :class:`Shard`)."""
+    skip_existing: bool = False
+    """Resume an interrupted run: cases whose outputs all exist are reported as skipped."""
+    overlap_io: bool = True
+    """Read ahead and write behind the network in background threads (:mod:`medunet.inference.pipeline`)."""
+
+    @property
+    def replace(self) -> bool:
+        """Whether existing files may be replaced (with skip_existing, what exists for an unfinished case is an interrupted run's)."""
+        return self.overwrite or self.skip_existing
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Where every case of this process's share goes, decided (and checked) before any work."""
+
+    out_dir: Path
+    cases: list[tuple[str, list[Path]]]
+    targets: dict[str, Path]
+    """NIfTI mask per case."""
+    seg_targets: dict[str, Path]
+    """DICOM SEG per case, when that format is asked for."""
+    finished: set[str]
+    """Cases whose outputs all exist (skipped with ``skip_existing``)."""
+    stats_csv: Path | None
+    report: Path
+
+
+def plan_batch(cases: Sequence[tuple[str, list[Path]]], out_dir: str | Path, options: BatchOptions) -> BatchPlan:
+    """This shard's cases and their outputs; refuses existing outputs unless told to replace or skip them.
+
+    Raises:
+        OutputExistsError: some outputs exist and neither ``overwrite`` nor ``skip_existing`` is set.
+        ConfigError, DataError: unknown output formats, or DICOM SEG asked for a non-DICOM input.
+    """
+    out_dir, shard = Path(out_dir), options.shard
+    mine = shard.select(cases)
+    stats_csv = shard.path(Path(options.stats_csv)) if options.stats_csv is not None else None
+    formats = options.output_formats
+    targets = {name: out_dir / f"{name}.nii.gz" for name, _ in mine}
+    seg_targets = _check_output_formats(formats, mine, out_dir, needs_nifti=options.preview or stats_csv is not None)
+    per_case = {name: [*([targets[name]] if "nifti" in formats else []), *([seg_targets[name]] if name in seg_targets else []),
+                       *([out_dir / f"{name}_preview.png"] if options.preview else [])] for name, _ in mine}
+    finished = {name for name, paths in per_case.items() if options.skip_existing and all(p.exists() for p in paths)}
+    outputs = [p for name, paths in per_case.items() if name not in finished for p in paths if not p.name.endswith(".png")]
+    outputs += [stats_csv] if stats_csv is not None and not options.skip_existing else []
+    existing = [str(p) for p in outputs if p.exists()]
+    if existing and not options.replace:
+        raise OutputExistsError(
+            f"{len(existing)} output(s) already exist in {out_dir} (e.g. {Path(existing[0]).name}); "
+            "pass --overwrite to replace them, or --skip-existing to keep finished cases and do the rest"
+        )
+    return BatchPlan(out_dir, mine, targets, seg_targets, finished, stats_csv, shard.path(out_dir / "inference_report.json"))
+
+
+class _BatchStages:
+    """The three pipeline stages of one batch (:func:`medunet.inference.pipeline.run_jobs`), sharing its plan."""
+
+    def __init__(self, segmenter: Segmenter, plan: BatchPlan, options: BatchOptions) -> None:
+        self.segmenter, self.plan, self.options = segmenter, plan, options
+        self.stats_rows: list[dict] = []
+
+    def prepare(self, job: Job) -> None:
+        if job.name in self.plan.finished or self.plan.seg_targets:  # DICOM SEG: read, predict and write together in predict
+            return
+        job.prepared = self.segmenter.prepare(job.inputs, case=job.name, timings=job.timings)
+        job.reference = job.prepared.reference  # kept for the writer: the pipeline frees `prepared` after the prediction
+
+    def predict(self, job: Job) -> None:
+        plan = self.plan
+        if job.name in plan.finished:
+            return
+        if plan.seg_targets:  # DICOM SEG (and NIfTI) from one prediction
+            from medunet.inference.dicom_seg import segment_to_seg
+
+            nifti = plan.targets[job.name] if "nifti" in self.options.output_formats else None
+            segment_to_seg(self.segmenter, job.inputs[0], plan.seg_targets[job.name], nifti_output=nifti,
+                           overwrite=self.options.replace, case=job.name)
+        else:
+            job.labels = self.segmenter.labels_for(job.prepared, timings=job.timings)
+
+    def write(self, job: Job) -> None:
+        plan, options, segmenter = self.plan, self.options, self.segmenter
+        name, source, target = job.name, job.inputs[0], plan.targets[job.name]
+        if job.labels is not None:
+            write_mask(job.labels, job.reference, target, num_classes=segmenter.num_classes, overwrite=options.replace)
+            job.labels = job.reference = None  # a DICOM reference holds its voxels: keep memory flat over long batches
+        if options.preview and name not in plan.finished:
+            _write_preview(segmenter, name, source, target, plan.out_dir / f"{name}_preview.png")
+        if plan.stats_csv is not None:
+            from medunet.inference.statistics import case_statistics
+
+            self.stats_rows.extend(case_statistics(target, source, segmenter.class_names, case=name))
+        nifti = target if "nifti" in options.output_formats else None
+        job.outputs = [str(p) for p in (nifti, plan.seg_targets.get(name)) if p is not None]
+
+
+@dataclass
+class BatchOutcome:
+    """What running a plan gave: one result per case, with its status and seconds."""
+
+    results: list[CaseResult]
+    status: dict[str, str]
+    seconds: dict[str, float]
+    stats_rows: list[dict]
+
+
+def run_batch(segmenter: Segmenter, plan: BatchPlan, options: BatchOptions) -> BatchOutcome:
+    """Segment the plan's cases through the overlapped pipeline; a failing case is logged and the others go on."""
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    stages = _BatchStages(segmenter, plan, options)
+    jobs = [Job(name, list(paths)) for name, paths in plan.cases]
+    outcome = BatchOutcome([], {}, {}, stages.stats_rows)
+    with tqdm(total=len(jobs), desc="segmenting", unit="case", disable=not options.progress) as bar:
+        for job in run_jobs(jobs, stages.prepare, stages.predict, stages.write, overlap=options.overlap_io):
+            skipped = job.name in plan.finished
+            if job.error is not None:
+                outcome.results.append(CaseResult(job.name, str(job.inputs[0]), None, job.error))
+                log.error("error: %s", job.error)
+            else:
+                outcome.results.append(CaseResult(job.name, str(job.inputs[0]), job.outputs[0]))
+                log.info("%s -> %s%s", job.name, ", ".join(job.outputs), " (finished before: skipped)" if skipped else "")
+            outcome.status[job.name] = "failed" if job.error else "skipped" if skipped else "done"
+            outcome.seconds[job.name] = round(job.seconds, 3)
+            bar.update()
+    return outcome
+
+
+def write_batch_report(segmenter: Segmenter, plan: BatchPlan, options: BatchOptions, outcome: BatchOutcome) -> None:
+    """``inference_report.json`` (versions, model, per-case status and timing) and, if asked, the statistics CSV."""
+    shard = options.shard
+    report = {
+        "medunet_version": __version__,
+        "model": segmenter.source,
+        "device": str(segmenter.device),
+        "classes": segmenter.class_names,
+        "shard": {"index": shard.index, "count": shard.count},
+        "cases": [{**asdict(r), "status": outcome.status[r.case], "seconds": outcome.seconds[r.case]} for r in outcome.results],
+    }
+    atomic_write_text(plan.report, json.dumps(report, indent=2))
+    if plan.stats_csv is not None:
+        from medunet.inference.statistics import write_statistics_csv
+
+        write_statistics_csv(outcome.stats_rows, plan.stats_csv)
+
+
 def segment_all(
     segmenter: Segmenter,
     cases: Sequence[tuple[str, list[Path]]],
@@ -135,100 +296,23 @@ def segment_all(
 ) -> list[CaseResult]:
     """Segment every case into ``out_dir/<case>.nii.gz``; a failing case is reported and skipped.
 
+    Plan (outputs chosen and checked before any work), run, report: see :func:`plan_batch`,
+    :func:`run_batch`, :func:`write_batch_report`, and :class:`BatchOptions` for the options.
     Writes ``out_dir/inference_report.json`` (versions, model, per-case status and timing) and, with
-    ``stats_csv``, volume and intensity per case and class there (:mod:`medunet.inference.statistics`).
-
-    Args:
-        shard: segment only this process's share of the cases (see :class:`Shard`); the report (and the
-            statistics CSV) then get a ``.shard-K-of-N`` suffix, so parallel processes never write one file.
-        skip_existing: resume an interrupted run: cases whose outputs all exist are reported as skipped
-            (their statistics are still computed); the leftovers of unfinished cases are replaced.
-        overlap_io: read + preprocess the next case and write the previous one in background threads
-            while the network runs (:mod:`medunet.inference.pipeline`); False runs the stages in turn.
+    ``stats_csv``, volume and intensity per case and class there. With a ``shard`` the report (and the
+    statistics CSV) get a ``.shard-K-of-N`` suffix, so parallel processes never write one file.
 
     Raises:
         OutputExistsError: some outputs exist and neither ``overwrite`` nor ``skip_existing`` is set (checked before any work).
     """
-    out_dir = Path(out_dir)
-    shard = shard or Shard(0, 1)
-    cases = shard.select(cases)
-    stats_csv = shard.path(Path(stats_csv)) if stats_csv is not None else None
-    targets = {name: out_dir / f"{name}.nii.gz" for name, _ in cases}
-    seg_targets = _check_output_formats(output_formats, cases, out_dir, needs_nifti=preview or stats_csv is not None)
-    per_case = {name: [*([targets[name]] if "nifti" in output_formats else []), *([seg_targets[name]] if name in seg_targets else []),
-                       *([out_dir / f"{name}_preview.png"] if preview else [])] for name, _ in cases}
-    finished = {name for name, paths in per_case.items() if skip_existing and all(p.exists() for p in paths)}
-    outputs = [p for name, paths in per_case.items() if name not in finished for p in paths if not p.name.endswith(".png")]
-    outputs += [Path(stats_csv)] if stats_csv is not None and not skip_existing else []
-    existing = [str(p) for p in outputs if p.exists()]
-    if existing and not (overwrite or skip_existing):
-        raise OutputExistsError(
-            f"{len(existing)} output(s) already exist in {out_dir} (e.g. {Path(existing[0]).name}); "
-            "pass --overwrite to replace them, or --skip-existing to keep finished cases and do the rest"
-        )
-    replace = overwrite or skip_existing  # with skip_existing, what exists for an unfinished case is an interrupted run's
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stats_rows: list[dict] = []
-
-    def prepare(job: Job) -> None:
-        if job.name in finished or seg_targets:  # DICOM SEG: read, predict and write together in the predict stage
-            return
-        job.prepared = segmenter.prepare(job.inputs, case=job.name, timings=job.timings)
-        job.reference = job.prepared.reference  # kept for the writer: the pipeline frees `prepared` after the prediction
-
-    def predict(job: Job) -> None:
-        if job.name in finished:
-            return
-        if seg_targets:  # DICOM SEG (and NIfTI) from one prediction
-            from medunet.inference.dicom_seg import segment_to_seg
-
-            nifti = targets[job.name] if "nifti" in output_formats else None
-            segment_to_seg(segmenter, job.inputs[0], seg_targets[job.name], nifti_output=nifti, overwrite=replace, case=job.name)
-        else:
-            job.labels = segmenter.labels_for(job.prepared, timings=job.timings)
-
-    def write(job: Job) -> None:
-        name, source = job.name, job.inputs[0]
-        if job.labels is not None:
-            write_mask(job.labels, job.reference, targets[name], num_classes=segmenter.num_classes, overwrite=replace)
-            job.labels = job.reference = None  # a DICOM reference holds its voxels: keep memory flat over long batches
-        if preview and name not in finished:
-            _write_preview(segmenter, name, source, targets[name], out_dir / f"{name}_preview.png")
-        if stats_csv is not None:
-            from medunet.inference.statistics import case_statistics
-
-            stats_rows.extend(case_statistics(targets[name], source, segmenter.class_names, case=name))
-        job.outputs = [str(p) for p in (targets[name] if "nifti" in output_formats else None, seg_targets.get(name)) if p is not None]
-
-    jobs = [Job(name, list(paths)) for name, paths in cases]
-    results: list[CaseResult] = []
-    timings: dict[str, float] = {}
-    status: dict[str, str] = {}
-    with tqdm(total=len(jobs), desc="segmenting", unit="case", disable=not progress) as bar:
-        for job in run_jobs(jobs, prepare, predict, write, overlap=overlap_io):
-            if job.error is not None:
-                results.append(CaseResult(job.name, str(job.inputs[0]), None, job.error))
-                log.error("error: %s", job.error)
-            else:
-                results.append(CaseResult(job.name, str(job.inputs[0]), job.outputs[0]))
-                log.info("%s -> %s%s", job.name, ", ".join(job.outputs), " (finished before: skipped)" if job.name in finished else "")
-            status[job.name] = "failed" if job.error else "skipped" if job.name in finished else "done"
-            timings[job.name] = round(job.seconds, 3)
-            bar.update()
-    report = {
-        "medunet_version": __version__,
-        "model": segmenter.source,
-        "device": str(segmenter.device),
-        "classes": segmenter.class_names,
-        "shard": {"index": shard.index, "count": shard.count},
-        "cases": [{**asdict(r), "status": status[r.case], "seconds": timings[r.case]} for r in results],
-    }
-    atomic_write_text(shard.path(out_dir / "inference_report.json"), json.dumps(report, indent=2))
-    if stats_csv is not None:
-        from medunet.inference.statistics import write_statistics_csv
-
-        write_statistics_csv(stats_rows, Path(stats_csv))
-    return results
+    options = BatchOptions(
+        overwrite=overwrite, preview=preview, progress=progress, stats_csv=Path(stats_csv) if stats_csv is not None else None,
+        output_formats=tuple(output_formats), shard=shard or Shard(0, 1), skip_existing=skip_existing, overlap_io=overlap_io,
+    )
+    plan = plan_batch(cases, out_dir, options)
+    outcome = run_batch(segmenter, plan, options)
+    write_batch_report(segmenter, plan, options, outcome)
+    return outcome.results
 
 
 #: Values of ``--output-format`` (comma-separated combinations allowed).
