@@ -9,7 +9,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -20,7 +20,7 @@ from medunet.inference.segmenter import CaseResult, Segmenter
 from medunet.io.atomic import atomic_write_text
 from medunet.io.datalist import NIFTI_SUFFIXES, load_datalist, unique_case_names
 from medunet.io.image import DicomSource
-from medunet.io.nifti import write_mask
+from medunet.io.nifti import write_float_map, write_mask
 
 log = logging.getLogger("medunet")
 
@@ -139,6 +139,8 @@ class BatchOptions:
     """Resume an interrupted run: cases whose outputs all exist are reported as skipped."""
     overlap_io: bool = True
     """Read ahead and write behind the network in background threads (:mod:`medunet.inference.pipeline`)."""
+    uncertainty_map: bool = False
+    """Also write ``<case>_uncertainty.nii.gz``: per-voxel normalised entropy (0..1) on the input grid."""
 
     @property
     def replace(self) -> bool:
@@ -156,6 +158,8 @@ class BatchPlan:
     """NIfTI mask per case."""
     seg_targets: dict[str, Path]
     """DICOM SEG per case, when that format is asked for."""
+    uncertainty_targets: dict[str, Path]
+    """Uncertainty map per case, when asked for."""
     finished: set[str]
     """Cases whose outputs all exist (skipped with ``skip_existing``)."""
     stats_csv: Path | None
@@ -175,7 +179,11 @@ def plan_batch(cases: Sequence[tuple[str, list[Path]]], out_dir: str | Path, opt
     formats = options.output_formats
     targets = {name: out_dir / f"{name}.nii.gz" for name, _ in mine}
     seg_targets = _check_output_formats(formats, mine, out_dir, needs_nifti=options.preview or stats_csv is not None)
+    if options.uncertainty_map and seg_targets:
+        raise ConfigError("--uncertainty-map is written with NIfTI masks only; drop it or use --output-format nifti")
+    maps = {name: out_dir / f"{name}_uncertainty.nii.gz" for name, _ in mine} if options.uncertainty_map else {}
     per_case = {name: [*([targets[name]] if "nifti" in formats else []), *([seg_targets[name]] if name in seg_targets else []),
+                       *([maps[name]] if name in maps else []),
                        *([out_dir / f"{name}_preview.png"] if options.preview else [])] for name, _ in mine}
     finished = {name for name, paths in per_case.items() if options.skip_existing and all(p.exists() for p in paths)}
     outputs = [p for name, paths in per_case.items() if name not in finished for p in paths if not p.name.endswith(".png")]
@@ -186,7 +194,7 @@ def plan_batch(cases: Sequence[tuple[str, list[Path]]], out_dir: str | Path, opt
             f"{len(existing)} output(s) already exist in {out_dir} (e.g. {Path(existing[0]).name}); "
             "pass --overwrite to replace them, or --skip-existing to keep finished cases and do the rest"
         )
-    return BatchPlan(out_dir, mine, targets, seg_targets, finished, stats_csv, shard.path(out_dir / "inference_report.json"))
+    return BatchPlan(out_dir, mine, targets, seg_targets, maps, finished, stats_csv, shard.path(out_dir / "inference_report.json"))
 
 
 class _BatchStages:
@@ -213,14 +221,18 @@ class _BatchStages:
             segment_to_seg(self.segmenter, job.inputs[0], plan.seg_targets[job.name], nifti_output=nifti,
                            overwrite=self.options.replace, case=job.name)
         else:
-            job.labels = self.segmenter.labels_for(job.prepared, timings=job.timings)
+            prediction = self.segmenter.predict_case(job.prepared, timings=job.timings, uncertainty_map=self.options.uncertainty_map)
+            job.labels, job.qc, job.uncertainty = prediction.labels, prediction.qc, prediction.uncertainty
 
     def write(self, job: Job) -> None:
         plan, options, segmenter = self.plan, self.options, self.segmenter
         name, source, target = job.name, job.inputs[0], plan.targets[job.name]
         if job.labels is not None:
             write_mask(job.labels, job.reference, target, num_classes=segmenter.num_classes, overwrite=options.replace)
-            job.labels = job.reference = None  # a DICOM reference holds its voxels: keep memory flat over long batches
+            if job.uncertainty is not None:
+                write_float_map(job.uncertainty, job.reference, plan.uncertainty_targets[name], overwrite=options.replace,
+                                description="medunet uncertainty (normalised entropy)")
+            job.labels = job.reference = job.uncertainty = None  # a DICOM reference holds its voxels: keep memory flat
         if options.preview and name not in plan.finished:
             _write_preview(segmenter, name, source, target, plan.out_dir / f"{name}_preview.png")
         if plan.stats_csv is not None:
@@ -228,7 +240,7 @@ class _BatchStages:
 
             self.stats_rows.extend(case_statistics(target, source, segmenter.class_names, case=name))
         nifti = target if "nifti" in options.output_formats else None
-        job.outputs = [str(p) for p in (nifti, plan.seg_targets.get(name)) if p is not None]
+        job.outputs = [str(p) for p in (nifti, plan.seg_targets.get(name), plan.uncertainty_targets.get(name)) if p is not None]
 
 
 @dataclass
@@ -254,7 +266,7 @@ def run_batch(segmenter: Segmenter, plan: BatchPlan, options: BatchOptions) -> B
                 outcome.results.append(CaseResult(job.name, str(job.inputs[0]), None, job.error))
                 log.error("error: %s", job.error)
             else:
-                outcome.results.append(CaseResult(job.name, str(job.inputs[0]), job.outputs[0]))
+                outcome.results.append(CaseResult(job.name, str(job.inputs[0]), job.outputs[0], qc=job.qc))
                 log.info("%s -> %s%s", job.name, ", ".join(job.outputs), " (finished before: skipped)" if skipped else "")
             outcome.status[job.name] = "failed" if job.error else "skipped" if skipped else "done"
             outcome.seconds[job.name] = round(job.seconds, 3)
@@ -272,6 +284,7 @@ def write_batch_report(segmenter: Segmenter, plan: BatchPlan, options: BatchOpti
         "classes": segmenter.class_names,
         "shard": {"index": shard.index, "count": shard.count},
         "cases": [{**asdict(r), "status": outcome.status[r.case], "seconds": outcome.seconds[r.case]} for r in outcome.results],
+        "qc": qc_summary(outcome.results),
     }
     atomic_write_text(plan.report, json.dumps(report, indent=2))
     if plan.stats_csv is not None:
@@ -293,12 +306,14 @@ def segment_all(
     shard: Shard | None = None,
     skip_existing: bool = False,
     overlap_io: bool = True,
+    uncertainty_map: bool = False,
 ) -> list[CaseResult]:
     """Segment every case into ``out_dir/<case>.nii.gz``; a failing case is reported and skipped.
 
     Plan (outputs chosen and checked before any work), run, report: see :func:`plan_batch`,
     :func:`run_batch`, :func:`write_batch_report`, and :class:`BatchOptions` for the options.
-    Writes ``out_dir/inference_report.json`` (versions, model, per-case status and timing) and, with
+    Writes ``out_dir/inference_report.json`` (versions, model, per-case status, timing and QC record,
+    and a QC summary; see docs/quality-control.md) and, with
     ``stats_csv``, volume and intensity per case and class there. With a ``shard`` the report (and the
     statistics CSV) get a ``.shard-K-of-N`` suffix, so parallel processes never write one file.
 
@@ -308,11 +323,31 @@ def segment_all(
     options = BatchOptions(
         overwrite=overwrite, preview=preview, progress=progress, stats_csv=Path(stats_csv) if stats_csv is not None else None,
         output_formats=tuple(output_formats), shard=shard or Shard(0, 1), skip_existing=skip_existing, overlap_io=overlap_io,
+        uncertainty_map=uncertainty_map,
     )
     plan = plan_batch(cases, out_dir, options)
     outcome = run_batch(segmenter, plan, options)
     write_batch_report(segmenter, plan, options, outcome)
     return outcome.results
+
+
+def qc_summary(results: Sequence[CaseResult]) -> dict[str, Any]:
+    """How many cases QC passed and flagged, and the checks that flagged them (counts per check)."""
+    records = [r.qc for r in results if r.qc is not None]
+    review = [q for q in records if q["flag"] == "review"]
+    why: dict[str, int] = {}
+    for record in review:
+        for check in record["signals"].get("fired") or ["low_confidence"]:
+            why[check] = why.get(check, 0) + 1
+    return {"ok": len(records) - len(review), "review": len(review), "without_qc": len(results) - len(records),
+            "review_reasons": dict(sorted(why.items(), key=lambda kv: (-kv[1], kv[0])))}
+
+
+def qc_summary_line(summary: dict[str, Any]) -> str:
+    """One line for the end of a batch, e.g. ``QC: 18 ok, 2 to review (noise 1, field_of_view 1)``."""
+    why = ", ".join(f"{check} {count}" for check, count in summary["review_reasons"].items())
+    skipped = f", {summary['without_qc']} without QC" if summary["without_qc"] else ""
+    return f"QC: {summary['ok']} ok, {summary['review']} to review{f' ({why})' if why else ''}{skipped}"
 
 
 #: Values of ``--output-format`` (comma-separated combinations allowed).
