@@ -376,7 +376,7 @@ class Segmenter:
             probs = self.probabilities(torch.as_tensor(pre_image)[None], member_labels=members if qc else None)[0]
         timings["network"] = time.perf_counter() - tick - timings["wait_for_model"]
         tick = time.perf_counter()
-        uncertainty = uncertainty_signals(probs.cpu(), [m[0] for m in members]) if qc else None
+        uncertainty = uncertainty_signals(probs, [m[0] for m in members]) if qc else None  # on the network's device
         entropy = self._inverted_entropy(probs.cpu(), data, reference, case) if uncertainty_map else None
         timings["qc_uncertainty"] = time.perf_counter() - tick
         tick = time.perf_counter()

@@ -30,7 +30,7 @@ _AXES = "RAS"
 class Thresholds:
     """Where each check fires (documented in docs/quality-control.md)."""
 
-    score_review: float = 0.75
+    score_review: float = 0.5
     """Flag for review below this score (the model's expected Dice, damped by fired checks)."""
     spacing_factor: float = 1.5
     """Voxel spacing may lie this factor outside the training range per axis."""
@@ -159,7 +159,7 @@ def _intensity_findings(signals: dict[str, Any], ref: dict[str, Any], t: Thresho
         if excess > 0:
             median, lo, hi = own["body_quantiles"][2], quantiles["min"][2], quantiles["max"][2]
             found.append(Finding("contrast", excess, f"{name}intensities inside the body unlike training (median {median:.4g}{unit}, "
-                                 f"training {lo:.4g}..{hi:.4g}{unit}): another modality or contrast phase?"))
+                                 f"training {lo:.4g}..{hi:.4g}{unit}): another modality, contrast phase or body part?"))
         limit = train["noise"]["max"] * t.noise_factor
         if own["noise"] > limit > 0:
             found.append(Finding("noise", math.log(own["noise"] / limit) / math.log(t.noise_factor) + 0.5,

@@ -166,7 +166,8 @@ def uncertainty_signals(probs: torch.Tensor, member_labels: Sequence[torch.Tenso
         "uncertain_ratio": round(uncertain / max(foreground, 1), 4),
     }
     if len(member_labels) > 1:
-        out["member_dice"] = round(min(_foreground_dice(m, labels) for m in member_labels), 4)
+        ensemble = labels.cpu()
+        out["member_dice"] = round(min(_foreground_dice(m.cpu(), ensemble) for m in member_labels), 4)
     return out
 
 
