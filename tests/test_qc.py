@@ -170,7 +170,8 @@ def test_qc_fail_exits_4_writes_every_mask_and_summarises(run_dir: Path, tmp_pat
     flags = {c["case"]: c["qc"]["flag"] for c in report["cases"]}
     assert flags == {"clean": "ok", "noisy": "review"}
     assert report["qc"]["ok"] == 1 and report["qc"]["review"] == 1 and "noise" in report["qc"]["review_reasons"]
-    assert "QC: 1 ok, 1 to review (noise" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "QC: 1 ok, 1 to review (" in printed and "noise 1" in printed
     code = main(["infer", "-m", str(run_dir / "run"), "-i", str(folder), "-o", str(out), "--no-qc", "--overwrite", "--device", "cpu"])
     report = json.loads((out / "inference_report.json").read_text())
     assert code == 0 and all(c["qc"] is None for c in report["cases"]) and report["qc"]["without_qc"] == 2
