@@ -339,3 +339,52 @@ def write_dicom_series(
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+#: Ways :func:`corrupt_phantom` spoils a clean CT phantom, each one a reason a mask should not be trusted.
+CORRUPTIONS = ("mri_contrast", "heavy_noise", "half_cut", "hu_offset", "unit_scaled", "constant", "head", "thick_slices")
+
+
+def make_head_phantom(shape: Sequence[int] = (48, 48, 40), *, seed: int = 0) -> np.ndarray:
+    """A head-like CT volume (HU): a bone-dense spherical shell around brain-like tissue, in air, no organs."""
+    rng = np.random.default_rng(seed)
+    size = np.asarray(shape, dtype=float)
+    outer = _ellipsoid(shape, size / 2, size * 0.42)
+    inner = _ellipsoid(shape, size / 2, size * 0.42 - 3.0)
+    image = np.full(shape, -1000.0)
+    image[outer] = 900.0 + rng.uniform(-50.0, 50.0)
+    image[inner] = 35.0 + rng.uniform(-5.0, 5.0)
+    image += ndimage.gaussian_filter(rng.normal(0.0, 25.0, shape), 0.7)
+    return image.astype(np.float32)
+
+
+def corrupt_phantom(
+    kind: str, shape: Sequence[int], spacing: Sequence[float], *, seed: int = 0, num_classes: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
+    """A CT phantom (RAS voxel order) spoilt in one of the :data:`CORRUPTIONS` ways, and the spacing it should be saved with.
+
+    mri_contrast: the same anatomy with MRI-like intensities; heavy_noise: 10x the noise; half_cut: the
+    anterior half outside the field of view; hu_offset: HU + 1024 (unsigned storage, no rescale);
+    unit_scaled: intensities scaled to [0, 1]; constant: one value everywhere; head: a head-like volume;
+    thick_slices: the same voxels declared with 4x thicker slices.
+    """
+    spacing = np.asarray(spacing, dtype=float)
+    if kind == "mri_contrast":
+        return make_phantom(shape, seed=seed, num_classes=num_classes, modality="MRI")[0], spacing
+    image = make_phantom(shape, seed=seed, num_classes=num_classes)[0]
+    if kind == "heavy_noise":
+        noise = np.random.default_rng(seed + 1).normal(0.0, 250.0, image.shape)
+        return (image + noise).astype(np.float32), spacing
+    if kind == "half_cut":
+        return np.ascontiguousarray(image[:, image.shape[1] // 2:, :]), spacing
+    if kind == "hu_offset":
+        return image + 1024.0, spacing
+    if kind == "unit_scaled":
+        return ((image - image.min()) / (image.max() - image.min())).astype(np.float32), spacing
+    if kind == "constant":
+        return np.zeros_like(image), spacing
+    if kind == "head":
+        return make_head_phantom(shape, seed=seed), spacing
+    if kind == "thick_slices":
+        return image, spacing * np.array([1.0, 1.0, 4.0])
+    raise ValueError(f"unknown corruption {kind!r}; one of {', '.join(CORRUPTIONS)}")

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("synthetic", "visualize"),
     ("transforms", "postprocessing"),
     ("model",),
-    ("check", "planning"),
+    ("check", "planning", "qc"),
     ("training", "inference"),
     ("evaluation",),
     ("workflows",),

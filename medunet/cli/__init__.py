@@ -7,6 +7,6 @@ the traceback instead.
 """
 
 from medunet.cli import check, crossval, demo, dicom, evaluate, infer, pacs, plan, train  # noqa: F401  (registers the commands)
-from medunet.cli.app import EXIT_ERROR, EXIT_PARTIAL, cli, main
+from medunet.cli.app import EXIT_ERROR, EXIT_PARTIAL, EXIT_QC_REVIEW, cli, main
 
-__all__ = ["EXIT_ERROR", "EXIT_PARTIAL", "cli", "main"]
+__all__ = ["EXIT_ERROR", "EXIT_PARTIAL", "EXIT_QC_REVIEW", "cli", "main"]

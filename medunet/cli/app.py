@@ -19,6 +19,7 @@ log = logging.getLogger("medunet")
 
 EXIT_ERROR = 1
 EXIT_PARTIAL = 3
+EXIT_QC_REVIEW = 4
 
 
 class _StderrHandler(logging.StreamHandler):

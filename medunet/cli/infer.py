@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from medunet.cli.app import EXIT_ERROR, EXIT_PARTIAL, cli, log
+from medunet.cli.app import EXIT_ERROR, EXIT_PARTIAL, EXIT_QC_REVIEW, cli, log
 
 
 @cli.command()
@@ -40,11 +40,16 @@ from medunet.cli.app import EXIT_ERROR, EXIT_PARTIAL, cli, log
                    "on one batch. Under torchrun, RANK/WORLD_SIZE choose it. Each share writes inference_report.shard-K-of-N.json (and its own --stats CSV).")
 @click.option("--skip-existing", is_flag=True,
               help="Resume: keep cases whose outputs all exist (reported as skipped), do the rest.")
+@click.option("--qc-fail", is_flag=True,
+              help="Exit with status 4 when quality control flags a case for review (its mask is still written).")
+@click.option("--no-qc", is_flag=True, help="Skip per-case quality control (no \"qc\" records, no QC summary).")
+@click.option("--uncertainty-map", is_flag=True,
+              help="Also write <case>_uncertainty.nii.gz: per-voxel normalised entropy (0 sure .. 1 unsure) on the input grid.")
 @click.pass_context
 def infer(ctx: click.Context, model_path: Path, input_path: Path, out_dir: Path, overwrite: bool, overrides: tuple[str, ...],
           folds: str | None, tta: bool, preview: bool, stats_csv: Path | None, device: str, allow_outside_root: bool,
           series_uid: str | None, allow_resample: bool, output_formats: tuple[str, ...], shard_text: str | None,
-          skip_existing: bool) -> None:
+          skip_existing: bool, qc_fail: bool, no_qc: bool, uncertainty_map: bool) -> None:
     """Segment volumes with a trained model; masks land exactly on each input's grid.
 
     \b
@@ -62,24 +67,45 @@ def infer(ctx: click.Context, model_path: Path, input_path: Path, out_dir: Path,
       torchrun --nproc-per-node 4 -m medunet infer -m runs/liver -i scans/ -o preds/   # one share per GPU
       medunet infer -m runs/liver -i scans/ -o preds/ --skip-existing   # after an interruption: do the rest
 
-    A case that fails (unreadable file, bad geometry) is reported and the others go on;
-    the exit status is then 3. Nothing half-written is ever left at an output path.
+    A case that fails (unreadable file, bad geometry) is reported and the others go on.
+    Nothing half-written is ever left at an output path.
+
+    Quality control gives each case a "qc" record in inference_report.json: flag ok or review,
+    a score (0..1, higher is more trustworthy) and the reasons (see docs/quality-control.md).
+
+    \b
+    Exit status:
+      0  every case segmented (and, with --qc-fail, none flagged for review)
+      1  every case failed, or the command itself failed (bad model, options or input)
+      3  some cases failed, the others were segmented
+      4  with --qc-fail: every case segmented, some flagged for review (masks written)
     """
-    from medunet.inference.batch import Shard, collect_inputs, segment_all
+    from medunet.inference.batch import Shard, collect_inputs, qc_summary, qc_summary_line, segment_all
     from medunet.inference.segmenter import Segmenter
 
     shard = Shard.parse(shard_text) if shard_text is not None else Shard.from_env()
     cases = collect_inputs(input_path, allow_outside_root=allow_outside_root, series_uid=series_uid, allow_resample=allow_resample)
     extra = list(overrides) + (["inference.tta_flips=true"] if tta else [])
     segmenter = Segmenter.from_checkpoint(model_path, device=_rank_device(device), overrides=extra, folds=_fold_list(folds))
+    if no_qc and (qc_fail or uncertainty_map):
+        raise click.UsageError("--no-qc switches quality control off; it cannot be combined with --qc-fail or --uncertainty-map")
+    segmenter.qc_enabled = not no_qc
     log.info("%r%s", segmenter, f", shard {shard.index}/{shard.count}" if shard.count > 1 else "")
     results = segment_all(segmenter, cases, out_dir, overwrite=overwrite, preview=preview, progress=ctx.obj["progress"],
-                          stats_csv=stats_csv, output_formats=output_formats, shard=shard, skip_existing=skip_existing)
+                          stats_csv=stats_csv, output_formats=output_formats, shard=shard, skip_existing=skip_existing,
+                          uncertainty_map=uncertainty_map)
     failed = [r for r in results if r.error]
+    report = shard.path(out_dir / "inference_report.json")
     click.echo(f"{len(results) - len(failed)} of {len(results)} case(s) segmented into {out_dir}")
+    summary = qc_summary(results)
+    if not no_qc:
+        click.echo(qc_summary_line(summary))
     if failed:
-        click.echo(f"{len(failed)} failed (see {shard.path(out_dir / 'inference_report.json')})", err=True)
+        click.echo(f"{len(failed)} failed (see {report})", err=True)
         ctx.exit(EXIT_ERROR if len(failed) == len(results) else EXIT_PARTIAL)
+    if qc_fail and summary["review"]:
+        click.echo(f"{summary['review']} case(s) flagged for review by QC (see \"qc\" in {report})", err=True)
+        ctx.exit(EXIT_QC_REVIEW)
 
 
 def _rank_device(device: str) -> str:

@@ -9,7 +9,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -20,7 +20,7 @@ from medunet.inference.segmenter import CaseResult, Segmenter
 from medunet.io.atomic import atomic_write_text
 from medunet.io.datalist import NIFTI_SUFFIXES, load_datalist, unique_case_names
 from medunet.io.image import DicomSource
-from medunet.io.nifti import write_mask
+from medunet.io.nifti import write_float_map, write_mask
 
 log = logging.getLogger("medunet")
 
@@ -119,6 +119,182 @@ def _dicom_cases(source: Path, *, series_uid: str | None, allow_resample: bool) 
     return [(n, [DicomSource(f, series_uid=series_uid, allow_resample=allow_resample)]) for n, f in zip(names, folders)]
 
 
+@dataclass(frozen=True)
+class BatchOptions:
+    """How :func:`segment_all` writes a batch (the ``medunet infer`` flags)."""
+
+    overwrite: bool = False
+    """Replace existing outputs."""
+    preview: bool = False
+    """Also write ``<case>_preview.png`` overlays."""
+    progress: bool = True
+    """Show a progress bar."""
+    stats_csv: Path | None = None
+    """Also write volume and intensity per case and class to this CSV (:mod:`medunet.inference.statistics`)."""
+    output_formats: tuple[str, ...] = ("nifti",)
+    """Values of :data:`OUTPUT_FORMATS`."""
+    shard: Shard = Shard(0, 1)
+    """This process's share of the cases (see :class:`Shard`)."""
+    skip_existing: bool = False
+    """Resume an interrupted run: cases whose outputs all exist are reported as skipped."""
+    overlap_io: bool = True
+    """Read ahead and write behind the network in background threads (:mod:`medunet.inference.pipeline`)."""
+    uncertainty_map: bool = False
+    """Also write ``<case>_uncertainty.nii.gz``: per-voxel normalised entropy (0..1) on the input grid."""
+
+    @property
+    def replace(self) -> bool:
+        """Whether existing files may be replaced (with skip_existing, what exists for an unfinished case is an interrupted run's)."""
+        return self.overwrite or self.skip_existing
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Where every case of this process's share goes, decided (and checked) before any work."""
+
+    out_dir: Path
+    cases: list[tuple[str, list[Path]]]
+    targets: dict[str, Path]
+    """NIfTI mask per case."""
+    dicom_targets: dict[str, dict[str, Path]]
+    """Per case, the DICOM outputs asked for (SEG, RTSTRUCT) by format."""
+    uncertainty_targets: dict[str, Path]
+    """Uncertainty map per case, when asked for."""
+    finished: set[str]
+    """Cases whose outputs all exist (skipped with ``skip_existing``)."""
+    stats_csv: Path | None
+    report: Path
+
+
+def plan_batch(cases: Sequence[tuple[str, list[Path]]], out_dir: str | Path, options: BatchOptions) -> BatchPlan:
+    """This shard's cases and their outputs; refuses existing outputs unless told to replace or skip them.
+
+    Raises:
+        OutputExistsError: some outputs exist and neither ``overwrite`` nor ``skip_existing`` is set.
+        ConfigError, DataError: unknown output formats, or DICOM SEG asked for a non-DICOM input.
+    """
+    out_dir, shard = Path(out_dir), options.shard
+    mine = shard.select(cases)
+    stats_csv = shard.path(Path(options.stats_csv)) if options.stats_csv is not None else None
+    formats = options.output_formats
+    targets = {name: out_dir / f"{name}.nii.gz" for name, _ in mine}
+    dicom_targets = _check_output_formats(formats, mine, out_dir, needs_nifti=options.preview or stats_csv is not None)
+    if options.uncertainty_map and dicom_targets:
+        raise ConfigError("--uncertainty-map is written with NIfTI masks only; drop it or use --output-format nifti")
+    maps = {name: out_dir / f"{name}_uncertainty.nii.gz" for name, _ in mine} if options.uncertainty_map else {}
+    per_case = {name: [*([targets[name]] if "nifti" in formats else []), *dicom_targets.get(name, {}).values(),
+                       *([maps[name]] if name in maps else []),
+                       *([out_dir / f"{name}_preview.png"] if options.preview else [])] for name, _ in mine}
+    finished = {name for name, paths in per_case.items() if options.skip_existing and all(p.exists() for p in paths)}
+    outputs = [p for name, paths in per_case.items() if name not in finished for p in paths if not p.name.endswith(".png")]
+    outputs += [stats_csv] if stats_csv is not None and not options.skip_existing else []
+    existing = [str(p) for p in outputs if p.exists()]
+    if existing and not options.replace:
+        raise OutputExistsError(
+            f"{len(existing)} output(s) already exist in {out_dir} (e.g. {Path(existing[0]).name}); "
+            "pass --overwrite to replace them, or --skip-existing to keep finished cases and do the rest"
+        )
+    return BatchPlan(out_dir, mine, targets, dicom_targets, maps, finished, stats_csv, shard.path(out_dir / "inference_report.json"))
+
+
+class _BatchStages:
+    """The three pipeline stages of one batch (:func:`medunet.inference.pipeline.run_jobs`), sharing its plan."""
+
+    def __init__(self, segmenter: Segmenter, plan: BatchPlan, options: BatchOptions) -> None:
+        self.segmenter, self.plan, self.options = segmenter, plan, options
+        self.stats_rows: list[dict] = []
+
+    def prepare(self, job: Job) -> None:
+        if job.name in self.plan.finished or self.plan.dicom_targets:  # DICOM SEG / RTSTRUCT: read, predict and write in predict
+            return
+        job.prepared = self.segmenter.prepare(job.inputs, case=job.name, timings=job.timings)
+        job.reference = job.prepared.reference  # kept for the writer: the pipeline frees `prepared` after the prediction
+
+    def predict(self, job: Job) -> None:
+        plan = self.plan
+        if job.name in plan.finished:
+            return
+        if plan.dicom_targets:  # DICOM SEG and/or RTSTRUCT (and NIfTI) from one prediction
+            from medunet.inference.dicom_seg import segment_dicom
+
+            dicom = plan.dicom_targets[job.name]
+            nifti = plan.targets[job.name] if "nifti" in self.options.output_formats else None
+            segment_dicom(self.segmenter, job.inputs[0], seg_output=dicom.get("dicom-seg"), rtstruct_output=dicom.get("rtstruct"),
+                          nifti_output=nifti, overwrite=self.options.replace, case=job.name)
+        else:
+            prediction = self.segmenter.predict_case(job.prepared, timings=job.timings, uncertainty_map=self.options.uncertainty_map)
+            job.labels, job.qc, job.uncertainty = prediction.labels, prediction.qc, prediction.uncertainty
+
+    def write(self, job: Job) -> None:
+        plan, options, segmenter = self.plan, self.options, self.segmenter
+        name, source, target = job.name, job.inputs[0], plan.targets[job.name]
+        if job.labels is not None:
+            write_mask(job.labels, job.reference, target, num_classes=segmenter.num_classes, overwrite=options.replace)
+            if job.uncertainty is not None:
+                write_float_map(job.uncertainty, job.reference, plan.uncertainty_targets[name], overwrite=options.replace,
+                                description="medunet uncertainty (normalised entropy)")
+            job.labels = job.reference = job.uncertainty = None  # a DICOM reference holds its voxels: keep memory flat
+        if options.preview and name not in plan.finished:
+            _write_preview(segmenter, name, source, target, plan.out_dir / f"{name}_preview.png")
+        if plan.stats_csv is not None:
+            from medunet.inference.statistics import case_statistics
+
+            self.stats_rows.extend(case_statistics(target, source, segmenter.class_names, case=name))
+        nifti = [target] if "nifti" in options.output_formats else []
+        uncertainty = [plan.uncertainty_targets[name]] if name in plan.uncertainty_targets else []
+        job.outputs = [str(p) for p in (*nifti, *plan.dicom_targets.get(name, {}).values(), *uncertainty)]
+
+
+@dataclass
+class BatchOutcome:
+    """What running a plan gave: one result per case, with its status and seconds."""
+
+    results: list[CaseResult]
+    status: dict[str, str]
+    seconds: dict[str, float]
+    stats_rows: list[dict]
+
+
+def run_batch(segmenter: Segmenter, plan: BatchPlan, options: BatchOptions) -> BatchOutcome:
+    """Segment the plan's cases through the overlapped pipeline; a failing case is logged and the others go on."""
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    stages = _BatchStages(segmenter, plan, options)
+    jobs = [Job(name, list(paths)) for name, paths in plan.cases]
+    outcome = BatchOutcome([], {}, {}, stages.stats_rows)
+    with tqdm(total=len(jobs), desc="segmenting", unit="case", disable=not options.progress) as bar:
+        for job in run_jobs(jobs, stages.prepare, stages.predict, stages.write, overlap=options.overlap_io):
+            skipped = job.name in plan.finished
+            if job.error is not None:
+                outcome.results.append(CaseResult(job.name, str(job.inputs[0]), None, job.error))
+                log.error("error: %s", job.error)
+            else:
+                outcome.results.append(CaseResult(job.name, str(job.inputs[0]), job.outputs[0], qc=job.qc))
+                log.info("%s -> %s%s", job.name, ", ".join(job.outputs), " (finished before: skipped)" if skipped else "")
+            outcome.status[job.name] = "failed" if job.error else "skipped" if skipped else "done"
+            outcome.seconds[job.name] = round(job.seconds, 3)
+            bar.update()
+    return outcome
+
+
+def write_batch_report(segmenter: Segmenter, plan: BatchPlan, options: BatchOptions, outcome: BatchOutcome) -> None:
+    """``inference_report.json`` (versions, model, per-case status and timing) and, if asked, the statistics CSV."""
+    shard = options.shard
+    report = {
+        "medunet_version": __version__,
+        "model": segmenter.source,
+        "device": str(segmenter.device),
+        "classes": segmenter.class_names,
+        "shard": {"index": shard.index, "count": shard.count},
+        "cases": [{**asdict(r), "status": outcome.status[r.case], "seconds": outcome.seconds[r.case]} for r in outcome.results],
+        "qc": qc_summary(outcome.results),
+    }
+    atomic_write_text(plan.report, json.dumps(report, indent=2))
+    if plan.stats_csv is not None:
+        from medunet.inference.statistics import write_statistics_csv
+
+        write_statistics_csv(outcome.stats_rows, plan.stats_csv)
+
+
 def segment_all(
     segmenter: Segmenter,
     cases: Sequence[tuple[str, list[Path]]],
@@ -132,105 +308,48 @@ def segment_all(
     shard: Shard | None = None,
     skip_existing: bool = False,
     overlap_io: bool = True,
+    uncertainty_map: bool = False,
 ) -> list[CaseResult]:
     """Segment every case into ``out_dir/<case>.nii.gz``; a failing case is reported and skipped.
 
-    Writes ``out_dir/inference_report.json`` (versions, model, per-case status and timing) and, with
-    ``stats_csv``, volume and intensity per case and class there (:mod:`medunet.inference.statistics`).
-
-    Args:
-        shard: segment only this process's share of the cases (see :class:`Shard`); the report (and the
-            statistics CSV) then get a ``.shard-K-of-N`` suffix, so parallel processes never write one file.
-        skip_existing: resume an interrupted run: cases whose outputs all exist are reported as skipped
-            (their statistics are still computed); the leftovers of unfinished cases are replaced.
-        overlap_io: read + preprocess the next case and write the previous one in background threads
-            while the network runs (:mod:`medunet.inference.pipeline`); False runs the stages in turn.
+    Plan (outputs chosen and checked before any work), run, report: see :func:`plan_batch`,
+    :func:`run_batch`, :func:`write_batch_report`, and :class:`BatchOptions` for the options.
+    Writes ``out_dir/inference_report.json`` (versions, model, per-case status, timing and QC record,
+    and a QC summary; see docs/quality-control.md) and, with
+    ``stats_csv``, volume and intensity per case and class there. With a ``shard`` the report (and the
+    statistics CSV) get a ``.shard-K-of-N`` suffix, so parallel processes never write one file.
 
     Raises:
         OutputExistsError: some outputs exist and neither ``overwrite`` nor ``skip_existing`` is set (checked before any work).
     """
-    out_dir = Path(out_dir)
-    shard = shard or Shard(0, 1)
-    cases = shard.select(cases)
-    stats_csv = shard.path(Path(stats_csv)) if stats_csv is not None else None
-    targets = {name: out_dir / f"{name}.nii.gz" for name, _ in cases}
-    dicom_targets = _check_output_formats(output_formats, cases, out_dir, needs_nifti=preview or stats_csv is not None)
-    per_case = {name: [*([targets[name]] if "nifti" in output_formats else []), *dicom_targets.get(name, {}).values(),
-                       *([out_dir / f"{name}_preview.png"] if preview else [])] for name, _ in cases}
-    finished = {name for name, paths in per_case.items() if skip_existing and all(p.exists() for p in paths)}
-    outputs = [p for name, paths in per_case.items() if name not in finished for p in paths if not p.name.endswith(".png")]
-    outputs += [Path(stats_csv)] if stats_csv is not None and not skip_existing else []
-    existing = [str(p) for p in outputs if p.exists()]
-    if existing and not (overwrite or skip_existing):
-        raise OutputExistsError(
-            f"{len(existing)} output(s) already exist in {out_dir} (e.g. {Path(existing[0]).name}); "
-            "pass --overwrite to replace them, or --skip-existing to keep finished cases and do the rest"
-        )
-    replace = overwrite or skip_existing  # with skip_existing, what exists for an unfinished case is an interrupted run's
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stats_rows: list[dict] = []
+    options = BatchOptions(
+        overwrite=overwrite, preview=preview, progress=progress, stats_csv=Path(stats_csv) if stats_csv is not None else None,
+        output_formats=tuple(output_formats), shard=shard or Shard(0, 1), skip_existing=skip_existing, overlap_io=overlap_io,
+        uncertainty_map=uncertainty_map,
+    )
+    plan = plan_batch(cases, out_dir, options)
+    outcome = run_batch(segmenter, plan, options)
+    write_batch_report(segmenter, plan, options, outcome)
+    return outcome.results
 
-    def prepare(job: Job) -> None:
-        if job.name in finished or dicom_targets:  # DICOM SEG / RTSTRUCT: read, predict and write together in the predict stage
-            return
-        job.prepared = segmenter.prepare(job.inputs, case=job.name, timings=job.timings)
-        job.reference = job.prepared.reference  # kept for the writer: the pipeline frees `prepared` after the prediction
 
-    def predict(job: Job) -> None:
-        if job.name in finished:
-            return
-        if dicom_targets:  # DICOM SEG and/or RTSTRUCT (and NIfTI) from one prediction
-            from medunet.inference.dicom_seg import segment_dicom
+def qc_summary(results: Sequence[CaseResult]) -> dict[str, Any]:
+    """How many cases QC passed and flagged, and the checks that flagged them (counts per check)."""
+    records = [r.qc for r in results if r.qc is not None]
+    review = [q for q in records if q["flag"] == "review"]
+    why: dict[str, int] = {}
+    for record in review:
+        for check in record["signals"].get("fired") or ["low_confidence"]:
+            why[check] = why.get(check, 0) + 1
+    return {"ok": len(records) - len(review), "review": len(review), "without_qc": len(results) - len(records),
+            "review_reasons": dict(sorted(why.items(), key=lambda kv: (-kv[1], kv[0])))}
 
-            dicom = dicom_targets[job.name]
-            segment_dicom(segmenter, job.inputs[0], seg_output=dicom.get("dicom-seg"), rtstruct_output=dicom.get("rtstruct"),
-                          nifti_output=targets[job.name] if "nifti" in output_formats else None, overwrite=replace, case=job.name)
-        else:
-            job.labels = segmenter.labels_for(job.prepared, timings=job.timings)
 
-    def write(job: Job) -> None:
-        name, source = job.name, job.inputs[0]
-        if job.labels is not None:
-            write_mask(job.labels, job.reference, targets[name], num_classes=segmenter.num_classes, overwrite=replace)
-            job.labels = job.reference = None  # a DICOM reference holds its voxels: keep memory flat over long batches
-        if preview and name not in finished:
-            _write_preview(segmenter, name, source, targets[name], out_dir / f"{name}_preview.png")
-        if stats_csv is not None:
-            from medunet.inference.statistics import case_statistics
-
-            stats_rows.extend(case_statistics(targets[name], source, segmenter.class_names, case=name))
-        nifti = [targets[name]] if "nifti" in output_formats else []
-        job.outputs = [str(p) for p in (*nifti, *dicom_targets.get(name, {}).values())]
-
-    jobs = [Job(name, list(paths)) for name, paths in cases]
-    results: list[CaseResult] = []
-    timings: dict[str, float] = {}
-    status: dict[str, str] = {}
-    with tqdm(total=len(jobs), desc="segmenting", unit="case", disable=not progress) as bar:
-        for job in run_jobs(jobs, prepare, predict, write, overlap=overlap_io):
-            if job.error is not None:
-                results.append(CaseResult(job.name, str(job.inputs[0]), None, job.error))
-                log.error("error: %s", job.error)
-            else:
-                results.append(CaseResult(job.name, str(job.inputs[0]), job.outputs[0]))
-                log.info("%s -> %s%s", job.name, ", ".join(job.outputs), " (finished before: skipped)" if job.name in finished else "")
-            status[job.name] = "failed" if job.error else "skipped" if job.name in finished else "done"
-            timings[job.name] = round(job.seconds, 3)
-            bar.update()
-    report = {
-        "medunet_version": __version__,
-        "model": segmenter.source,
-        "device": str(segmenter.device),
-        "classes": segmenter.class_names,
-        "shard": {"index": shard.index, "count": shard.count},
-        "cases": [{**asdict(r), "status": status[r.case], "seconds": timings[r.case]} for r in results],
-    }
-    atomic_write_text(shard.path(out_dir / "inference_report.json"), json.dumps(report, indent=2))
-    if stats_csv is not None:
-        from medunet.inference.statistics import write_statistics_csv
-
-        write_statistics_csv(stats_rows, Path(stats_csv))
-    return results
+def qc_summary_line(summary: dict[str, Any]) -> str:
+    """One line for the end of a batch, e.g. ``QC: 18 ok, 2 to review (noise 1, field_of_view 1)``."""
+    why = ", ".join(f"{check} {count}" for check, count in summary["review_reasons"].items())
+    skipped = f", {summary['without_qc']} without QC" if summary["without_qc"] else ""
+    return f"QC: {summary['ok']} ok, {summary['review']} to review{f' ({why})' if why else ''}{skipped}"
 
 
 #: Values of ``--output-format`` (comma-separated combinations allowed).

@@ -34,6 +34,8 @@ class Job:
     prepared: Any = None
     reference: Any = None
     labels: Any = None
+    qc: dict[str, Any] | None = None
+    uncertainty: Any = None
     outputs: list[str] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
@@ -52,7 +54,7 @@ def _run_stage(stage: Stage, job: Job) -> None:
         stage(job)
     except MedunetError as exc:
         job.error = str(exc)
-        job.prepared = job.reference = job.labels = None  # free the volumes of a failed case at once
+        job.prepared = job.reference = job.labels = job.uncertainty = None  # free the volumes of a failed case at once
     finally:
         job.seconds += time.perf_counter() - started
 

@@ -40,6 +40,9 @@ from medunet.model.sliding import inference_dtype, predict_probabilities
 from medunet.postprocessing.crf import dense_crf
 from medunet.postprocessing.operations import postprocess_labels
 from medunet.postprocessing.search import validated_postprocessing
+from medunet.qc.decide import QC_FILE, Thresholds, decide, load_thresholds
+from medunet.qc.reference import is_ct, reference_of
+from medunet.qc.signals import entropy_map, input_signals, mask_signals, uncertainty_signals
 from medunet.runtime import select_device
 from medunet.transforms import IMAGE, preprocessing
 
@@ -59,6 +62,8 @@ class CaseResult:
     input: str
     output: str | None
     error: str | None = None
+    qc: dict[str, Any] | None = None
+    """The case's quality-control record (:func:`medunet.qc.decide.decide`), when QC ran."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,19 @@ class PreparedCase:
     reference: nib.Nifti1Image
     """The input (first channel) image: the grid and header of the mask."""
     case: str | None = None
+    input_signals: dict[str, Any] | None = None
+    """QC statistics of the raw input (:func:`medunet.qc.signals.input_signals`), when QC is on."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What :meth:`Segmenter.predict_case` gives: labels on the input grid and, if asked, QC and uncertainty."""
+
+    labels: np.ndarray
+    qc: dict[str, Any] | None = None
+    """The QC record ``{"flag", "score", "reasons", "signals"}`` (docs/quality-control.md)."""
+    uncertainty: np.ndarray | None = None
+    """Per-voxel normalised entropy (0..1, float32) on the input grid, when asked for."""
 
 
 class Segmenter:
@@ -88,6 +106,8 @@ class Segmenter:
         in_channels: int,
         device: torch.device,
         source: str = "",
+        qc_reference: dict[str, Any] | None = None,
+        qc_thresholds: Thresholds | None = None,
     ) -> None:
         self.models = [m.to(device).eval() for m in (model if isinstance(model, (list, tuple)) else [model])]
         self.model = self.models[0]  # the network (the first one of a fold ensemble)
@@ -101,6 +121,12 @@ class Segmenter:
         # Thread-safety model: reading, preprocessing, inversion and post-processing run concurrently; the network
         # runs under this lock, one call at a time (one forward pass already uses every core / the whole GPU).
         self._model_lock = threading.Lock()
+        self.qc_reference = qc_reference
+        """The training reference QC compares inputs and masks with (None: only the uncertainty checks run)."""
+        self.qc_thresholds = qc_thresholds or Thresholds()
+        self.qc_enabled = True
+        """Compute a QC record per case (``medunet infer --no-qc`` turns it off)."""
+        self._ct = bool(qc_reference["ct"]) if qc_reference else is_ct(config)
 
     @property
     def num_classes(self) -> int:
@@ -152,7 +178,11 @@ class Segmenter:
         source = f"{path} (folds {', '.join(map(str, by_fold))})" if by_fold else str(checkpoints[0])
         if len(models) > 1:
             log.info("ensemble of %d folds (%s), averaging probabilities", len(models), ", ".join(map(str, by_fold)))
-        return cls(models, config, class_names=class_names, in_channels=loaded[0].in_channels, device=torch_device, source=source)
+        reference = reference_of(loaded[0].fingerprint)
+        if reference is None:
+            log.info("%s has no training reference (trained before QC existed): QC uses the model's uncertainty only", source)
+        return cls(models, config, class_names=class_names, in_channels=loaded[0].in_channels, device=torch_device, source=source,
+                   qc_reference=reference, qc_thresholds=_qc_thresholds(Path(path)))
 
     def predict(self, image: InputImage | Sequence[InputImage], *, case: str | None = None) -> nib.Nifti1Image:
         """Segment one volume.
@@ -171,8 +201,14 @@ class Segmenter:
             DataError: the input is unreadable, ambiguous or not a valid volume.
             GeometryError: the result would not lie exactly on the input grid.
         """
-        labels, reference = self._segment(image, case=case, timings={})
-        return mask_image(labels, reference, num_classes=self.num_classes)
+        prediction, reference = self._segment(image, case=case, timings={}, qc=False)
+        return mask_image(prediction.labels, reference, num_classes=self.num_classes)
+
+    def predict_with_qc(self, image: InputImage | Sequence[InputImage], *, case: str | None = None) -> tuple[nib.Nifti1Image, dict[str, Any]]:
+        """:meth:`predict` and the case's QC record (``{"flag", "score", "reasons", "signals"}``; see docs/quality-control.md)."""
+        prediction, reference = self._segment(image, case=case, timings={}, qc=True)
+        assert prediction.qc is not None
+        return mask_image(prediction.labels, reference, num_classes=self.num_classes), prediction.qc
 
     def predict_file(
         self,
@@ -189,7 +225,7 @@ class Segmenter:
             image: as for :meth:`predict`.
             output: the mask file to write.
             report: if given, also write a JSON run report there (versions, device, model, checkpoint,
-                classes, seconds per stage, output paths; nothing about the patient).
+                classes, seconds per stage, output paths, the QC record when QC is on; nothing about the patient).
             overwrite: replace existing ``output`` (and ``report``).
             case: a name for error messages.
         """
@@ -199,17 +235,19 @@ class Segmenter:
                 raise OutputExistsError(f"output {target} already exists; pass --overwrite to replace it")
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        labels, reference = self._segment(image, case=case, timings=timings)
+        prediction, reference = self._segment(image, case=case, timings=timings, qc=report is not None and self.qc_enabled)
         tick = time.perf_counter()
-        written = write_mask(labels, reference, output, num_classes=self.num_classes, overwrite=overwrite)
+        written = write_mask(prediction.labels, reference, output, num_classes=self.num_classes, overwrite=overwrite)
         timings["write"] = time.perf_counter() - tick
         timings["total"] = time.perf_counter() - started
         if report is not None:
-            self.write_run_report(report, outputs=[written], timings=timings, inputs=as_source_list(image))
+            self.write_run_report(report, outputs=[written], timings=timings, inputs=as_source_list(image), qc=prediction.qc)
         return written
 
-    def run_report(self, *, outputs: Sequence[Path], timings: dict[str, float], inputs: Sequence[object] = ()) -> dict[str, Any]:
-        """The JSON-ready run report of one call: versions, device, model, classes, seconds per stage, outputs."""
+    def run_report(
+        self, *, outputs: Sequence[Path], timings: dict[str, float], inputs: Sequence[object] = (), qc: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The JSON-ready run report of one call: versions, device, model, classes, seconds per stage, outputs, QC record."""
         import monai
 
         from medunet import __version__
@@ -228,23 +266,25 @@ class Segmenter:
             "inputs": [{"source": source_name(s), "kind": k} for s, k in zip(inputs, kinds)],
             "seconds": {stage: round(value, 4) for stage, value in timings.items()},
             "outputs": [str(p) for p in outputs],
+            **({"qc": qc} if qc is not None else {}),
         }
 
     def write_run_report(
-        self, path: str | Path, *, outputs: Sequence[Path], timings: dict[str, float], inputs: Sequence[object] = ()
+        self, path: str | Path, *, outputs: Sequence[Path], timings: dict[str, float], inputs: Sequence[object] = (),
+        qc: dict[str, Any] | None = None,
     ) -> Path:
         """Write :meth:`run_report` to ``path`` atomically."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(self.run_report(outputs=outputs, timings=timings, inputs=inputs), indent=2))
+        atomic_write_text(path, json.dumps(self.run_report(outputs=outputs, timings=timings, inputs=inputs, qc=qc), indent=2))
         return path
 
     def _segment(
-        self, image: InputImage | Sequence[InputImage], *, case: str | None, timings: dict[str, float]
-    ) -> tuple[np.ndarray, nib.Nifti1Image]:
-        """Labels on the input grid, and the input (first channel) image whose header they take."""
+        self, image: InputImage | Sequence[InputImage], *, case: str | None, timings: dict[str, float], qc: bool
+    ) -> tuple[Prediction, nib.Nifti1Image]:
+        """The prediction on the input grid, and the input (first channel) image whose header it takes."""
         prepared = self.prepare(image, case=case, timings=timings)
-        return self.labels_for(prepared, timings=timings), prepared.reference
+        return self.predict_case(prepared, timings=timings, qc=qc), prepared.reference
 
     def prepare(self, image: InputImage | Sequence[InputImage], *, case: str | None = None,
                 timings: dict[str, float] | None = None) -> PreparedCase:
@@ -264,13 +304,17 @@ class Segmenter:
         return self._preprocessed(inputs, reference=images[0], case=case, timings=timings)
 
     @torch.inference_mode()
-    def probabilities(self, image: torch.Tensor) -> torch.Tensor:
+    def probabilities(self, image: torch.Tensor, member_labels: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Softmax probabilities (B, K, X, Y, Z) of a preprocessed batch, averaged over the models of a fold ensemble.
 
         All folds share one preprocessing (checked on loading), so averaging in network space is exact.
+        With ``member_labels`` (and several models), each model's own argmax labels (B, X, Y, Z) are appended to it.
         """
         def run(model: torch.nn.Module) -> torch.Tensor:
-            return predict_probabilities(model, image, self.config, device=self.device, amp=self._amp, num_classes=self.num_classes)
+            probs = predict_probabilities(model, image, self.config, device=self.device, amp=self._amp, num_classes=self.num_classes)
+            if member_labels is not None and len(self.models) > 1:
+                member_labels.append(probs.max(dim=1).indices.cpu())
+            return probs
 
         total = run(self.models[0])
         for model in self.models[1:]:
@@ -293,31 +337,54 @@ class Segmenter:
         self, sources: Sequence[ImageSource], *, reference: nib.Nifti1Image, case: str | None, timings: dict[str, float]
     ) -> PreparedCase:
         tick = time.perf_counter()
+        signals = None
         try:
-            data: dict[str, Any] = self._preprocess({IMAGE: list(sources), "case": case})
+            data: dict[str, Any] = self._preprocess({IMAGE: list(sources), "case": case}, end=1)  # loaded, not yet transformed
+            if self.qc_enabled:  # the raw intensities: normalisation would hide wrong units or another modality
+                qc_tick = time.perf_counter()
+                raw = data[IMAGE]
+                signals = input_signals(np.asarray(raw.detach().cpu()), np.asarray(raw.affine), ct=self._ct)
+                timings["qc_input"] = time.perf_counter() - qc_tick
+            data = self._preprocess(data, start=1)
         except Exception as exc:  # MONAI wraps transform errors; surface our typed one
             cause = unwrap_error(exc)
             if isinstance(cause, MedunetError):
                 raise cause from None
             raise
-        timings["preprocess"] = time.perf_counter() - tick
-        return PreparedCase(data=data, reference=reference, case=case)
+        timings["preprocess"] = time.perf_counter() - tick - timings.get("qc_input", 0.0)
+        return PreparedCase(data=data, reference=reference, case=case, input_signals=signals)
 
     def labels_for(self, prepared: PreparedCase, *, timings: dict[str, float] | None = None) -> np.ndarray:
         """Network, inversion and post-processing of a volume from :meth:`prepare`: labels on its input grid."""
+        return self.predict_case(prepared, timings=timings, qc=False).labels
+
+    def predict_case(
+        self, prepared: PreparedCase, *, timings: dict[str, float] | None = None, qc: bool | None = None, uncertainty_map: bool = False
+    ) -> Prediction:
+        """Labels on the input grid of a volume from :meth:`prepare` and, with ``qc`` (default: :attr:`qc_enabled`), its QC record.
+
+        QC reads the probabilities the network already computed (no second pass); ``uncertainty_map``
+        also inverts their per-voxel entropy onto the input grid.
+        """
         timings = {} if timings is None else timings
+        qc = self.qc_enabled if qc is None else qc
         data, reference, case = dict(prepared.data), prepared.reference, prepared.case
         pre_image = data[IMAGE]
+        members: list[torch.Tensor] = []
         tick = time.perf_counter()
         with self._model_lock:
             timings["wait_for_model"] = time.perf_counter() - tick
-            probs = self.probabilities(torch.as_tensor(pre_image)[None])[0]
+            probs = self.probabilities(torch.as_tensor(pre_image)[None], member_labels=members if qc else None)[0]
         timings["network"] = time.perf_counter() - tick - timings["wait_for_model"]
         if self.config.postprocessing.crf.enabled:  # on the network's grid, before inversion (medunet.postprocessing.crf)
             tick = time.perf_counter()
             probs = dense_crf(probs, torch.as_tensor(pre_image), spacing=spacing_of(np.asarray(pre_image.affine)),
                               config=self.config.postprocessing.crf)
             timings["crf"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        uncertainty = uncertainty_signals(probs, [m[0] for m in members]) if qc else None  # on the network's device
+        entropy = self._inverted_entropy(probs.cpu(), data, reference, case) if uncertainty_map else None
+        timings["qc_uncertainty"] = time.perf_counter() - tick
         tick = time.perf_counter()
         # Invert either the probabilities (linear; argmax on the input grid) or the hard labels (nearest).
         if self.config.inference.resample_probabilities:
@@ -339,7 +406,26 @@ class Segmenter:
             class_names=dict(enumerate(self.class_names)),
         )
         timings["invert_postprocess"] = time.perf_counter() - tick
-        return labels
+        record = None
+        if uncertainty is not None:
+            tick = time.perf_counter()
+            signals: dict[str, Any] = {"uncertainty": uncertainty, "mask": mask_signals(labels, spacing_of(reference.affine), self.num_classes)}
+            if prepared.input_signals is not None:
+                signals = {"input": prepared.input_signals, **signals}
+            record = decide(signals, self.qc_reference, self.class_names, self.qc_thresholds)
+            timings["qc"] = time.perf_counter() - tick + timings.pop("qc_input", 0.0) + timings.pop("qc_uncertainty", 0.0)
+        else:
+            timings.pop("qc_uncertainty", None)
+        return Prediction(labels, record, entropy)
+
+    def _inverted_entropy(self, probs: torch.Tensor, data: dict[str, Any], reference: nib.Nifti1Image, case: str | None) -> np.ndarray:
+        """Per-voxel normalised entropy of ``probs`` brought onto the input grid (linear interpolation), float32."""
+        inverted = self._invert(entropy_map(probs), data, nearest=False)
+        values = torch.as_tensor(inverted)[0].clamp(0.0, 1.0).numpy().astype(np.float32)
+        expected = tuple(int(s) for s in reference.shape[:3])
+        if values.shape != expected or not same_grid(np.asarray(inverted.affine), reference.affine, tolerance=1e-4):
+            raise GeometryError(f"case {case!r}: the inverted uncertainty map has shape {values.shape} (input {expected}); refusing to write it")
+        return values
 
     def _invert(self, values: torch.Tensor, data: dict[str, Any], *, nearest: bool) -> MetaTensor:
         """Bring a (C, X, Y, Z) prediction in network space back to the input grid with MONAI's ``Invertd``."""
@@ -366,6 +452,16 @@ class Segmenter:
                 best = torch.where(better, top, best)
                 labels = torch.where(better, index + start, labels)
         return labels, inverted
+
+
+def _qc_thresholds(path: Path) -> Thresholds | None:
+    """Thresholds calibrated by cross-validation (``<folder>/qc.json``), or None for the defaults."""
+    file = path / QC_FILE
+    if not path.is_dir() or not file.is_file():
+        return None
+    thresholds = load_thresholds(file)
+    log.info("QC thresholds from %s (%s)", file, thresholds.source)
+    return thresholds
 
 
 #: Bytes of inverted class maps held at once on the input grid: the probabilities are inverted a group of classes at a

@@ -172,3 +172,32 @@ def write_mask(
     with atomic_path(path) as tmp:
         nib.save(image, str(tmp))
     return path
+
+
+def write_float_map(
+    values: np.ndarray, reference: nib.Nifti1Image, path: str | Path, *, description: str, overwrite: bool = False
+) -> Path:
+    """Write a float32 map (e.g. per-voxel uncertainty) on ``reference``'s grid to ``path`` atomically.
+
+    Raises:
+        OutputExistsError: ``path`` exists and ``overwrite`` is False.
+        GeometryError: ``values`` does not have the reference's 3D shape.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"output {path} already exists; pass --overwrite to replace it")
+    shape = tuple(int(s) for s in reference.shape[:3])
+    if tuple(values.shape) != shape:
+        raise GeometryError(f"map shape {tuple(values.shape)} differs from the input's {shape}; refusing to write it")
+    header = reference.header.copy()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.float32)
+    header.set_slope_inter(1.0, 0.0)
+    header["descrip"] = description.encode()[:79]
+    header.set_intent("none")
+    image = nib.Nifti1Image(values.astype(np.float32, copy=False), reference.affine, header)
+    image.set_qform(reference.header.get_qform(), code=int(reference.header["qform_code"]))
+    image.set_sform(reference.header.get_sform(), code=int(reference.header["sform_code"]))
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
+    return path

@@ -38,6 +38,7 @@ from medunet.io.datalist import load_datalist
 from medunet.model.checkpoint import Checkpoint, TrainState, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from medunet.model.networks import SegmentationNetwork, build_network
 from medunet.model.sliding import predict_probabilities
+from medunet.qc.reference import training_reference
 from medunet.runtime import amp_dtype, autocast, derived_seed, seed_everything
 from medunet.training import distributed as dist
 from medunet.training.cases import resolve_labels, split_for_run
@@ -197,6 +198,7 @@ class Trainer:
         self.class_names = [labels[i] for i in sorted(labels)]
         self.in_channels = len(self.datalist.training[0].image)
         train_cases, val_cases = split_for_run(self.datalist, config, run_dir, resume, fold)
+        self.fingerprint = training_reference(train_cases, config, self.class_names, self.datalist.modality)  # for QC at inference
         if dist.is_main():
             save_config(config, run_dir / "config.yaml")
         log.info(
@@ -275,7 +277,7 @@ class Trainer:
         return Checkpoint(
             model=self.model.state_dict(), config=config_to_dict(self.config), class_names=list(self.class_names),
             in_channels=self.in_channels, epoch=epoch, modality=self.datalist.modality or self.config.data.modality,
-            medunet_version=__version__, train_state=self.state,
+            medunet_version=__version__, train_state=self.state, fingerprint=self.fingerprint,
         )
 
     def step(self, batch: dict[str, Any], *, desc: str = "step") -> float:

@@ -10,6 +10,8 @@ One call, :func:`run_crossval`, fills a cross-validation folder::
       oof_crf/             the same predictions refined by the dense CRF (postprocessing.crf settings): its candidate in the search
       oof_eval/            metrics.csv, summary.json, report.html of the out-of-fold predictions
       postprocessing.json  the post-processing the out-of-fold predictions support (applied by `medunet infer -m runs/x`)
+      qc.json              the QC review threshold fitted on the out-of-fold cases' true Dice, and what it achieved
+                           (applied by `medunet infer -m runs/x`; see docs/quality-control.md)
       crossval.json        per-fold best validation Dice, out-of-fold Dice before/after post-processing
 
 Restarting the same command skips finished folds, resumes an interrupted one from its
@@ -41,6 +43,8 @@ from medunet.postprocessing.search import (
     save_choice,
     search_postprocessing,
 )
+from medunet.qc.calibrate import calibrate
+from medunet.qc.decide import QC_FILE, Thresholds, save_thresholds
 from medunet.training.splits import Fold, datalist_folds, fold_dir
 
 log = logging.getLogger("medunet")
@@ -97,29 +101,56 @@ def train_folds(datalist_path: Path, root: Path, config: Config, folds: list[Fol
 
 def predict_out_of_fold(
     root: Path, folds: list[Fold], cases: dict[str, Case], *, device: str, progress: bool, try_crf: bool = True
-) -> tuple[Path, Path | None]:
+) -> tuple[Path, Path | None, dict[str, dict[str, Any]]]:
     """Predict each fold's validation cases with that fold's model, on their input grids, into ``root/oof/<case>.nii.gz``
     (no post-processing) and, with ``try_crf``, ``root/oof_crf/<case>.nii.gz`` (only the dense CRF, with the run's
-    ``postprocessing.crf`` settings; None is returned for it otherwise)."""
+    ``postprocessing.crf`` settings; None is returned for it otherwise).
+
+    Also returns each case's QC record (with the fold's own training reference and default thresholds).
+    """
     from tqdm.auto import tqdm
 
     from medunet.inference.segmenter import Segmenter
+    from medunet.io.nifti import write_mask
 
     oof_dir, crf_dir = root / "oof", root / "oof_crf"
     total = sum(len(f.val) for f in folds)
+    records: dict[str, dict[str, Any]] = {}
     with tqdm(total=total, desc="out-of-fold", unit="case", disable=not progress) as bar:
         for fold in folds:
             plain = Segmenter.from_checkpoint(fold_dir(root, fold.index), device=device, overrides=NO_POSTPROCESSING)
+            plain.qc_thresholds = Thresholds()  # calibration starts from the defaults, whatever a previous run stored
             post = plain.config.postprocessing
             with_crf = replace(plain.config, postprocessing=replace(post, crf=replace(post.crf, enabled=True)))
             refined = Segmenter(plain.models, with_crf, class_names=plain.class_names, in_channels=plain.in_channels,
                                 device=plain.device, source=plain.source)
-            runs = ((plain, oof_dir), (refined, crf_dir)) if try_crf else ((plain, oof_dir),)
             for name in fold.val:
-                for segmenter, folder in runs:  # each inverts with its own preprocessing chain
-                    segmenter.predict_file(list(cases[name].image), folder / f"{name}.nii.gz", overwrite=True, case=name)
+                prepared = plain.prepare(list(cases[name].image), case=name)
+                prediction = plain.predict_case(prepared, qc=True)
+                write_mask(prediction.labels, prepared.reference, oof_dir / f"{name}.nii.gz", num_classes=plain.num_classes,
+                           overwrite=True)
+                if prediction.qc is not None:
+                    records[name] = prediction.qc
+                if try_crf:  # inverts with its own preprocessing chain
+                    refined.predict_file(list(cases[name].image), crf_dir / f"{name}.nii.gz", overwrite=True, case=name)
                 bar.update()
-    return oof_dir, crf_dir if try_crf else None
+    return oof_dir, crf_dir if try_crf else None, records
+
+
+def calibrate_qc(records: dict[str, dict[str, Any]], rows: list[dict[str, Any]], path: Path) -> Thresholds:
+    """Fit the QC review threshold on the out-of-fold cases (their QC records and true mean Dice) and save it to ``path``."""
+    by_case: dict[str, list[float]] = {}
+    for row in rows:
+        if row.get("dice") is not None and row["dice"] == row["dice"]:  # NaN: class absent from both masks
+            by_case.setdefault(str(row["case"]), []).append(float(row["dice"]))
+    names = [n for n in records if n in by_case]
+    thresholds = calibrate([records[n] for n in names], [sum(by_case[n]) / len(by_case[n]) for n in names])
+    save_thresholds(thresholds, path)
+    achieved = thresholds.achieved
+    log.info("QC calibrated on %d out-of-fold cases: review below score %.3f flags %d of %d bad and %d good cases "
+             "(Spearman %s, AUROC %s)", achieved["cases"], thresholds.score_review, achieved["bad_flagged"],
+             achieved["bad_cases"], achieved["good_flagged"], achieved["spearman"], achieved["auroc"])
+    return thresholds
 
 
 def run_crossval(
@@ -160,11 +191,12 @@ def run_crossval(
     cases = {c.name: c for c in datalist.training}
     oof_cases = [cases[n] for f in fold_list for n in f.val]
     log.info("predicting %d out-of-fold cases on their original grids", len(oof_cases))
-    oof_dir, crf_dir = predict_out_of_fold(root, fold_list, cases, device=device, progress=progress,
-                                           try_crf=config.postprocessing.crf.search)
+    oof_dir, crf_dir, qc_records = predict_out_of_fold(root, fold_list, cases, device=device, progress=progress,
+                                                       try_crf=config.postprocessing.crf.search)
     labels = resolve_labels(datalist, config)
     evaluation = evaluate(oof_dir, oof_cases, labels, root / "oof_eval",
                           nsd_tolerance_mm=config.evaluation.nsd_tolerance_mm, progress=progress)
+    qc = calibrate_qc(qc_records, evaluation.rows, root / QC_FILE) if qc_records else None
 
     log.info("choosing post-processing on the out-of-fold predictions")
     choice = search_postprocessing(load_search_cases(oof_dir, oof_cases), labels,
@@ -180,6 +212,7 @@ def run_crossval(
         "postprocessing": {n: s for n, s in choice.to_json()["postprocessing"]["classes"].items()},
         "dense_crf_kept": bool(choice.crf is not None and choice.crf.enabled),
         "oof_dice_postprocessed": choice.dice_after,
+        "qc": {"score_review": qc.score_review, **qc.achieved} if qc is not None else None,
     }
     atomic_write_text(root / "crossval.json", json.dumps(summary, indent=2) + "\n")
     return CrossvalResult(root, fold_dice, oof_dir, root / "oof_eval", evaluation.summary, choice, evaluation.report)
