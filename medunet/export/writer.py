@@ -152,7 +152,7 @@ def _write_networks(tmp: Path, segmenter: Segmenter, folds: list[int | None], fo
     """Write each fold's network in each format; the pipeline.json entries and the measured logit differences."""
     window = list(config.roi_size())
     stride = config.model.total_stride()
-    probe = [w + s for w, s in zip(window, stride)]  # another valid size than the traced one
+    probe = [max(s, w - s) for w, s in zip(window, stride)]  # another valid size than the traced one (and cheaper)
     wanted = [f for f in ("onnx", "torchscript") if f in formats or (f == "torchscript" and "bundle" in formats)]
     networks, checks = [], {}
     for fold, model in zip(folds, segmenter.models):
