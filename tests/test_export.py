@@ -238,6 +238,12 @@ def test_a_network_the_exporter_cannot_trace_is_one_export_error(tmp_path: Path)
     assert "\n" not in str(caught.value) and not (tmp_path / "x.onnx").exists()
 
 
+def test_export_help_teaches_by_example(capsys: pytest.CaptureFixture) -> None:
+    assert main(["export", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "Examples" in text and "--format" in text and "bundle" in text
+
+
 def test_onnxruntime_engine_on_a_checkpoint_says_to_export_first(made: dict[str, Path]) -> None:
     with pytest.raises(Exception, match="export first"):
         Segmenter.from_checkpoint(made["run"], overrides=["inference.engine=onnxruntime"])

@@ -69,17 +69,19 @@ def card_json(folds: dict[int | None, Checkpoint], *, source: Path, pipeline: di
               files: dict[str, str]) -> dict[str, Any]:
     """The card's content (``files``: sha256 by relative path of every other file of the package)."""
     first = next(iter(folds.values()))
+    modality = pipeline["modality"]
+    modality = modality if isinstance(modality, str) else "/".join(str(v) for v in dict(modality).values())  # MSD: {"0": "CT"}
     fingerprint = {k: first.fingerprint[k] for k in FINGERPRINT_KEYS if k in first.fingerprint} if first.fingerprint else None
     classes = pipeline["classes"]
     spacing = pipeline["config"]["data"]["target_spacing"]
     return {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.date.today().isoformat(),
-        "model": {"network": first.config.get("model", {}).get("name"), "classes": classes, "modality": pipeline["modality"],
+        "model": {"network": first.config.get("model", {}).get("name"), "classes": classes, "modality": modality,
                   "in_channels": pipeline["in_channels"], "folds": [f for f in folds if f is not None] or None,
                   "trained_with_medunet": first.medunet_version},
         "intended_use": (
-            f"Research and evaluation: automatic {pipeline['modality']} segmentation of {', '.join(classes[1:])} on 3D volumes like "
+            f"Research and evaluation: automatic {modality} segmentation of {', '.join(classes[1:])} on 3D volumes like "
             "the training data summarised here. Every mask needs review by a qualified reader before any clinical use."
         ),
         "limitations": [

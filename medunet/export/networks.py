@@ -13,7 +13,7 @@ import contextlib
 import io
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,7 @@ def _window(in_channels: int, window: Sequence[int], seed: int = 0) -> torch.Ten
 
 
 @contextlib.contextmanager
-def _quiet() -> object:
+def _quiet() -> Iterator[None]:
     """Silence the exporters' deprecation and tracer warnings: they are about torch internals, not the user's model."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -65,7 +65,8 @@ def export_onnx(network: nn.Module, path: Path, *, in_channels: int, window: Seq
     buffer = io.BytesIO()
     try:
         with _quiet(), torch.no_grad():
-            torch.onnx.export(network, (x,), buffer, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=ONNX_OPSET,
+            torch.onnx.export(network, (x,), buffer,  # type: ignore[arg-type]  # the legacy exporter writes to a file object
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=ONNX_OPSET,
                               dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes}, dynamo=False)
         model = onnx.load_from_string(buffer.getvalue())
         onnx.checker.check_model(model, full_check=True)

@@ -121,7 +121,7 @@ def export_model(source: str | Path, out: str | Path, formats: Sequence[str], *,
     if is_package(source):
         raise ExportError(f"{source} is already an exported package; export the run or checkpoint it came from")
     _check_target(out, overwrite)
-    by_fold: dict[int | None, Path] = dict(fold_checkpoints(source, folds)) or {None: resolve_checkpoint(source)}
+    by_fold: dict[int | None, Path] = {k: v for k, v in fold_checkpoints(source, folds).items()} or {None: resolve_checkpoint(source)}
     checkpoints: dict[int | None, Checkpoint] = {k: load_checkpoint(p) for k, p in by_fold.items()}
     segmenter = Segmenter.from_checkpoint(source, device="cpu", overrides=[*overrides, "inference.engine=torch"], folds=folds)
     config = replace(segmenter.config, inference=replace(segmenter.config.inference, engine="auto", device="auto"))
@@ -136,8 +136,8 @@ def export_model(source: str | Path, out: str | Path, formats: Sequence[str], *,
         pipeline = _pipeline(config, segmenter, modality, networks)
         (tmp / PIPELINE_FILE).write_text(json.dumps(pipeline, indent=2) + "\n")
         if "bundle" in formats:
-            written += bundle.write_bundle_configs(tmp, config, segmenter.class_names, modality=pipeline["modality"]
-                                                   if isinstance(pipeline["modality"], str) else config.data.modality, version=__version__)
+            modality_name = pipeline["modality"] if isinstance(pipeline["modality"], str) else config.data.modality
+            written += bundle.write_bundle_configs(tmp, config, segmenter.class_names, modality=modality_name, version=__version__)
         files = {name: sha256_file(tmp / name) for name in [PIPELINE_FILE, *written]}
         card = card_json(checkpoints, source=source, pipeline=pipeline, checks=checks, files=files)
         (tmp / CARD_MARKDOWN).write_text(card_markdown(card))

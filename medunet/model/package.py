@@ -134,7 +134,7 @@ def _read_json(root: Path, name: str) -> dict[str, Any]:
     return value
 
 
-def verify_files(root: Path, manifest: dict[str, Any], required: Sequence[str]) -> None:
+def verify_files(root: Path, manifest: Any, required: Sequence[str]) -> None:
     """Every manifest entry exists with its sha256, and every ``required`` file is in the manifest.
 
     Raises:
