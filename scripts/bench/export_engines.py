@@ -15,6 +15,7 @@ seconds, the network stage, peak RSS, the time ratio and the Dice agreement of t
 
     python scripts/bench/export_engines.py --cache /tmp/engines                   # CT 512x512x300 + MRI
     python scripts/bench/export_engines.py --ct-shape 256 256 150 --json out.json  # a smaller CT
+    python scripts/bench/export_engines.py --modalities MRI                        # the MRI only
     python scripts/bench/export_engines.py --device cuda                           # GPU: onnxruntime-gpu's CUDA provider
 """
 
@@ -128,6 +129,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, help="folder keeping the volumes and models between runs (default: temporary)")
     parser.add_argument("--ct-shape", type=int, nargs=3, default=[512, 512, 300])
     parser.add_argument("--mri-shape", type=int, nargs=3, default=[160, 160, 96])
+    parser.add_argument("--modalities", nargs="+", choices=["CT", "MRI"], default=["CT", "MRI"], help="which volumes to run")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (onnxruntime then uses its CUDA provider if installed)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (onnxruntime uses its default: one per core)")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -146,7 +148,8 @@ def main() -> None:
         cache = args.cache or tmp
         volumes = {"CT": (tuple(args.ct_shape), (0.8, 0.8, 1.5)), "MRI": (tuple(args.mri_shape), (1.0, 1.0, 1.2))}
         results: dict = {}
-        for modality, (shape, spacing) in volumes.items():
+        for modality in args.modalities:
+            shape, spacing = volumes[modality]
             image = make_volume(cache / f"{modality.lower()}_{'x'.join(map(str, shape))}.nii.gz", modality, shape, spacing)
             run, pkg, export_seconds = make_model(cache / f"model-{modality.lower()}", modality)
             print(f"{modality} {shape} @ {spacing} mm; export to ONNX {export_seconds:.1f} s", flush=True)
