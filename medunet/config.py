@@ -329,6 +329,8 @@ class InferenceConfig:
     """auto, cpu, cuda or cuda:N."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Network arithmetic. auto: as train.amp (bf16 on GPUs and CPUs that compute it natively, AVX512-BF16/AMX; fp32 on other CPUs); bf16: always, also where it is emulated (slower); fp32: full precision everywhere."""
+    engine: Literal["auto", "torch", "onnxruntime"] = "auto"
+    """What runs the network. torch: the checkpoint's PyTorch module (or an exported package's TorchScript model.ts); onnxruntime: an exported package's ONNX network in an onnxruntime session (CUDA provider on a GPU when installed, else CPU; needs medunet[onnx]); auto: onnxruntime for a package holding ONNX, torch otherwise. Reading, preprocessing, inversion and post-processing are the same medunet code either way (docs/export.md)."""
     stitch_device: Literal["auto", "device", "cpu"] = "auto"
     """Where windows are blended into the whole-volume result. device: on the GPU (fastest); cpu: in host memory (windows still run on the GPU); auto: device when the estimate (classes x voxels x 4 bytes, plus the weight map) fits in free GPU memory with headroom, else cpu, decided before allocating."""
 

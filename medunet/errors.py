@@ -49,6 +49,14 @@ class CheckpointError(MedunetError):
     """A checkpoint is missing, corrupt, unsafe or incompatible."""
 
 
+class PackageError(CheckpointError):
+    """An exported model package is incomplete, tampered with, or of a schema this medunet does not read."""
+
+
+class ExportError(MedunetError):
+    """A model cannot be exported (no checkpoint, a network the exporter cannot trace, an unsupported setting)."""
+
+
 class OutputExistsError(MedunetError):
     """An output file exists and overwriting was not allowed."""
 

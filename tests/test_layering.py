@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("model",),
     ("check", "planning", "qc"),
     ("training", "inference"),
-    ("evaluation",),
+    ("evaluation", "export"),
     ("workflows",),
     ("cli",),
     ("__main__",),

@@ -11,7 +11,8 @@ from medunet.cli.app import EXIT_ERROR, EXIT_PARTIAL, EXIT_QC_REVIEW, cli, log
 
 @cli.command()
 @click.option("-m", "--model", "model_path", required=True, type=click.Path(path_type=Path),
-              help="A run folder (uses best.pt), a checkpoint file, or a crossval folder (ensemble of its folds).")
+              help="A run folder (uses best.pt), a checkpoint file, a crossval folder (ensemble of its folds), "
+                   "or a package folder from `medunet export`.")
 @click.option("-i", "--input", "input_path", required=True, type=click.Path(path_type=Path),
               help="A .nii/.nii.gz file, a folder of them, a DICOM series folder (or a folder of such folders), "
                    "or a datalist JSON (its \"test\" list).")
@@ -27,6 +28,9 @@ from medunet.cli.app import EXIT_ERROR, EXIT_PARTIAL, EXIT_QC_REVIEW, cli, log
 @click.option("--stats", "stats_csv", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write a CSV of volume (mL) and mean/std intensity (HU for CT) per case and class.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--engine", type=click.Choice(["auto", "torch", "onnxruntime"]), default=None,
+              help="What runs the network (inference.engine): torch, or onnxruntime for a package from `medunet export -f onnx`; "
+                   "default auto: onnxruntime for an ONNX package, torch otherwise.")
 @click.option("--allow-outside-root", is_flag=True, help="With a datalist input: accept paths outside its folder.")
 @click.option("--series", "series_uid", default=None, metavar="UID",
               help="DICOM input: the SeriesInstanceUID to segment when a folder holds several (see `medunet dicom ls`).")
@@ -47,7 +51,7 @@ from medunet.cli.app import EXIT_ERROR, EXIT_PARTIAL, EXIT_QC_REVIEW, cli, log
               help="Also write <case>_uncertainty.nii.gz: per-voxel normalised entropy (0 sure .. 1 unsure) on the input grid.")
 @click.pass_context
 def infer(ctx: click.Context, model_path: Path, input_path: Path, out_dir: Path, overwrite: bool, overrides: tuple[str, ...],
-          folds: str | None, tta: bool, preview: bool, stats_csv: Path | None, device: str, allow_outside_root: bool,
+          folds: str | None, tta: bool, preview: bool, stats_csv: Path | None, device: str, engine: str | None, allow_outside_root: bool,
           series_uid: str | None, allow_resample: bool, output_formats: tuple[str, ...], shard_text: str | None,
           skip_existing: bool, qc_fail: bool, no_qc: bool, uncertainty_map: bool) -> None:
     """Segment volumes with a trained model; masks land exactly on each input's grid.
@@ -66,6 +70,7 @@ def infer(ctx: click.Context, model_path: Path, input_path: Path, out_dir: Path,
       medunet infer -m runs/liver -i scans/ -o preds/ --shard 1/2 --device cuda:1     # half the cases each
       torchrun --nproc-per-node 4 -m medunet infer -m runs/liver -i scans/ -o preds/   # one share per GPU
       medunet infer -m runs/liver -i scans/ -o preds/ --skip-existing   # after an interruption: do the rest
+      medunet infer -m export/liver -i scans/ -o preds/   # a package from `medunet export` (ONNX: onnxruntime)
 
     A case that fails (unreadable file, bad geometry) is reported and the others go on.
     Nothing half-written is ever left at an output path.
@@ -85,7 +90,7 @@ def infer(ctx: click.Context, model_path: Path, input_path: Path, out_dir: Path,
 
     shard = Shard.parse(shard_text) if shard_text is not None else Shard.from_env()
     cases = collect_inputs(input_path, allow_outside_root=allow_outside_root, series_uid=series_uid, allow_resample=allow_resample)
-    extra = list(overrides) + (["inference.tta_flips=true"] if tta else [])
+    extra = list(overrides) + (["inference.tta_flips=true"] if tta else []) + ([f"inference.engine={engine}"] if engine else [])
     segmenter = Segmenter.from_checkpoint(model_path, device=_rank_device(device), overrides=extra, folds=_fold_list(folds))
     if no_qc and (qc_fail or uncertainty_map):
         raise click.UsageError("--no-qc switches quality control off; it cannot be combined with --qc-fail or --uncertainty-map")

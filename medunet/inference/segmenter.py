@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from medunet.io.image import ArrayWithAffine, DicomSource, Source, as_source_lis
 from medunet.io.nifti import ImageSource, label_dtype, mask_image, write_mask
 from medunet.model.checkpoint import Checkpoint, fold_checkpoints, load_checkpoint, resolve_checkpoint
 from medunet.model.networks import build_network
+from medunet.model.package import choose_engine, is_package, load_networks, read_package
 from medunet.model.sliding import inference_dtype, predict_probabilities
 from medunet.postprocessing.crf import dense_crf
 from medunet.postprocessing.operations import postprocess_labels
@@ -155,9 +156,14 @@ class Segmenter:
             overrides: dotted config overrides, e.g. ``["inference.overlap=0.25"]``.
             folds: fold indices to ensemble (default: all folds found).
 
+        An exported package (``medunet export``) loads too: its networks run on ``inference.engine``.
+
         Raises:
             CheckpointError: unreadable checkpoint, missing fold, or folds that disagree on classes, channels or preprocessing.
+            PackageError: a package that is incomplete, changed since export, or of an unknown schema.
         """
+        if is_package(path):
+            return cls._from_package(Path(path), device=device, overrides=overrides, folds=folds)
         by_fold = fold_checkpoints(path, folds)
         checkpoints = list(by_fold.values()) or [resolve_checkpoint(path)]
         loaded = [load_checkpoint(c) for c in checkpoints]
@@ -168,6 +174,8 @@ class Segmenter:
         if chosen is not None:
             values = {**values, "postprocessing": chosen}
         config = config_from_dict(apply_overrides(values, overrides))
+        if config.inference.engine == "onnxruntime":
+            raise CheckpointError(f"the onnxruntime engine runs an exported package; export first: medunet export {path} -o OUT --format onnx")
         torch_device = select_device(device if device != "auto" else config.inference.device)
         models = []
         for checkpoint, saved in zip(checkpoints, loaded):
@@ -183,6 +191,19 @@ class Segmenter:
             log.info("%s has no training reference (trained before QC existed): QC uses the model's uncertainty only", source)
         return cls(models, config, class_names=class_names, in_channels=loaded[0].in_channels, device=torch_device, source=source,
                    qc_reference=reference, qc_thresholds=_qc_thresholds(Path(path)))
+
+    @classmethod
+    def _from_package(cls, path: Path, *, device: str, overrides: Sequence[str], folds: Sequence[int] | None) -> Segmenter:
+        """A Segmenter on a verified exported package: the same config, preprocessing and inversion, another engine."""
+        package = read_package(path, overrides=overrides, folds=folds)
+        engine = choose_engine(package, package.config.inference.engine)
+        config = package.config
+        if engine == "onnxruntime":  # the ONNX graph computes in float32 whatever inference.precision says
+            config = replace(config, inference=replace(config.inference, precision="fp32"))
+        torch_device = select_device(device if device != "auto" else config.inference.device)
+        networks = load_networks(package, engine, torch_device)
+        source = f"{path} (exported package, {engine}, {len(networks)} network(s))"
+        return cls(networks, config, class_names=package.class_names, in_channels=package.in_channels, device=torch_device, source=source)
 
     def predict(self, image: InputImage | Sequence[InputImage], *, case: str | None = None) -> nib.Nifti1Image:
         """Segment one volume.
