@@ -63,6 +63,10 @@ def train(ctx: click.Context, datalist: Path, run_dir: Path, config_path: Path |
     if fold is None and (folds is not None or splits_file is not None):
         raise click.UsageError("--folds and --splits need --fold K (or use `medunet crossval` to train every fold)")
     overrides = (*overrides, *_budget_and_tracking(time_budget, trackers))
+    if trackers:  # a missing tracker package fails before the check, planning or training take time
+        from medunet.training.tracking import require_tracking
+
+        require_tracking(None, trackers)
     root, run_dir = run_dir, (fold_dir(run_dir, fold) if fold is not None else run_dir)
     with distributed.session():  # under torchrun: rank 0 checks, plans and writes splits; the others wait for its result
         if not resume and not skip_check and not (run_dir / "last.pt").exists():  # (an existing run is refused by the trainer)

@@ -26,7 +26,8 @@ class _ClassWeighted(torch.nn.Module):
         self.register_buffer("weight", weight / weight.sum())
 
     def forward(self, output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        per_class = self.loss(output, label).flatten(2).mean(2)  # (batch, classes)
+        values = self.loss(output, label)
+        per_class = values.reshape(values.shape[0], values.shape[1], -1).mean(2)  # (batch, classes)
         return (per_class * self.weight).sum(1).mean()
 
 

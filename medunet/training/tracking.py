@@ -25,15 +25,15 @@ log = logging.getLogger("medunet")
 _NEEDS = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "mlflow": ("mlflow.tracking", "mlflow")}
 
 
-def require_tracking(config: Config) -> None:
-    """Fail early, in one line, when a tracker in ``train.tracking`` is not installed.
+def require_tracking(config: Config | None, names: Sequence[str] = ()) -> None:
+    """Fail early, in one line, when a tracker in ``train.tracking`` (or in ``names``) is not installed.
 
     Raises:
         ConfigError: names the missing package and the extra that installs it.
     """
     import importlib
 
-    for name in _selected(config):
+    for name in sorted({*(_selected(config) if config is not None else []), *names} - {"none"}):
         module, extra = _NEEDS[name]
         try:
             importlib.import_module(module)

@@ -476,6 +476,8 @@ class Trainer:
                 save_checkpoint(saved, self.run_dir / "best.pt")
         if self.budget is not None:
             self._measure_epoch(time.perf_counter() - started, validated)
+            if not last:  # lay the next epochs' steps with this epoch's validation and checkpoint times known
+                self._replan()
         record = EpochRecord(epoch + 1, tc.max_epochs, row, validated, improved, class_dice)
         log.info(_epoch_message(record))
         return record
