@@ -282,7 +282,7 @@ class OptimConfig:
     min_lr: float = 1e-6
     """Floor of the cosine schedule and of plateau reductions (poly decays to 0)."""
     hold_fraction: float | None = None
-    """Fraction of the cosine/poly schedule (after warm-up) held at the peak lr before the decay starts; null: 0 for runs counted in epochs, 0.5 under train.max_minutes (measured on a small low-contrast organ, docs/benchmarks.md)."""
+    """Fraction of the cosine/poly schedule (after warm-up) held at the peak lr before the decay starts; null: 0 for runs counted in epochs, 0.5 under train.max_minutes (a short run must keep its rate high for a good part of its steps to learn a hard class; docs/benchmarks.md#short-time-budgets-which-schedule)."""
     plateau_patience: int = 3
     """Validations without improvement before plateau reduces the LR."""
     plateau_factor: float = 0.5

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from medunet.errors import ConfigError
 
 #: Optimisation steps timed (after the first, which pays one-off costs) before the first estimate.
-WARMUP_STEPS = 3
+WARMUP_STEPS = 2
 
 _UNITS = {"s": 1 / 60, "sec": 1 / 60, "m": 1.0, "min": 1.0, "h": 60.0, "hr": 60.0}
 

@@ -15,7 +15,8 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
 from medunet.config import OptimConfig
 
 #: Fraction of a time-budgeted cosine/poly schedule held at the peak before it decays, when optim.hold_fraction
-#: is null: chosen on the low-contrast small-organ task of scripts/bench/budget_schedule.py (docs/benchmarks.md).
+#: is null. Not yet measured here (scripts/bench/budget_schedule.py did not finish on the shared machine; see
+#: docs/benchmarks.md): chosen because a decay from the first step left a small low-contrast organ unlearnt.
 BUDGET_HOLD_FRACTION = 0.5
 
 
