@@ -70,6 +70,10 @@ class TimeBudget:
         timed = self.step_seconds[1:] if len(self.step_seconds) > 1 else self.step_seconds
         return statistics.median(timed[-50:]) if timed else None
 
+    def validation_time(self) -> float:
+        """The last validation's duration, or before any a guess of three steps' time (it predicts without backward passes)."""
+        return self.validation_seconds if self.validation_seconds is not None else 3 * (self.step_time() or 0.0)
+
     def ready(self) -> bool:
         """Enough steps timed for a first estimate."""
         return len(self.step_seconds) > WARMUP_STEPS
@@ -77,7 +81,7 @@ class TimeBudget:
     def end_reserve(self) -> float:
         """Seconds kept back for the last validation, checkpoint and pictures, plus a safety margin."""
         margin = 0.03 * self.seconds + 2 * (self.step_time() or 0.0)
-        return (self.validation_seconds or 0.0) + 2 * self.epoch_overhead_seconds + margin
+        return self.validation_time() + 2 * self.epoch_overhead_seconds + margin
 
     def plan(self, steps_done: int, steps_per_epoch: int, val_every: int) -> Plan:
         """Steps (the ``steps_done`` included) that fit in the remaining budget at the measured speeds."""
@@ -91,5 +95,5 @@ class TimeBudget:
     def out_of_time(self) -> bool:
         """True when one more step would leave too little for the final validation and checkpoint."""
         step = self.step_time() or 0.0
-        needed = step + (self.validation_seconds or 0.0) + 2 * self.epoch_overhead_seconds + 0.01 * self.seconds
+        needed = step + self.validation_time() + 2 * self.epoch_overhead_seconds + 0.01 * self.seconds
         return self.elapsed() + needed > self.seconds
