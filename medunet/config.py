@@ -232,16 +232,33 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Dice + cross-entropy loss (MONAI DiceCELoss)."""
+    """The training loss (MONAI's implementations), applied to every deep-supervision head."""
 
+    name: Literal["dice_ce", "dice", "dice_focal", "focal", "tversky", "generalized_dice"] = "dice_ce"
+    """dice_ce: soft Dice + cross-entropy (robust default); dice: soft Dice alone; dice_focal: soft Dice + focal; focal: focal loss alone (cross-entropy that down-weights easy voxels); tversky: Tversky index (loss.tversky_alpha/beta trade false positives against false negatives); generalized_dice: Dice with classes weighted by inverse squared volume. For small structures: dice_ce or dice_focal first; tversky with beta > alpha (e.g. 0.3/0.7) when they are under-segmented; generalized_dice when several classes differ greatly in size (docs/training.md#choosing-a-loss)."""
     dice_weight: float = 1.0
-    """Weight of the soft Dice term."""
+    """Weight of the soft Dice term (dice_ce, dice_focal)."""
     ce_weight: float = 1.0
-    """Weight of the cross-entropy term."""
+    """Weight of the cross-entropy term (dice_ce) or of the focal term (dice_focal)."""
     include_background: bool = False
-    """Include the background class in the Dice term."""
+    """Include the background class in the region (Dice, Tversky, generalised Dice) terms; cross-entropy and focal alone always include it."""
     class_weights: tuple[float, ...] | None = None
-    """Cross-entropy weight per class (background first), or null for equal weights."""
+    """Weight per class (background first), or null for equal weights: the cross-entropy weight for dice_ce, the per-class weight of the other losses (a factor on the inverse-volume weight for generalized_dice)."""
+    focal_gamma: float = 2.0
+    """Focusing exponent of the focal term (focal, dice_focal); 0 turns it into cross-entropy."""
+    tversky_alpha: float = 0.5
+    """Tversky weight of false positives (tversky); alpha = beta = 0.5 is the Dice loss."""
+    tversky_beta: float = 0.5
+    """Tversky weight of false negatives (tversky); raise it (e.g. 0.7, with alpha 0.3) to penalise missed voxels of small structures more."""
+
+    def __post_init__(self) -> None:
+        if self.class_weights is not None and (min(self.class_weights, default=-1) < 0 or sum(self.class_weights) <= 0):
+            raise ConfigError(f"loss.class_weights must be >= 0 with a positive sum, got {list(self.class_weights)}")
+        if self.tversky_alpha < 0 or self.tversky_beta < 0 or self.tversky_alpha + self.tversky_beta <= 0:
+            raise ConfigError(f"loss.tversky_alpha and loss.tversky_beta must be >= 0 with a positive sum, got "
+                              f"{self.tversky_alpha} and {self.tversky_beta}")
+        if self.focal_gamma < 0:
+            raise ConfigError(f"loss.focal_gamma must be >= 0, got {self.focal_gamma}")
 
 
 @dataclass(frozen=True)
@@ -263,7 +280,9 @@ class OptimConfig:
     poly_power: float = 0.9
     """Exponent of the poly schedule."""
     min_lr: float = 1e-6
-    """Floor of the cosine schedule and of plateau reductions."""
+    """Floor of the cosine schedule and of plateau reductions (poly decays to 0)."""
+    hold_fraction: float | None = None
+    """Fraction of the cosine/poly schedule (after warm-up) held at the peak lr before the decay starts; null: 0 for runs counted in epochs, 0.5 under train.max_minutes (a short run must keep its rate high for a good part of its steps to learn a hard class; docs/benchmarks.md#short-time-budgets-which-schedule)."""
     plateau_patience: int = 3
     """Validations without improvement before plateau reduces the LR."""
     plateau_factor: float = 0.5
@@ -276,6 +295,8 @@ class OptimConfig:
             raise ConfigError(f"optim.lr must be positive, got {self.lr}")
         if self.warmup_epochs < 0:
             raise ConfigError(f"optim.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.hold_fraction is not None and not 0.0 <= self.hold_fraction < 1.0:
+            raise ConfigError(f"optim.hold_fraction must be in [0, 1), got {self.hold_fraction}")
 
 
 @dataclass(frozen=True)
@@ -283,7 +304,9 @@ class TrainConfig:
     """The training loop."""
 
     max_epochs: int = 300
-    """Number of epochs."""
+    """Number of epochs (an upper bound when train.max_minutes is set)."""
+    max_minutes: float | None = None
+    """Wall-clock budget in minutes for the whole training (data caching, validation and the last checkpoint included), or null for none. The lr schedule is then laid over the steps estimated to fit, re-estimated every epoch, so it reaches optim.min_lr when the budget ends (docs/training.md#time-budget). CLI: --time-budget 90m."""
     iterations_per_epoch: int | None = None
     """Batches per epoch; null: one pass over the training cases (samples_per_volume patches each)."""
     batch_size: int = 2
@@ -291,7 +314,15 @@ class TrainConfig:
     val_every: int = 5
     """Validate (sliding window over whole validation volumes) every N epochs, and after the last."""
     early_stopping_patience: int | None = None
-    """Stop after this many validations without a better mean Dice; null: never."""
+    """Stop after this many validations without a better mean validation score (train.selection_metric); null: never."""
+    selection_metric: Literal["dice", "iou"] = "dice"
+    """Mean validation score over the foreground classes that picks best.pt and drives early stopping and the plateau schedule: dice, or iou (Jaccard). Both are written per class to metrics.csv either way."""
+    tracking: tuple[Literal["none", "tensorboard", "mlflow"], ...] = ()
+    """Experiment trackers to log to, e.g. [tensorboard, mlflow]: losses, lr, per-class validation scores, step time, the config and the pictures. tensorboard: event files in <run>/tensorboard (pip install 'medunet[tensorboard]'); mlflow: train.mlflow_uri (pip install 'medunet[mlflow]')."""
+    mlflow_uri: str | None = None
+    """MLflow tracking URI; null: a local file store in <run>/mlruns."""
+    snapshots: bool = True
+    """Watch it learn: at each validation keep the prediction on a fixed slice of the first validation case (three views, reference contour drawn), and at the end draw learning.png (a grid over epochs, with the training curve) and learning.gif."""
     seed: int = 0
     """Seed of every random number generator; each epoch reseeds from (seed, epoch) so a resumed run repeats an uninterrupted one."""
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
@@ -307,6 +338,8 @@ class TrainConfig:
         for name in ("max_epochs", "batch_size", "val_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ConfigError(f"train.max_minutes must be positive (or null for no budget), got {self.max_minutes}")
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,39 @@ def make_phantom(
     return image.astype(np.float32), label
 
 
+#: Small-organ task: the small organ is this many HU brighter than the tissue around it, less than the noise.
+SMALL_ORGAN_CONTRAST_HU = 20.0
+SMALL_ORGAN_NOISE_HU = 30.0
+
+
+def make_small_organ_phantom(shape: Sequence[int] = (48, 48, 40), *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A CT phantom with a large, clear organ (class 1) and a small, low-contrast one (class 2).
+
+    The small organ (radii 6-9 % of the volume, about 0.3 % of its voxels) is only
+    :data:`SMALL_ORGAN_CONTRAST_HU` brighter than the tissue around it, while the voxel noise has a
+    standard deviation of :data:`SMALL_ORGAN_NOISE_HU`: it cannot be thresholded voxel by voxel, and
+    a network finds it late in training, from texture and its place next to the large organ. This is
+    the hardest-class case that short time-budgeted runs must still learn (scripts/bench/budget_schedule.py).
+    """
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(s) for s in shape)
+    size = np.asarray(shape, dtype=float)
+    body = _ellipsoid(shape, size / 2 + rng.uniform(-0.03, 0.03, 3) * size, size * rng.uniform(0.40, 0.46, 3))
+    label = np.zeros(shape, dtype=np.uint8)
+    big_centre = size / 2 + np.array([-1.0, -1.0, 0.0]) * size * rng.uniform(0.08, 0.12, 3)
+    label[_ellipsoid(shape, big_centre, size * rng.uniform(0.14, 0.20, 3)) & body] = 1
+    small_centre = size / 2 + np.array([1.0, 1.0, 0.0]) * size * rng.uniform(0.12, 0.18, 3)
+    label[_ellipsoid(shape, small_centre, size * rng.uniform(0.06, 0.09, 3)) & body & (label == 0)] = 2
+    tissue = rng.uniform(30.0, 50.0)
+    image = np.full(shape, -1000.0)
+    image[body] = tissue
+    image[label == 1] = CT_ORGAN_HU[0] + rng.uniform(-15.0, 15.0)
+    image[label == 2] = tissue + SMALL_ORGAN_CONTRAST_HU
+    noise = ndimage.gaussian_filter(rng.normal(0.0, 1.0, shape), 0.7)
+    image += noise * (SMALL_ORGAN_NOISE_HU / noise.std())
+    return image.astype(np.float32), label
+
+
 def as_stored(array: np.ndarray, axcodes: str) -> np.ndarray:
     """A RAS-ordered voxel array as it would lie in a file whose voxel axes point along ``axcodes``."""
     ornt = nib.orientations.ornt_transform(
@@ -140,14 +173,18 @@ def write_dataset(
     modality: str = "CT",
     seed: int = 0,
     axcodes: Sequence[str] = ("RAS", "LPS"),
+    small_organ: bool = False,
 ) -> Path:
     """Write a small MSD-style dataset (imagesTr/, labelsTr/, imagesTs/, dataset.json).
 
     Cases alternate between the orientations in ``axcodes`` so every pipeline run also
-    exercises reorientation. Returns the datalist path.
+    exercises reorientation. With ``small_organ`` the cases are :func:`make_small_organ_phantom`
+    (CT, three classes; ``num_classes`` and ``modality`` are ignored). Returns the datalist path.
     """
     out = Path(out_dir)
-    names = ["background", "organ", "vessel", "lesion"][:num_classes]
+    if small_organ:
+        num_classes, modality = 3, "CT"
+    names = ["background", "organ", "small_organ" if small_organ else "vessel", "lesion"][:num_classes]
     datalist: dict = {
         "name": "medunet synthetic phantoms",
         "modality": {"0": modality.upper()},
@@ -156,7 +193,10 @@ def write_dataset(
         "test": [],
     }
     for i in range(num_train + num_test):
-        image, label = make_phantom(shape, seed=seed * 1000 + i, num_classes=num_classes, modality=modality)
+        if small_organ:
+            image, label = make_small_organ_phantom(shape, seed=seed * 1000 + i)
+        else:
+            image, label = make_phantom(shape, seed=seed * 1000 + i, num_classes=num_classes, modality=modality)
         codes = axcodes[i % len(axcodes)]
         affine = grid_affine(spacing, axcodes=codes, origin=(-30.0 + i, 20.0, -15.0 - 2 * i))
         image, label = as_stored(image, codes), as_stored(label, codes)

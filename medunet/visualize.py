@@ -297,3 +297,83 @@ def save_contour_overlay(
     if title:
         fig.suptitle(title)
     _save(fig, out_png)
+
+
+# --------------------------------------------------------------------------- watching a run learn
+
+#: Colour of the reference contour in the learning pictures (pure yellow, unlike every class colour).
+REFERENCE_CONTOUR = (255, 255, 0)
+_GAP = 4
+
+
+def _rgb(colour: str) -> np.ndarray:
+    return (np.array(to_rgba(colour)[:3]) * 255).astype(np.float64)
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    """Pixels of a 2D mask with a 4-neighbour outside it (a one-pixel contour)."""
+    padded = np.pad(mask, 1)
+    inner = padded[1:-1, :-2] & padded[1:-1, 2:] & padded[:-2, 1:-1] & padded[2:, 1:-1]
+    return mask & ~inner
+
+
+def learning_view(image: np.ndarray, reference: np.ndarray, prediction: np.ndarray, *, window: tuple[float, float]) -> np.ndarray:
+    """One 2D slice as RGB (uint8): grey image, prediction filled per class, reference contour in yellow.
+
+    The arrays are in display orientation already (rows top-down); the picture is enlarged by whole
+    pixels to about 160 pixels so small structures stay visible.
+    """
+    low, high = window
+    grey = np.clip((image - low) / max(high - low, 1e-6), 0.0, 1.0) * 255.0
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    for value in np.unique(prediction[prediction > 0]):
+        mask = prediction == value
+        rgb[mask] = (1 - _ALPHA - 0.1) * rgb[mask] + (_ALPHA + 0.1) * _rgb(class_colour(int(value)))
+    scale = max(1, 160 // max(image.shape))
+    rgb = np.kron(rgb, np.ones((scale, scale, 1)))
+    for value in np.unique(reference[reference > 0]):
+        mask = np.kron(reference == value, np.ones((scale, scale), dtype=bool))
+        rgb[_boundary(mask)] = REFERENCE_CONTOUR
+    return rgb.astype(np.uint8)
+
+
+def learning_frame(views: Sequence[np.ndarray], caption: str) -> np.ndarray:
+    """The views side by side under a caption line (RGB uint8), on a black background."""
+    from PIL import Image, ImageDraw
+
+    height = max(v.shape[0] for v in views)
+    width = sum(v.shape[1] for v in views) + _GAP * (len(views) - 1)
+    header = 14
+    frame = np.zeros((height + header, width, 3), dtype=np.uint8)
+    x = 0
+    for view in views:
+        frame[header : header + view.shape[0], x : x + view.shape[1]] = view
+        x += view.shape[1] + _GAP
+    picture = Image.fromarray(frame)
+    ImageDraw.Draw(picture).text((2, 1), caption, fill=(255, 255, 255))
+    return np.asarray(picture)
+
+
+def save_learning_pictures(
+    frames: Sequence[np.ndarray], out_png: Path, out_gif: Path, *, curve_png: Path | None = None, max_rows: int = 8
+) -> None:
+    """``out_png``: up to ``max_rows`` frames (first and last included) stacked, then the training curve;
+    ``out_gif``: every frame in turn, the last held longer. Both written atomically."""
+    from PIL import Image
+
+    if not frames:
+        raise ValueError("no learning frames to draw")
+    picks = sorted({round(i * (len(frames) - 1) / max(1, max_rows - 1)) for i in range(min(max_rows, len(frames)))})
+    rows = [frames[i] for i in picks]
+    width = max(f.shape[1] for f in rows)
+    parts = [np.pad(f, ((0, _GAP), (0, width - f.shape[1]), (0, 0))) for f in rows]
+    if curve_png is not None and curve_png.is_file():
+        curve = Image.open(curve_png).convert("RGB")
+        curve = curve.resize((width, max(1, round(curve.height * width / curve.width))))
+        parts.append(np.asarray(curve))
+    with atomic_path(Path(out_png)) as tmp:
+        Image.fromarray(np.concatenate(parts, axis=0)).save(tmp, format="PNG")
+    images = [Image.fromarray(np.pad(f, ((0, 0), (0, width - f.shape[1]), (0, 0)))) for f in frames]
+    durations = [600] * (len(images) - 1) + [2000]
+    with atomic_path(Path(out_gif)) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)

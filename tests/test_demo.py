@@ -17,6 +17,7 @@ def test_demo_leaves_a_usable_run_folder(tmp_path: Path) -> None:
     result = run_demo(tmp_path / "demo", epochs=1, num_train=4, num_test=1, device="cpu", progress=False)
     assert (result.run_dir / "best.pt").is_file() and (result.run_dir / "train_curve.png").is_file()
     assert result.preview.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in result.learning] == ["learning.png", "learning.gif"]  # one validation: one frame
     assert set(result.test_dice) == {"organ", "vessel"}
     assert all(0.0 <= d <= 1.0 for d in result.test_dice.values())
     masks = sorted(result.pred_dir.glob("*.nii.gz"))

@@ -32,6 +32,7 @@ def demo(ctx: click.Context, out_dir: Path, epochs: int | None, device: str, ove
         f"run folder (model, metrics.csv, train_curve.png): {result.run_dir}",
         f"predicted masks:                                  {result.pred_dir}",
         f"image / reference / prediction picture:           {result.preview}",
+        *(f"watch it learn:                                   {path}" for path in result.learning),
         f"next: medunet infer -m {result.run_dir} -i {result.out_dir / 'data' / 'imagesTs'} -o {result.out_dir / 'preds2'}",
     ]
     click.echo("\n".join(lines))

@@ -22,6 +22,11 @@ from medunet.errors import ConfigError
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config field, e.g. --set train.max_epochs=100 --set augmentation.patch_size=[128,128,64]. Repeatable.")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (default: train.device from the config).")
+@click.option("--time-budget", "time_budget", default=None, metavar="DURATION",
+              help="Train for this long, e.g. 90m, 1.5h or 5400s (sets train.max_minutes; train.max_epochs becomes an upper bound). "
+                   "The lr schedule is laid over the steps that fit; validation and the last checkpoint are inside the budget.")
+@click.option("--track", "trackers", multiple=True, type=click.Choice(["tensorboard", "mlflow"]),
+              help="Log to an experiment tracker (sets train.tracking); repeatable. Needs the extra: pip install 'medunet[tensorboard]'.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt (its saved config plus any --set).")
 @click.option("--allow-outside-root", is_flag=True, help="Accept datalist paths that are absolute or leave the datalist's folder.")
 @click.option("--skip-check", is_flag=True, help="Do not run `medunet check` on the datalist before training (it never runs on --resume).")
@@ -33,7 +38,8 @@ from medunet.errors import ConfigError
 @click.pass_context
 def train(ctx: click.Context, datalist: Path, run_dir: Path, config_path: Path | None, overrides: tuple[str, ...],
           device: str | None, resume: bool, allow_outside_root: bool, fold: int | None, folds: int | None,
-          splits_file: Path | None, gpu_memory: float | None, skip_check: bool) -> None:
+          splits_file: Path | None, gpu_memory: float | None, skip_check: bool, time_budget: str | None,
+          trackers: tuple[str, ...]) -> None:
     """Train a segmentation model on DATALIST (MSD/MONAI JSON; paths relative to it).
 
     \b
@@ -42,6 +48,7 @@ def train(ctx: click.Context, datalist: Path, run_dir: Path, config_path: Path |
       medunet train brain.json -o runs/tumour -c configs/mri.yaml --set train.max_epochs=500
       medunet train dataset.json -o runs/spleen --resume --set train.max_epochs=400
       medunet train dataset.json -o runs/auto --gpu-memory 11     # no -c: plan from the data first
+      medunet train dataset.json -o runs/night -c configs/ct.yaml --time-budget 8h --track tensorboard
       medunet train dataset.json -o runs/spleen_cv --fold 0 --folds 5     # one fold; all: medunet crossval
       torchrun --nproc-per-node 4 -m medunet train dataset.json -o runs/spleen -c configs/ct.yaml   # 4 GPUs
 
@@ -55,6 +62,11 @@ def train(ctx: click.Context, datalist: Path, run_dir: Path, config_path: Path |
 
     if fold is None and (folds is not None or splits_file is not None):
         raise click.UsageError("--folds and --splits need --fold K (or use `medunet crossval` to train every fold)")
+    overrides = (*overrides, *_budget_and_tracking(time_budget, trackers))
+    if trackers:  # a missing tracker package fails before the check, planning or training take time
+        from medunet.training.tracking import require_tracking
+
+        require_tracking(None, trackers)
     root, run_dir = run_dir, (fold_dir(run_dir, fold) if fold is not None else run_dir)
     with distributed.session():  # under torchrun: rank 0 checks, plans and writes splits; the others wait for its result
         if not resume and not skip_check and not (run_dir / "last.pt").exists():  # (an existing run is refused by the trainer)
@@ -71,9 +83,19 @@ def train(ctx: click.Context, datalist: Path, run_dir: Path, config_path: Path |
             return
     per_class = ", ".join(f"{k} {v:.3f}" for k, v in result.class_dice.items())
     click.echo(
-        f"best validation mean Dice {result.best_dice:.4f} at epoch {result.best_epoch} ({per_class}); "
-        f"model in {run_dir / 'best.pt'}"
+        f"best validation mean Dice {result.best_dice:.4f} (IoU {result.best_iou:.4f}) at epoch {result.best_epoch} ({per_class}); "
+        f"{result.epochs_completed} epochs, {result.minutes:.1f} min; model in {run_dir / 'best.pt'}"
     )
+
+
+def _budget_and_tracking(time_budget: str | None, trackers: tuple[str, ...]) -> list[str]:
+    """``--set`` overrides for ``--time-budget`` and ``--track``."""
+    from medunet.training.budget import parse_duration
+
+    extra = [f"train.max_minutes={parse_duration(time_budget)!r}"] if time_budget else []
+    if trackers:
+        extra.append(f"train.tracking=[{','.join(dict.fromkeys(trackers))}]")
+    return extra
 
 
 def _check_before_training(datalist: Path, config_path: Path | None, overrides: tuple[str, ...], allow_outside_root: bool,

@@ -19,6 +19,11 @@ def dice_column(name: str) -> str:
     return f"val_dice_{name}"
 
 
+def iou_column(name: str) -> str:
+    """CSV column of one class's validation IoU (Jaccard)."""
+    return f"val_iou_{name}"
+
+
 class MetricsLog:
     """Per-epoch metrics, rewritten atomically as ``metrics.csv`` and drawn as ``train_curve.png``.
 
@@ -32,7 +37,10 @@ class MetricsLog:
         self.write = write
         self.class_names = list(class_names)
         self.rows: list[dict[str, Any]] = list(rows or [])
-        self.columns = ["epoch", "train_loss", "lr", "val_dice_mean", *map(dice_column, self.class_names), "epoch_seconds"]
+        self.columns = [
+            "epoch", "train_loss", "lr", "val_dice_mean", *map(dice_column, self.class_names),
+            "val_iou_mean", *map(iou_column, self.class_names), "step_seconds", "epoch_seconds",
+        ]
 
     def add(self, row: dict[str, Any], *, draw: bool) -> None:
         """Record one epoch; write the CSV, and redraw the curve when ``draw`` (after a validation)."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -41,12 +40,15 @@ from medunet.model.sliding import predict_probabilities
 from medunet.qc.reference import training_reference
 from medunet.runtime import amp_dtype, autocast, derived_seed, seed_everything
 from medunet.training import distributed as dist
+from medunet.training.budget import TimeBudget
 from medunet.training.cases import resolve_labels, split_for_run
 from medunet.training.data import batch_cases, preprocessing_key, training_loader, validation_dataset
 from medunet.training.losses import DeepSupervisionLoss
-from medunet.training.optim import build_optimizer, build_scheduler, continue_schedule
-from medunet.training.records import MetricsLog, dice_column
+from medunet.training.optim import build_optimizer, build_scheduler, continue_schedule, step_schedule
+from medunet.training.records import MetricsLog, dice_column, iou_column
+from medunet.training.snapshots import LearningSnapshots
 from medunet.training.splits import Fold
+from medunet.training.tracking import Tracker, open_tracking, require_tracking
 
 log = logging.getLogger("medunet")
 
@@ -57,10 +59,15 @@ class TrainResult:
 
     run_dir: Path
     best_dice: float
+    """Mean validation Dice of the best epoch (the one train.selection_metric picked)."""
     best_epoch: int
     epochs_completed: int
     class_dice: dict[str, float] = field(default_factory=dict)
     stopped_early: bool = False
+    best_iou: float = 0.0
+    """Mean validation IoU of the best epoch."""
+    minutes: float = 0.0
+    """Wall-clock minutes of this training session."""
 
 
 @dataclass(frozen=True)
@@ -93,31 +100,53 @@ def _cycle(loader: Any, count: int) -> Iterator[dict[str, Any]]:
                 return
 
 
+@dataclass
+class ValidationScores:
+    """Mean scores per foreground class over the validation volumes (NaN for classes absent everywhere)."""
+
+    dice: np.ndarray
+    iou: np.ndarray
+    first_prediction: np.ndarray | None = None
+    """Label map predicted for the first volume (this rank's), when asked for (the learning snapshots)."""
+
+    def mean(self, metric: str) -> float:
+        """Mean over the classes present of ``dice`` or ``iou`` (0 when none is)."""
+        scores = self.iou if metric == "iou" else self.dice
+        return float(np.nanmean(scores)) if np.isfinite(scores).any() else 0.0
+
+
 @torch.no_grad()
 def validate(
-    model: SegmentationNetwork, dataset: Any, config: Config, *, num_classes: int, device: torch.device, amp: torch.dtype | None
-) -> np.ndarray:
-    """Mean Dice per foreground class over the validation volumes (NaN for classes absent everywhere).
+    model: SegmentationNetwork, dataset: Any, config: Config, *, num_classes: int, device: torch.device, amp: torch.dtype | None,
+    keep_first: bool = False,
+) -> ValidationScores:
+    """Dice and IoU per foreground class, averaged over the validation volumes, in one pass.
 
-    Under torchrun each rank passes its shard of the volumes; the per-class sums and counts of all
-    ranks are added, so the result is the mean over every validation volume, the same on each rank.
+    Each volume's IoU comes from its Dice (IoU = D / (2 - D): the same overlap counts). Under torchrun
+    each rank passes its shard of the volumes; the per-class sums and counts of all ranks are added,
+    so the result is the mean over every validation volume, the same on each rank.
     """
-    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+    first = None
     for i in range(len(dataset)):
         item = dataset[i]
         image = torch.as_tensor(item["image"])[None]
         label = torch.as_tensor(item["label"])[None].to(device)
         probs = predict_probabilities(model, image, config, device=device, amp=amp)
-        pred = one_hot(probs.max(dim=1, keepdim=True).indices, num_classes)  # faster than argmax on CPU
-        metric(y_pred=pred, y=one_hot(label.long(), num_classes))
-    if not dist.is_distributed():
-        return metric.aggregate().cpu().numpy().astype(np.float64)
+        indices = probs.max(dim=1, keepdim=True).indices  # faster than argmax on CPU
+        if keep_first and i == 0:
+            first = indices[0, 0].cpu().numpy().astype(np.uint8)
+        metric(y_pred=one_hot(indices, num_classes), y=one_hot(label.long(), num_classes))
     scores = metric.get_buffer() if len(dataset) else None  # (volumes, classes); NaN where a class is absent
-    per_case = np.zeros((0, num_classes - 1)) if scores is None else scores.cpu().numpy().astype(np.float64)
-    found = np.isfinite(per_case)
-    sums = dist.all_reduce_sum(np.stack([np.where(found, per_case, 0.0).sum(0), found.sum(0)]))
+    dice = np.zeros((0, num_classes - 1)) if scores is None else scores.cpu().numpy().astype(np.float64)
+    found = np.isfinite(dice)
+    iou = np.where(found, dice / (2.0 - np.where(found, dice, 0.0)), 0.0)
+    sums = np.stack([np.where(found, dice, 0.0).sum(0), iou.sum(0), found.sum(0)])
+    if dist.is_distributed():
+        sums = dist.all_reduce_sum(sums)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(sums[1] > 0, sums[0] / np.maximum(sums[1], 1), np.nan)
+        means = np.where(sums[2] > 0, sums[:2] / np.maximum(sums[2], 1), np.nan)
+    return ValidationScores(means[0], means[1], first)
 
 
 def train(
@@ -191,8 +220,16 @@ class Trainer:
     ) -> None:
         self.config, self.run_dir, self.progress = config, run_dir, progress
         tc = config.train
+        self.started = time.perf_counter()
+        self.budget = TimeBudget(tc.max_minutes, started=self.started) if tc.max_minutes else None
+        self.steps_done = 0  # optimisation steps so far (a time-budgeted run's schedule counts in steps)
+        self.stop_now = False  # set when the time budget ends the run before its planned steps
+        self.last_lr = config.optim.lr
+        self._planned, self._plan_total = False, 0  # the budget's first estimate is made; its step total
         self.device = dist.device_for(tc.device)
         self.amp = amp_dtype(tc.amp, self.device)
+        if dist.is_main():
+            require_tracking(config)  # a missing tracker package stops the run before any data is read
         self.datalist = load_datalist(datalist_path, allow_outside_root=config.data.allow_outside_root)
         labels = resolve_labels(self.datalist, config)
         self.class_names = [labels[i] for i in sorted(labels)]
@@ -212,12 +249,18 @@ class Trainer:
         self.state = TrainState(optimizer={}, scheduler={}, rng={})
         self.start_epoch = 0
         self.metrics = MetricsLog(run_dir, self.class_names[1:], write=dist.is_main())
+        self.snapshots = LearningSnapshots(run_dir, self.val_ds, self.class_names) if tc.snapshots and dist.is_main() else None
         if resume:
             self._restore(run_dir / "last.pt")
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimisation steps in a full epoch (equal on every rank: training shards are equally long)."""
+        return self.config.train.iterations_per_epoch or len(self.loader)
 
     def _prepare_data(self, train_cases: list[Any], val_cases: list[Any]) -> None:
         """Preprocess and cache this rank's volumes; build the training loader and the validation set."""
@@ -245,7 +288,8 @@ class Trainer:
         self.model: SegmentationNetwork = model
         self.loss_fn = DeepSupervisionLoss(config, self.num_classes).to(self.device)
         self.optimizer = build_optimizer(config.optim, model)
-        self.scheduler = build_scheduler(config.optim, self.optimizer, tc.max_epochs)
+        self.scheduler = build_scheduler(config.optim, self.optimizer, tc.max_epochs,
+                                         steps_per_epoch=self.steps_per_epoch if self.budget else None)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.trained: torch.nn.Module = dist.wrap(model, self.device)  # DDP under torchrun; ``model`` stays the plain network
         if tc.compile:
@@ -260,6 +304,7 @@ class Trainer:
         self.model.load_state_dict(saved.model)
         self.optimizer.load_state_dict(saved.train_state.optimizer)
         self.scheduler.load_state_dict(saved.train_state.scheduler)
+        self._continue_steps(saved.epoch, saved.train_state.scheduler)
         continue_schedule(self.scheduler, self.config.optim, self.config.train.max_epochs)
         if saved.train_state.scaler:
             self.scaler.load_state_dict(saved.train_state.scaler)
@@ -267,7 +312,34 @@ class Trainer:
         self.start_epoch, self.state = saved.epoch, saved.train_state
         self.metrics = MetricsLog(self.run_dir, self.class_names[1:], rows=self.state.history[: self.start_epoch], write=dist.is_main())
         self.metrics.write_csv()
-        log.info("resuming after epoch %d (best mean Dice %.4f at epoch %d)", self.start_epoch, self.state.best_dice, self.state.best_epoch)
+        log.info("resuming after epoch %d (best mean %s %.4f at epoch %d)", self.start_epoch, self.config.train.selection_metric,
+                 self.state.best_dice, self.state.best_epoch)
+
+    def _continue_steps(self, epochs_done: int, saved_scheduler: dict[str, Any]) -> None:
+        """Count the steps a resumed run has done and put its scheduler on them (epochs or steps).
+
+        A time-budgeted run resumed with a budget gets a fresh budget: its schedule continues from the
+        progress it had made and is laid over the steps the new budget allows.
+        """
+        schedule = step_schedule(self.scheduler)
+        saved_in_steps = isinstance((saved_scheduler.get("lr_lambdas") or [None])[0], dict) and "total_steps" in saved_scheduler["lr_lambdas"][0]
+        if schedule is None:
+            self.steps_done = epochs_done * self.steps_per_epoch
+            if not isinstance(self.scheduler, ReduceLROnPlateau):
+                self.scheduler.last_epoch = epochs_done  # the same number unless the saved run was time-budgeted
+            return
+        self.steps_done = self.scheduler.last_epoch if saved_in_steps else epochs_done * self.steps_per_epoch
+        if not saved_in_steps:  # a run counted in epochs continued under a budget: a fresh decay from the peak
+            schedule.anchor_step, schedule.anchor_progress = max(self.steps_done, schedule.warmup_steps), 0.0
+        self.scheduler.last_epoch = self.steps_done
+        self._apply_lr()
+
+    def _apply_lr(self) -> None:
+        """Set the optimizer's lr to what the (re-laid) step schedule gives for the next step."""
+        self.scheduler.base_lrs = [self.config.optim.lr] * len(self.optimizer.param_groups)  # type: ignore[union-attr]
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.optim.lr * self.scheduler.lr_lambdas[0](self.steps_done)  # type: ignore[union-attr]
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # type: ignore[union-attr]
 
     def checkpoint(self, epoch: int) -> Checkpoint:
         """The run as it stands after ``epoch`` epochs (what ``last.pt`` holds)."""
@@ -322,16 +394,26 @@ class Trainer:
         seed_everything(epoch_seed)
         self.train_ds.transform.set_random_state(seed=epoch_seed)  # type: ignore[union-attr]
         self.generator.manual_seed(epoch_seed)
-        iterations = tc.iterations_per_epoch or len(self.loader)  # equal on every rank: training shards are equally long
+        iterations = self.steps_per_epoch
+        if self.budget is not None:  # the budget's last epoch may be cut short
+            iterations = max(1, min(iterations, self._planned_steps() - self.steps_done))
         desc = f"epoch {epoch + 1}/{tc.max_epochs}"
         self.trained.train()
         losses: list[float] = []
         bar = tqdm(total=iterations, desc=desc, unit="batch", disable=not self.progress, leave=False)
         try:
+            tick = time.perf_counter()
             for batch in _cycle(self.loader, iterations):
+                self.last_lr = self.optimizer.param_groups[0]["lr"]
                 losses.append(self.step(batch, desc=desc))
+                self.steps_done += 1
                 bar.set_postfix(loss=f"{np.mean(losses):.4f}")
                 bar.update()
+                tock = time.perf_counter()
+                self.step_seconds.append(tock - tick)
+                tick = tock
+                if self.budget is not None and self._budget_step():
+                    break
         except RuntimeError as exc:  # a transform error inside the loader arrives wrapped by MONAI
             cause = unwrap_error(exc)
             if isinstance(cause, MedunetError) and cause is not exc:
@@ -342,34 +424,50 @@ class Trainer:
         return losses
 
     def _validate_epoch(self, row: dict[str, Any]) -> tuple[dict[str, float], bool]:
-        """Validate, add the scores to ``row``, update the best score; returns the per-class Dice and whether it improved."""
-        dice = dist.broadcast(
-            validate(self.model, self.val_ds, self.config, num_classes=self.num_classes, device=self.device, amp=self.amp)
-        )
-        mean = float(np.nanmean(dice)) if np.isfinite(dice).any() else 0.0
+        """Validate, add the scores to ``row``, update the best score; returns the per-class Dice and whether it improved.
+
+        ``train.selection_metric`` (mean Dice or IoU) decides what is best; ``state.best_dice`` holds its best value.
+        """
+        started = time.perf_counter()
+        scores = validate(self.model, self.val_ds, self.config, num_classes=self.num_classes, device=self.device, amp=self.amp,
+                          keep_first=self.snapshots is not None)
+        dice, iou = dist.broadcast((scores.dice, scores.iou))
+        scores = ValidationScores(dice, iou, scores.first_prediction)
         class_dice = {n: float(d) for n, d in zip(self.class_names[1:], dice)}
-        row["val_dice_mean"] = mean
+        row["val_dice_mean"], row["val_iou_mean"] = scores.mean("dice"), scores.mean("iou")
         row.update({dice_column(n): d for n, d in class_dice.items()})
-        improved = mean > self.state.best_dice
+        row.update({iou_column(n): float(v) for n, v in zip(self.class_names[1:], iou)})
+        selected = scores.mean(self.config.train.selection_metric)
+        improved = selected > self.state.best_dice
         if improved:
-            self.state.best_dice, self.state.best_epoch, self.state.stale_validations = mean, row["epoch"], 0
+            self.state.best_dice, self.state.best_epoch, self.state.stale_validations = selected, row["epoch"], 0
             self.state.best_class_dice = class_dice
         else:
             self.state.stale_validations += 1
         if isinstance(self.scheduler, ReduceLROnPlateau):
-            self.scheduler.step(mean)
+            self.scheduler.step(selected)
+        if self.snapshots is not None and scores.first_prediction is not None:
+            self.snapshots.add(row["epoch"], scores.first_prediction, row["val_dice_mean"])
+        self.validation_seconds = time.perf_counter() - started
         return class_dice, improved
 
     def run_epoch(self, epoch: int) -> EpochRecord:
-        """Train one epoch, validate when due, step the schedule, record and checkpoint it."""
+        """Train one epoch, validate when due, step the schedule, record and checkpoint it.
+
+        Under a time budget the epoch also validates when it is the budget's last, and after the
+        session's first epoch (to time a validation for the plan).
+        """
         tc = self.config.train
         started = time.perf_counter()
+        self.step_seconds: list[float] = []
+        self.validation_seconds = 0.0
         losses = self.train_epoch(epoch)
-        lr = self.optimizer.param_groups[0]["lr"]
-        row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": dist.all_reduce_mean(float(np.mean(losses))), "lr": lr}
-        validated = (epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.max_epochs
+        row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": dist.all_reduce_mean(float(np.mean(losses))), "lr": self.last_lr,
+                               "step_seconds": float(np.mean(self.step_seconds))}
+        last = epoch + 1 == tc.max_epochs or (self.budget is not None and self._budget_spent())
+        validated = (epoch + 1) % tc.val_every == 0 or last or (self.budget is not None and epoch == self.start_epoch)
         class_dice, improved = self._validate_epoch(row) if validated else (None, False)
-        if not isinstance(self.scheduler, ReduceLROnPlateau):
+        if not isinstance(self.scheduler, ReduceLROnPlateau) and self.budget is None:
             self.scheduler.step()
         row["epoch_seconds"] = time.perf_counter() - started
         self.metrics.add(row, draw=validated)
@@ -378,29 +476,116 @@ class Trainer:
             save_checkpoint(saved, self.run_dir / "last.pt")
             if improved:
                 save_checkpoint(saved, self.run_dir / "best.pt")
+        if self.budget is not None:
+            self._measure_epoch(time.perf_counter() - started, validated)
+            if not last:  # lay the next epochs' steps with this epoch's validation and checkpoint times known
+                self._replan()
         record = EpochRecord(epoch + 1, tc.max_epochs, row, validated, improved, class_dice)
         log.info(_epoch_message(record))
         return record
 
+    # ----------------------------------------------------------------- time budget
+
+    def _planned_steps(self) -> int:
+        """Steps the run will make in all: what the budget allows, at most train.max_epochs epochs."""
+        schedule = step_schedule(self.scheduler)
+        planned = schedule.total_steps if schedule is not None else self._fallback_total
+        return min(planned, self.config.train.max_epochs * self.steps_per_epoch)
+
+    @property
+    def _fallback_total(self) -> int:  # plateau under a budget has no step schedule to hold the plan
+        return self._plan_total or self.config.train.max_epochs * self.steps_per_epoch
+
+    def _budget_step(self) -> bool:
+        """After a budgeted step: time it, step the schedule, plan once warmed up; True ends the epoch here."""
+        assert self.budget is not None
+        self.budget.step_seconds.append(self.step_seconds[-1])
+        if not isinstance(self.scheduler, ReduceLROnPlateau):
+            self.scheduler.step()
+        if not self._planned and self.budget.ready():
+            self._replan()
+        if not dist.all_true(not self.budget.out_of_time()):
+            if not self.stop_now:
+                log.warning("time budget nearly spent after %d steps: stopping training to validate and save within it", self.steps_done)
+            self.stop_now = True
+        return self.stop_now or self.steps_done >= self._planned_steps()
+
+    def _budget_spent(self) -> bool:
+        """Re-estimate from this epoch's timings; True when no further step fits (this epoch is the last)."""
+        self._replan()
+        return self.stop_now or self.steps_done >= self._planned_steps()
+
+    def _replan(self) -> None:
+        """Estimate how many steps fit in the rest of the budget and lay the schedule over them (rank 0 decides)."""
+        assert self.budget is not None
+        tc = self.config.train
+        plan = dist.broadcast(self.budget.plan(self.steps_done, self.steps_per_epoch, tc.val_every))
+        total = min(plan.total_steps, tc.max_epochs * self.steps_per_epoch)
+        schedule = step_schedule(self.scheduler)
+        if schedule is not None:
+            schedule.relay(self.steps_done, total)
+            self._apply_lr()
+        self._plan_total = total
+        first, self._planned = not self._planned, True
+        (log.info if first else log.debug)(
+            "time budget %.3g min: ~%d steps (%.1f epochs of %d, %.2f s per step) fit; re-estimated after every epoch",
+            self.budget.minutes, total, total / self.steps_per_epoch, self.steps_per_epoch, plan.seconds_per_step,
+        )
+
+    def _measure_epoch(self, seconds: float, validated: bool) -> None:
+        """Feed the epoch's validation and overhead times (checkpoints, records) to the budget."""
+        assert self.budget is not None
+        if validated:
+            self.budget.validation_seconds = self.validation_seconds
+        overhead = seconds - sum(self.step_seconds) - self.validation_seconds
+        self.budget.epoch_overhead_seconds = max(self.budget.epoch_overhead_seconds, overhead)
+
+    # ----------------------------------------------------------------- the whole run
+
     def fit(self, callbacks: Sequence[EpochCallback] = ()) -> TrainResult:
-        """Run the remaining epochs (early stopping and callbacks may end it sooner)."""
+        """Run the remaining epochs (early stopping, the time budget and callbacks may end it sooner)."""
         tc = self.config.train
         stopped_early = False
-        for epoch in range(self.start_epoch, tc.max_epochs):
-            record = self.run_epoch(epoch)
-            patience = tc.early_stopping_patience
-            if record.validated and patience is not None and self.state.stale_validations >= patience:
-                log.info("early stopping: no better validation Dice for %d validations", self.state.stale_validations)
-                stopped_early = True
-                break
-            if any([bool(callback(record)) for callback in callbacks]):  # every callback sees every epoch
-                log.info("stopping after epoch %d, as a callback asked", record.epoch)
-                break
-        best = self.state.best_dice
-        if math.isinf(best) or best < 0:
-            best = 0.0
+        tracker = open_tracking(self.config, self.run_dir) if dist.is_main() else None
+        hooks = [*callbacks, *([tracker.on_epoch] if tracker is not None else [])]
+        try:
+            for epoch in range(self.start_epoch, tc.max_epochs):
+                record = self.run_epoch(epoch)
+                patience = tc.early_stopping_patience
+                if record.validated and patience is not None and self.state.stale_validations >= patience:
+                    log.info("early stopping: no better validation %s for %d validations", tc.selection_metric,
+                             self.state.stale_validations)
+                    stopped_early = True
+                    break
+                if any([bool(callback(record)) for callback in hooks]):  # every callback sees every epoch
+                    log.info("stopping after epoch %d, as a callback asked", record.epoch)
+                    break
+                if self.budget is not None and (self.stop_now or self.steps_done >= self._planned_steps()):
+                    break
+            self._finish(tracker)
+        finally:
+            if tracker is not None:
+                tracker.close()
+        return self._result(stopped_early)
+
+    def _finish(self, tracker: Tracker | None) -> None:
+        """Draw the learning pictures, hand them to the trackers, and say what the session did."""
+        pictures = [self.run_dir / "train_curve.png"]
+        if self.snapshots is not None:
+            pictures += self.snapshots.finish()
+        if tracker is not None:
+            tracker.log_pictures([p for p in pictures if p.is_file()])
+        minutes = (time.perf_counter() - self.started) / 60
+        epochs = len(self.metrics.rows) - self.start_epoch
+        budget = f" (budget {self.budget.minutes:.3g} min)" if self.budget is not None else ""
+        log.info("trained %d epochs (%d steps) in %.2f min%s", epochs, self.steps_done, minutes, budget)
+
+    def _result(self, stopped_early: bool) -> TrainResult:
+        best_row = next((r for r in self.metrics.rows if r["epoch"] == self.state.best_epoch), {})
         return TrainResult(
-            self.run_dir, best, self.state.best_epoch, len(self.metrics.rows), dict(self.state.best_class_dice), stopped_early
+            self.run_dir, float(best_row.get("val_dice_mean", 0.0)), self.state.best_epoch, len(self.metrics.rows),
+            dict(self.state.best_class_dice), stopped_early, best_iou=float(best_row.get("val_iou_mean", 0.0) or 0.0),
+            minutes=(time.perf_counter() - self.started) / 60,
         )
 
 
@@ -409,5 +594,5 @@ def _epoch_message(record: EpochRecord) -> str:
     message = f"epoch {record.epoch}/{record.max_epochs}: loss {row['train_loss']:.4f}, lr {row['lr']:.3g}, {row['epoch_seconds']:.1f} s"
     if record.class_dice is not None:
         per_class = ", ".join(f"{n} {d:.3f}" for n, d in record.class_dice.items())
-        message += f", val Dice {row['val_dice_mean']:.4f} ({per_class}){' *best*' if record.improved else ''}"
+        message += f", val Dice {row['val_dice_mean']:.4f} ({per_class}), IoU {row['val_iou_mean']:.4f}{' *best*' if record.improved else ''}"
     return message

