@@ -34,6 +34,33 @@ def _throughput_sides(result: dict[str, Any]) -> bool:
     return all(r["steps"] >= 1 and r["patches_per_s"] > 0 for r in result["results"].values())
 
 
+def _crf_rows(result: dict[str, Any]) -> bool:
+    """Every setting scored (Dice in [0, 1]); the CRF settings spent time in the CRF, the plain one none."""
+    rows = {row["setting"]: row for row in result["rows"]}
+    dice_ok = all(0.0 <= d <= 1.0 for row in rows.values() for d in row["dice"].values())
+    return dice_ok and rows.pop("none")["crf_seconds_per_case"] == 0.0 and len(rows) == 2 and all(
+        row["crf_seconds_per_case"] > 0 for row in rows.values())
+
+
+def _qc_ranking(result: dict[str, Any]) -> bool:
+    """Calibration statistics in range (None: undefined on a few cases), and every corrupted kind flagged for review."""
+    from medunet.synthetic import CORRUPTIONS
+
+    calibration = result["calibration"]
+    in_range = (calibration["spearman"] is None or -1.0 <= calibration["spearman"] <= 1.0) and (
+        calibration["auroc"] is None or 0.0 <= calibration["auroc"] <= 1.0)
+    flagged = all(result["corrupted"][kind]["flag"] == "review" and result["corrupted"][kind]["reasons"] for kind in CORRUPTIONS)
+    return in_range and flagged and result["overhead"]["qc_seconds"] > 0
+
+
+def _engines_agree(result: dict[str, Any]) -> bool:
+    """Both modalities ran; both engines' masks are on the input grid and agree (Dice >= 0.99 on a non-empty mask)."""
+    runs = result["results"]
+    return set(runs) == {"CT", "MRI"} and all(
+        run["torch"]["on_input_grid"] and run["onnxruntime"]["on_input_grid"] and run["foreground_fraction"] > 0
+        and min(run["dice_torch_vs_onnxruntime"].values()) >= 0.99 for run in runs.values())
+
+
 #: id: (script, extra arguments, keys its JSON must have, a check of the results, whether it consults nnU-Net)
 QUICK_RUNS: dict[str, tuple[str, list[str], set[str], Callable[[dict[str, Any]], bool], bool]] = {
     "train_throughput": (
@@ -79,6 +106,14 @@ QUICK_RUNS: dict[str, tuple[str, list[str], set[str], Callable[[dict[str, Any]],
         lambda r: _all_on_grid(r) and r["nnunetv2"] is None and all("medunet" in s for s in r["settings"]),
         True,
     ),
+    "crf": ("crf.py", [], {"epochs", "test_cases", "rows"}, _crf_rows, False),
+    "crf_phantom": (
+        "crf_phantom.py", [], {"setup", "rows"},
+        lambda r: all(r["crf_seconds"] > 0 and all(0.0 <= d <= 1.0 for d in r["dice_before"] + r["dice_after"]) for r in r["rows"]),
+        False,
+    ),
+    "qc_ranking": ("qc_ranking.py", [], {"calibration", "corrupted", "overhead"}, _qc_ranking, False),
+    "export_engines": ("export_engines.py", [], {"meta", "results"}, _engines_agree, False),
 }
 
 

@@ -145,12 +145,15 @@ def run_side(script: str, main: Callable[[list[str]], Any], argv: list[str], *, 
 
 def synthetic_datalist(
     root: Path, *, cases: int, shape: Sequence[int], spacing: Sequence[float] = (1.5, 1.5, 2.5), seed: int = 0,
-    validation: int = 0, num_classes: int = 2,
+    validation: int = 0, num_classes: int = 2, test: int = 0,
 ) -> Path:
-    """Synthetic CT phantoms (``medunet.synthetic.write_dataset``); the last ``validation`` cases form a "validation" list."""
+    """Synthetic CT phantoms (``medunet.synthetic.write_dataset``); the last ``validation`` cases form a "validation" list.
+
+    ``test`` more cases (image and label) form the "test" list, for scripts that score held-out predictions.
+    """
     from medunet.synthetic import write_dataset
 
-    path = write_dataset(root, num_train=cases + validation, num_test=0, shape=tuple(shape), spacing=tuple(spacing),
+    path = write_dataset(root, num_train=cases + validation, num_test=test, shape=tuple(shape), spacing=tuple(spacing),
                          num_classes=num_classes, seed=seed)
     if validation:
         datalist = json.loads(path.read_text())
@@ -162,17 +165,16 @@ def synthetic_datalist(
 
 def phantom_scan(
     path: Path, shape: Sequence[int], spacing: Sequence[float], *, axcodes: str = "RAS", seed: int = 0,
-    origin: Sequence[float] = (0.0, 0.0, 0.0), int16: bool = False,
+    origin: Sequence[float] = (0.0, 0.0, 0.0), int16: bool = False, modality: str = "CT",
 ) -> tuple[Path, Any]:
-    """One CT phantom written as ``axcodes`` stores it (int16 HU as scanners store CT, or float32); returns (path, RAS label)."""
+    """One phantom written as ``axcodes`` stores it (int16 HU as scanners store CT, or float32); returns (path, RAS label)."""
     import numpy as np
 
     from medunet.synthetic import as_stored, grid_affine, make_phantom, save_nifti
 
-    image, label = make_phantom(tuple(shape), seed=seed, num_classes=2, modality="CT")
+    image, label = make_phantom(tuple(shape), seed=seed, num_classes=2, modality=modality)
     stored = as_stored(image, axcodes)
-    if int16:
-        stored = np.round(stored).astype(np.int16)
+    stored = np.round(stored).astype(np.int16) if int16 else stored.astype(np.float32)
     return save_nifti(stored, grid_affine(spacing, axcodes=axcodes, origin=origin), path), label
 
 

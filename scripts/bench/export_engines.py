@@ -17,48 +17,36 @@ seconds, the network stage, peak RSS, the time ratio and the Dice agreement of t
     python scripts/bench/export_engines.py --ct-shape 256 256 150 --json out.json  # a smaller CT
     python scripts/bench/export_engines.py --modalities MRI                        # the MRI only
     python scripts/bench/export_engines.py --device cuda                           # GPU: onnxruntime-gpu's CUDA provider
+    python scripts/bench/export_engines.py --quick   # seconds: CT 32x32x24 and MRI 24^3, network 4-8-16, sides in-process
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import subprocess
-import sys
-import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
-from memory import peak_rss_mib  # scripts/bench/memory.py
+from common import ROOT, bench_parser, cpu_seconds, load_average, peak_rss_mib, phantom_scan, run_side, start, workdir, write_json
 
-ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["background", "organ"]
+QUICK_SHAPES = {"CT": (32, 32, 24), "MRI": (24, 24, 24)}
+QUICK_OVERRIDES = ("augmentation.patch_size=[24,24,24]", "model.features=[4,8,16]")
 
 
 def make_volume(path: Path, modality: str, shape: tuple[int, ...], spacing: tuple[float, ...]) -> Path:
     """A phantom stored LPS (CT as int16 HU, as scanners store it), written once."""
-    from medunet.synthetic import as_stored, grid_affine, make_phantom
-
-    if path.exists():
-        return path
-    image, _ = make_phantom(shape, seed=7, num_classes=2, modality=modality)
-    affine = grid_affine(spacing, axcodes="LPS", origin=(200.0, 180.0, -300.0))
-    data = np.round(as_stored(image, "LPS")).astype(np.int16) if modality == "CT" else as_stored(image, "LPS").astype(np.float32)
-    img = nib.Nifti1Image(data, affine)
-    img.header.set_qform(affine, code=1)
-    img.header.set_sform(affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, str(path))
+    if not path.exists():
+        phantom_scan(path, shape, spacing, axcodes="LPS", seed=7, origin=(200.0, 180.0, -300.0), int16=modality == "CT",
+                     modality=modality)
     return path
 
 
-def make_model(folder: Path, modality: str) -> tuple[Path, Path, float]:
+def make_model(folder: Path, modality: str, overrides: tuple[str, ...] = ()) -> tuple[Path, Path, float]:
     """A random-weight preset checkpoint in ``folder/run`` and its ONNX package in ``folder/pkg`` (export seconds)."""
     from medunet.config import config_to_dict, load_config
     from medunet.export.writer import export_model
@@ -66,7 +54,7 @@ def make_model(folder: Path, modality: str) -> tuple[Path, Path, float]:
     from medunet.model.networks import build_network
 
     run, pkg = folder / "run", folder / "pkg"
-    config = load_config(ROOT / "configs" / f"{modality.lower()}.yaml", ["inference.precision=fp32"])
+    config = load_config(ROOT / "configs" / f"{modality.lower()}.yaml", ["inference.precision=fp32", *overrides])
     torch.manual_seed(0)
     network = build_network(config.model, in_channels=1, out_channels=len(CLASSES))
     save_checkpoint(Checkpoint(network.state_dict(), config_to_dict(config), CLASSES, 1, 0, modality=modality), run / "best.pt")
@@ -75,12 +63,8 @@ def make_model(folder: Path, modality: str) -> tuple[Path, Path, float]:
     return run, pkg, time.perf_counter() - started
 
 
-def cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 def worker(args: argparse.Namespace) -> dict:
+    """One engine end to end on one volume (read, preprocess, network, invert, write): times, stages and peak RSS."""
     from medunet.inference.segmenter import Segmenter
 
     overrides = [f"inference.engine={args.worker}", "inference.precision=fp32"]
@@ -96,17 +80,15 @@ def worker(args: argparse.Namespace) -> dict:
             "setup_rss_mib": setup, "torch_cuda_peak_mib": gpu_peak, "output": str(out / "mask.nii.gz"), "source": segmenter.source}
 
 
-def compare(image: Path, model: dict[str, Path], device: str, threads: int, tmp: Path) -> dict:
+def compare(image: Path, model: dict[str, Path], device: str, threads: int, tmp: Path, *, in_process: bool) -> dict:
+    """Both engines on ``image`` (each in its own interpreter unless ``in_process``), their masks on the input grid and their agreement."""
     results: dict = {}
     for engine in ("torch", "onnxruntime"):
         out = tmp / f"out-{engine}-{image.stem}"
         out.mkdir(exist_ok=True)
-        cmd = [sys.executable, __file__, "--worker", engine, "--image", str(image), "--out-dir", str(out), "--threads", str(threads),
-               "--model", str(model[engine]), "--device", device]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode:
-            sys.exit(f"{engine} failed:\n{done.stderr[-4000:]}")
-        results[engine] = r = json.loads(done.stdout.strip().splitlines()[-1])
+        argv = ["--worker", engine, "--image", str(image), "--out-dir", str(out), "--threads", str(threads),
+                "--model", str(model[engine]), "--device", device]
+        results[engine] = r = run_side(__file__, main, argv, in_process=in_process)
         print(f"  {engine}: {r['seconds_total']:.1f} s end to end, {r['cpu_seconds']:.0f} CPU s, network {r['stages']['network']:.1f} s, "
               f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
     ref = nib.load(str(image))
@@ -124,26 +106,27 @@ def compare(image: Path, model: dict[str, Path], device: str, threads: int, tmp:
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = bench_parser(__doc__, f"CT {QUICK_SHAPES['CT']} and MRI {QUICK_SHAPES['MRI']}, network 4-8-16, window 24^3, sides in-process")
     parser.add_argument("--cache", type=Path, help="folder keeping the volumes and models between runs (default: temporary)")
     parser.add_argument("--ct-shape", type=int, nargs=3, default=[512, 512, 300])
     parser.add_argument("--mri-shape", type=int, nargs=3, default=[160, 160, 96])
     parser.add_argument("--modalities", nargs="+", choices=["CT", "MRI"], default=["CT", "MRI"], help="which volumes to run")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (onnxruntime then uses its CUDA provider if installed)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (onnxruntime uses its default: one per core)")
-    parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--worker", choices=["torch", "onnxruntime"], help=argparse.SUPPRESS)
     parser.add_argument("--image", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--out-dir", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
+    args = parser.parse_args(argv)
+    start(args.threads)  # torch's threads; onnxruntime uses its default, one per core
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    with tempfile.TemporaryDirectory(prefix="medunet-engines-") as tmp_name:
+    overrides = QUICK_OVERRIDES if args.quick else ()
+    if args.quick:
+        args.ct_shape, args.mri_shape = QUICK_SHAPES["CT"], QUICK_SHAPES["MRI"]
+    tag = "-quick" if args.quick else ""
+    with workdir("engines") as tmp_name:
         tmp = Path(tmp_name)
         cache = args.cache or tmp
         volumes = {"CT": (tuple(args.ct_shape), (0.8, 0.8, 1.5)), "MRI": (tuple(args.mri_shape), (1.0, 1.0, 1.2))}
@@ -151,20 +134,21 @@ def main() -> None:
         for modality in args.modalities:
             shape, spacing = volumes[modality]
             image = make_volume(cache / f"{modality.lower()}_{'x'.join(map(str, shape))}.nii.gz", modality, shape, spacing)
-            run, pkg, export_seconds = make_model(cache / f"model-{modality.lower()}", modality)
+            run, pkg, export_seconds = make_model(cache / f"model-{modality.lower()}{tag}", modality, overrides)
             print(f"{modality} {shape} @ {spacing} mm; export to ONNX {export_seconds:.1f} s", flush=True)
             results[modality] = {"shape": shape, "spacing": spacing, "export_seconds": export_seconds,
-                                 **compare(image, {"torch": run, "onnxruntime": pkg}, args.device, args.threads, tmp)}
-        load = Path("/proc/loadavg").read_text().split()[:3]
-        print(f"load average after the runs {' '.join(load)}")
+                                 **compare(image, {"torch": run, "onnxruntime": pkg}, args.device, args.threads, tmp,
+                                           in_process=args.quick)}
+        load = load_average()
+        print(f"load average after the runs {load}")
         if args.json:
             import monai
             import onnxruntime
 
             meta = {"device": args.device, "threads": args.threads, "torch": torch.__version__, "monai": monai.__version__,
-                    "onnxruntime": onnxruntime.__version__, "python": platform.python_version(), "load_after": load,
+                    "onnxruntime": onnxruntime.__version__, "python": platform.python_version(), "load_after": load.split(),
                     "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-            args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+            write_json(args.json, {"meta": meta, "results": results})
 
 
 if __name__ == "__main__":
