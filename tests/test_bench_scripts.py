@@ -114,6 +114,11 @@ QUICK_RUNS: dict[str, tuple[str, list[str], set[str], Callable[[dict[str, Any]],
     ),
     "qc_ranking": ("qc_ranking.py", [], {"calibration", "corrupted", "overhead"}, _qc_ranking, False),
     "export_engines": ("export_engines.py", [], {"meta", "results"}, _engines_agree, False),
+    "budget_schedule": (
+        "budget_schedule.py", [], {"meta", "results"},
+        lambda r: len(r["results"]) == 2 and all(0.0 <= d <= 1.0 and x["final_lr"] > 0 for x in r["results"] for d in x["dice"].values()),
+        False,
+    ),
 }
 
 

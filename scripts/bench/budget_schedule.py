@@ -8,22 +8,24 @@ the validation cases after the last step, per class: what matters is the small o
 :func:`medunet.synthetic.make_small_organ_phantom` (brighter than its surroundings by less than the noise).
 
     python scripts/bench/budget_schedule.py --steps 100 --seeds 2 --json budget_schedule.json   # ~25 min on 2 busy cores
+    python scripts/bench/budget_schedule.py --quick --json /tmp/b.json                           # smoke run: 2 steps, 2 schedules
 
 Settings are the demo's (features 8-16-32-64, patch 32^3, 2 volumes x 2 patches per step, AdamW).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import platform
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from common import bench_parser, start, write_json
 from torch.optim.lr_scheduler import LambdaLR
 
 from medunet.config import load_config
@@ -77,21 +79,26 @@ def run(trainer: Trainer, init: dict, name: str, steps: int, seed: int) -> dict:
             "dice": dict(zip(trainer.class_names[1:], scores.dice.round(4).tolist())), "seconds": time.perf_counter() - started}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = bench_parser(__doc__ or "", "4 tiny phantoms, a 4-8-16 network, 2 steps of 2 schedules")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seeds", type=int, default=1, help="repeats with other initial weights and batch orders")
     parser.add_argument("--cases", type=int, default=12, help="phantoms (a quarter validates)")
     parser.add_argument("--only", nargs="*", default=None, help="schedule names to run (default: all)")
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    start(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    shape, common = (48, 48, 40), list(COMMON)
+    if args.quick:
+        args.steps, args.seeds, args.cases = 2, 1, 4
+        args.only = args.only or ["cosine over N", "cosine, hold 0.5"]
+        shape = (32, 32, 24)
+        common += ["model.features=[4,8,16]", "augmentation.patch_size=[16,16,16]", "augmentation.samples_per_volume=1"]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        datalist = write_dataset(Path(tmp) / "data", num_train=args.cases, num_test=0, shape=(48, 48, 40), small_organ=True)
+        datalist = write_dataset(Path(tmp) / "data", num_train=args.cases, num_test=0, shape=shape, small_organ=True)
         for seed in range(args.seeds):
-            config = load_config(None, [*COMMON, f"train.seed={seed}"])
+            config = load_config(None, [*common, f"train.seed={seed}"])
             trainer = Trainer(datalist, Path(tmp) / f"run{seed}", config, progress=False)
             init = {k: v.clone() for k, v in trainer.model.state_dict().items()}
             for name in args.only or SCHEDULES:
@@ -103,10 +110,9 @@ def main() -> None:
         mine = [r for r in results if r["schedule"] == name]
         means = {c: sum(r["dice"][c] for r in mine) / len(mine) for c in mine[0]["dice"]}
         print(f"  {name:28s} " + "  ".join(f"{c} {v:.3f}" for c, v in means.items()) + f"   final lr {mine[0]['final_lr']:.2g}")
-    if args.json:
-        meta = {"steps": args.steps, "seeds": args.seeds, "machine": platform.processor() or platform.machine(),
-                "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
-        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    meta = {"steps": args.steps, "seeds": args.seeds, "machine": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "quick": args.quick}
+    write_json(args.json, {"meta": meta, "results": results})
 
 
 if __name__ == "__main__":
