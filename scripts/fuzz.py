@@ -31,9 +31,8 @@ CHUNK = {"nifti": 500, "dicom": 100}
 def worker(kind: str, start: int, count: int, out: Path, segmenter_every: int, seconds: float) -> None:
     """Run seeds start..start+count-1 of one kind; print one JSON line per failure, then one with totals."""
     sys.path.insert(0, str(ROOT / "tests"))
-    import torch
-
     import fuzzing
+    import torch
 
     torch.set_num_threads(1)
     segmenter = fuzzing.tiny_segmenter() if segmenter_every else None
