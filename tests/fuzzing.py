@@ -314,7 +314,8 @@ def limits(seconds: float, memory: int = MEMORY_LIMIT) -> Iterator[None]:
     used = _data_size()
     cap = used + memory if hard == resource.RLIM_INFINITY else min(hard, used + memory)
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    outer, _ = signal.setitimer(signal.ITIMER_REAL, seconds)  # an enclosing alarm (e.g. pytest-timeout) is re-armed after
+    start = time.monotonic()
     resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
     try:
         yield
@@ -322,6 +323,8 @@ def limits(seconds: float, memory: int = MEMORY_LIMIT) -> Iterator[None]:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
         resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+        if outer > 0:
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 1e-3))
 
 
 def _data_size() -> int:

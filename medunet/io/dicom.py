@@ -18,6 +18,10 @@ folder and the problem, unless ``allow_resample`` asks for a regular grid:
 - mixed orientations, pixel spacings or sizes within the series; duplicate slice positions,
 - multi-frame objects (NumberOfFrames > 1, e.g. enhanced CT/MR), which are not supported.
 
+Each file's header is parsed once into a :class:`SliceHeader` (:func:`_read_header`): a tag pydicom
+cannot decode, a malformed or non-finite number or a wrong value count is a DataError naming the file
+and the tag there, so nothing later converts header values again.
+
 Errors and logs name folders, files, SeriesInstanceUIDs and geometry, never patient attributes.
 """
 
