@@ -228,10 +228,12 @@ def mask_image(labels: np.ndarray, reference: nib.Nifti1Image, *, num_classes: i
     header["descrip"] = b"medunet segmentation"
     header.set_intent("label")
     image = nib.Nifti1Image(labels.astype(dtype, copy=False), reference.affine, header)
-    # nibabel may rewrite the codes when given an affine: restore the reference's qform/sform exactly.
-    ref_header = reference.header
-    image.set_qform(ref_header.get_qform(), code=int(ref_header["qform_code"]))
-    image.set_sform(ref_header.get_sform(), code=int(ref_header["sform_code"]))
+    # nibabel may rewrite the codes when given an affine: restore the reference's qform/sform exactly. An uncoded
+    # transform is not computed (code 0 only): its fields may hold garbage a reader ignores, e.g. an invalid quaternion.
+    qform, qform_code = reference.header.get_qform(coded=True)
+    sform, sform_code = reference.header.get_sform(coded=True)
+    image.set_qform(qform, code=int(qform_code))
+    image.set_sform(sform, code=int(sform_code))
     if not np.allclose(image.affine, reference.affine, atol=1e-6):
         raise GeometryError("mask affine would differ from the input's; refusing to write it")  # pragma: no cover
     return image
