@@ -6,8 +6,9 @@ Runs the seeded mutators of ``tests/fuzzing.py`` case after case (NIfTI and DICO
 ``--segmenter-every``-th case also through a tiny untrained ``Segmenter``) in chunks, each chunk in a
 fresh worker process, so a crash, a leak or a fix made while it runs only affects its own chunk.
 Every failing input is saved under ``OUT/failures/<kind>-<seed>/`` with ``failure.json`` (entry point,
-error, traceback, recipe); replay one with ``tests.fuzzing.run_case(kind, seed, folder)``. The figures
-(cases tried per kind, failures, time) are written to ``OUT/summary.json`` after every chunk.
+error, traceback, recipe). The figures (cases tried per kind, failures, time) are written to
+``OUT/summary.json`` after every chunk. ``--replay OUT`` runs every input a run found again, through
+every entry point, with the code as it is now (after fixes), and lists those that still fail.
 """
 
 from __future__ import annotations
@@ -105,6 +106,23 @@ def run(minutes: float, out: Path, seed_start: int, segmenter_every: int, second
     return summary
 
 
+def replay(out: Path, seconds: float) -> int:
+    """Re-run each failing input recorded in ``out/failures.json``; print and count those that still fail."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import fuzzing
+
+    cases = sorted({(f["kind"], f["seed"]) for f in json.loads((out / "failures.json").read_text())})
+    segmenter = fuzzing.tiny_segmenter()
+    still = 0
+    for kind, seed in cases:
+        with tempfile.TemporaryDirectory(prefix="medunet-fuzz-") as tmp:
+            failures, recipe = fuzzing.run_case(kind, seed, Path(tmp), segmenter=segmenter, seconds=seconds)
+        still += bool(failures)
+        print(f"{'FAIL' if failures else 'ok  '} {recipe}", *(f.line() for f in failures), sep="\n    ")
+    print(f"{len(cases)} input(s) replayed, {still} still failing")
+    return still
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=60.0, help="how long to run")
@@ -112,12 +130,15 @@ def main() -> None:
     parser.add_argument("--seed-start", type=int, default=100_000, help="first seed (the test suite uses seeds below 1000)")
     parser.add_argument("--segmenter-every", type=int, default=10, help="every n-th case also goes through a Segmenter (0: never)")
     parser.add_argument("--case-seconds", type=float, default=20.0, help="time limit per entry point and case")
+    parser.add_argument("--replay", type=Path, help="re-run the failing inputs a run saved in this folder, then exit")
     parser.add_argument("--worker", nargs=3, metavar=("KIND", "START", "COUNT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         kind, start, count = args.worker
         worker(kind, int(start), int(count), args.out, args.segmenter_every, args.case_seconds)
         return
+    if args.replay:
+        sys.exit(1 if replay(args.replay, args.case_seconds) else 0)
     summary = run(args.minutes, args.out, args.seed_start, args.segmenter_every, args.case_seconds)
     print(json.dumps(summary, indent=2))
 
