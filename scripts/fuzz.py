@@ -54,7 +54,7 @@ def worker(kind: str, start: int, count: int, out: Path, segmenter_every: int, s
                 (saved / "failure.json").write_text(json.dumps(records, indent=2))
                 for record in records:
                     print(json.dumps({"failure": record}), flush=True)
-    print(json.dumps({"tried": tried}), flush=True)
+        print(json.dumps({"tried": tried}), flush=True)  # after each case: a crash loses no count
 
 
 def run(minutes: float, out: Path, seed_start: int, segmenter_every: int, seconds: float) -> dict:

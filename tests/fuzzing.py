@@ -227,7 +227,8 @@ def _file_damage(paths: list[Path], folder: Path, rng: np.random.Generator) -> s
         flips = int(rng.integers(1, 16))
         start = 128 if rng.random() < 0.7 else 0
         end = min(len(data), 1200) if rng.random() < 0.7 else len(data)
-        for _ in range(flips):
+        start = start if end > start else 0  # an earlier step truncated this slice
+        for _ in range(flips if end > start else 0):
             data[int(rng.integers(start, end))] ^= 1 << int(rng.integers(8))
         target.write_bytes(bytes(data))
         return f"flip {flips} bit(s) in bytes {start}..{end} of a slice"

@@ -57,8 +57,9 @@ REGRESSIONS = [
     ("nifti", 100800, True, "nifti seed 100800: (9, 5, 7) int16 LAS; sizeof_hdr[0]=-31310; scl_slope[0]=3.4e+38"),
     ("nifti", 100120, True, "nifti seed 100120: (5, 8, 4) uint16 LPS; srow_y[1]=-3.4e+38; qoffset[2]=inf"),
     ("nifti", 100280, True, "nifti seed 100280: (9, 4, 8) float64 LAS; quatern[2]=82.47782150614754"),
-    # found by the hour run (docs/reliability.md): an invalid quaternion under qform_code 0 broke the mask writer
+    # found by the hour run (docs/reliability.md): an invalid quaternion or NaN pixdim under qform_code 0 broke the mask writer
     ("nifti", 102170, True, "nifti seed 102170: (7, 7, 6) uint8 PIR; quatern[2]=-1.0; srow_y[3]=-10.731058349146378; qform_code[0]=16"),
+    ("nifti", 115480, True, "nifti seed 115480: (6, 3, 8) float64 LPS; qoffset[1]=3.4e+38; qform_code[0]=-1; pixdim[3]=nan; flip 1 bit(s) in the first 1504 bytes"),
 ]
 
 
