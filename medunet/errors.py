@@ -41,6 +41,12 @@ class DataError(MedunetError):
         super().__init__(f"{prefix}: {message}" if prefix else message)
 
 
+def parse_error(what: str, exc: BaseException, *, case: str | None, path: str | None) -> DataError:
+    """The one conversion of a third-party parsing error (nibabel, pydicom, numpy) into a one-line DataError."""
+    detail = " ".join(str(exc).split())[:160]
+    return DataError(f"{what} ({type(exc).__name__}{': ' + detail if detail else ''}); the file is corrupt", case=case, path=path)
+
+
 class GeometryError(MedunetError):
     """A result would not lie exactly on its input's grid."""
 

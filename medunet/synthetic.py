@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -261,6 +262,72 @@ def _slice_rescale(values: np.ndarray, rng: np.random.Generator, per_slice: bool
     return slope, intercept
 
 
+def _stored_slices(volume: np.ndarray, rng: np.random.Generator, per_slice: bool) -> tuple[list[np.ndarray], list[tuple[float, float]], np.dtype, int]:
+    """Each slice as stored (rows, columns), its (slope, intercept), the stored dtype and PixelRepresentation."""
+    rescales = [_slice_rescale(volume[:, :, k], rng, per_slice) for k in range(volume.shape[2])]
+    stored = [np.rint((volume[:, :, k].T - b) / s) for k, (s, b) in enumerate(rescales)]
+    low, high = min(float(a.min()) for a in stored), max(float(a.max()) for a in stored)
+    if low >= 0 and high <= 65535:
+        return stored, rescales, np.dtype("<u2"), 0
+    if low >= -32768 and high <= 32767:
+        return stored, rescales, np.dtype("<i2"), 1
+    raise ValueError(f"values {low}..{high} do not fit 16 bits; use rescale_per_slice=True")
+
+
+def _study_tags(ds: Any, *, modality: str, series_description: str, patient_name: str, patient_id: str) -> None:
+    """Patient, study and series attributes shared by every slice (dates fixed; patient values as given)."""
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.StudyDate, ds.StudyTime = "20240101", "120000"
+    ds.SeriesDate, ds.SeriesTime = "20240101", "120500"
+    ds.ContentDate, ds.ContentTime = "20240101", "120500"
+    ds.AccessionNumber = ""
+    ds.Modality = modality
+    ds.Manufacturer = "medunet synthetic"
+    ds.InstitutionName = ""
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "synthetic phantom"
+    ds.SeriesDescription = series_description
+    ds.Laterality = ""  # type 2C; empty: a phantom has no paired body part
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    ds.KVP = "120"
+    ds.PatientPosition = "HFS"
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.AcquisitionNumber = 1
+    ds.PositionReferenceIndicator = ""
+
+
+def _geometry_tags(ds: Any, lps: np.ndarray, k: int, shape: tuple[int, int]) -> None:
+    """Where slice ``k`` of the LPS+ grid ``lps`` lies: position, orientation, spacing, size."""
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    row_dir, col_dir = lps[:3, 0] / spacing[0], lps[:3, 1] / spacing[1]
+    position = lps[:3, :3] @ np.array([0.0, 0.0, float(k)]) + lps[:3, 3]
+    ds.SliceThickness = _ds(spacing[2])
+    ds.ImagePositionPatient = [_ds(v) for v in position]
+    ds.ImageOrientationPatient = [_ds(v) for v in (*row_dir, *col_dir)]
+    ds.SliceLocation = _ds(float(np.dot(position, np.cross(row_dir, col_dir))))
+    ds.Rows, ds.Columns = shape
+    ds.PixelSpacing = [_ds(spacing[1]), _ds(spacing[0])]  # row spacing (between rows), column spacing
+
+
+def _pixel_tags(ds: Any, stored: np.ndarray, rescale: tuple[float, float], dtype: np.dtype, representation: int, modality: str) -> None:
+    """Pixel module and rescale of one slice."""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = representation
+    ds.WindowCenter, ds.WindowWidth = "40", "400"
+    slope, intercept = rescale
+    ds.RescaleIntercept = _ds(intercept)
+    ds.RescaleSlope = _ds(slope)
+    ds.RescaleType = "HU" if modality == "CT" else "US"
+    ds.PixelData = stored.astype(dtype).tobytes()
+
+
 def write_dicom_series(
     volume: np.ndarray,
     affine: np.ndarray,
@@ -301,23 +368,11 @@ def write_dicom_series(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lps = RAS_TO_LPS @ np.asarray(affine, dtype=np.float64)
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    row_dir, col_dir = lps[:3, 0] / spacing[0], lps[:3, 1] / spacing[1]
     study_uid = study_uid or generate_uid()
     series_uid = series_uid or generate_uid()
     frame_uid = generate_uid()
     nx, ny, nz = volume.shape
-
-    rescales = [_slice_rescale(volume[:, :, k], rng, rescale_per_slice) for k in range(nz)]
-    stored = [np.rint((volume[:, :, k].T - b) / s) for k, (s, b) in enumerate(rescales)]  # (rows, columns)
-    low, high = min(float(a.min()) for a in stored), max(float(a.max()) for a in stored)
-    if low >= 0 and high <= 65535:
-        dtype, representation = np.dtype("<u2"), 0
-    elif low >= -32768 and high <= 32767:
-        dtype, representation = np.dtype("<i2"), 1
-    else:
-        raise ValueError(f"values {low}..{high} do not fit 16 bits; use rescale_per_slice=True")
-
+    stored, rescales, dtype, representation = _stored_slices(volume, rng, rescale_per_slice)
     names = [f"{rng.integers(0, 2**48):012x}" for _ in range(nz)] if shuffle_names else [f"slice_{k:04d}.dcm" for k in range(nz)]
     paths = []
     for k in range(nz):
@@ -329,52 +384,13 @@ def write_dicom_series(
         meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         ds = Dataset()
         ds.file_meta = meta
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.SOPClassUID = CTImageStorage
         ds.SOPInstanceUID = sop_uid
-        ds.StudyDate, ds.StudyTime = "20240101", "120000"
-        ds.SeriesDate, ds.SeriesTime = "20240101", "120500"
-        ds.ContentDate, ds.ContentTime = "20240101", "120500"
-        ds.AccessionNumber = ""
-        ds.Modality = modality
-        ds.Manufacturer = "medunet synthetic"
-        ds.InstitutionName = ""
-        ds.ReferringPhysicianName = ""
-        ds.StudyDescription = "synthetic phantom"
-        ds.SeriesDescription = series_description
-        ds.Laterality = ""  # type 2C; empty: a phantom has no paired body part
-        ds.PatientName = patient_name
-        ds.PatientID = patient_id
-        ds.PatientBirthDate = ""
-        ds.PatientSex = "O"
-        ds.SliceThickness = _ds(spacing[2])
-        ds.KVP = "120"
-        ds.PatientPosition = "HFS"
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.StudyID = "1"
-        ds.SeriesNumber = 1
-        ds.AcquisitionNumber = 1
+        _study_tags(ds, modality=modality, series_description=series_description, patient_name=patient_name, patient_id=patient_id)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
         ds.InstanceNumber = k + 1
-        position = lps[:3, :3] @ np.array([0.0, 0.0, float(k)]) + lps[:3, 3]
-        ds.ImagePositionPatient = [_ds(v) for v in position]
-        ds.ImageOrientationPatient = [_ds(v) for v in (*row_dir, *col_dir)]
-        ds.FrameOfReferenceUID = frame_uid
-        ds.PositionReferenceIndicator = ""
-        ds.SliceLocation = _ds(float(np.dot(position, np.cross(row_dir, col_dir))))
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = ny, nx
-        ds.PixelSpacing = [_ds(spacing[1]), _ds(spacing[0])]  # row spacing (between rows), column spacing
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-        ds.PixelRepresentation = representation
-        ds.WindowCenter, ds.WindowWidth = "40", "400"
-        slope, intercept = rescales[k]
-        ds.RescaleIntercept = _ds(intercept)
-        ds.RescaleSlope = _ds(slope)
-        ds.RescaleType = "HU" if modality == "CT" else "US"
-        ds.PixelData = stored[k].astype(dtype).tobytes()
+        _geometry_tags(ds, lps, k, (ny, nx))
+        _pixel_tags(ds, stored[k], rescales[k], dtype, representation, modality)
         path = folder / names[k]
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)

@@ -8,7 +8,6 @@ the file once, as stored (no scaling to float64, no reorientation), so memory st
 from __future__ import annotations
 
 import hashlib
-import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from medunet.check.findings import FileSummary, Finding, Severity
 from medunet.errors import DataError
 from medunet.io.geometry import SHEAR_TOLERANCE, shear_of, spacing_of
 from medunet.io.image import read_image
-from medunet.io.nifti import read_nifti, spatial_shape_3d
+from medunet.io.nifti import read_nifti, spatial_shape_3d, voxel_array
 
 #: Spacings (mm) outside this range are implausible for CT/MRI (a warning; <= 0 or non-finite is an error).
 MIN_SPACING_MM = 0.05
@@ -83,7 +82,7 @@ def inspect_file(task: FileTask) -> FileSummary:
         return summary
     else:
         try:
-            image = read_nifti(task.path, check_shear=False)
+            image = read_nifti(task.path, check_grid=False)
         except DataError as exc:
             # read_nifti says "file is empty (0 bytes)" or "file is truncated: ..." (uncompressed, known from the size)
             code = "truncated" if "truncated" in exc.problem else "empty_file" if "empty" in exc.problem else "unreadable"
@@ -129,13 +128,9 @@ def _check_affine(affine: np.ndarray, problem: Report) -> None:
 def _read_raw(image: nib.Nifti1Image, problem: Report) -> np.ndarray | None:
     """The voxels as stored (unscaled), or None after reporting why they cannot be read."""
     try:  # a file's proxy gives the stored values; an in-memory image (a DICOM series) holds its array
-        stored = image.dataobj.get_unscaled() if hasattr(image.dataobj, "get_unscaled") else image.dataobj
-        data = np.asanyarray(stored)
-    except (EOFError, OSError, ValueError, zlib.error) as exc:
-        problem(
-            "error", "truncated",
-            f"cannot read voxel data: the file is truncated or corrupt ({type(exc).__name__}); re-export or re-copy it",
-        )
+        data = voxel_array(image, scaled=False, case=None, path=None)
+    except DataError as exc:
+        problem("error", "truncated", f"{exc.problem}; re-export or re-copy it")
         return None
     if np.issubdtype(data.dtype, np.complexfloating) or data.dtype.fields is not None:
         problem("error", "unsupported_dtype", f"unsupported voxel type {data.dtype} (RGB or complex); store one number per voxel")

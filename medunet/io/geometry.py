@@ -16,6 +16,10 @@ MAX_VOXELS = 2_000_000_000
 AFFINE_TOLERANCE = 1e-3
 #: Largest |cosine| between voxel axes still taken as orthogonal (rounding in headers, not real shear).
 SHEAR_TOLERANCE = 1e-3
+#: Voxel sizes (mm) and world coordinates (|mm|) outside these bounds come from a corrupt header, not a scanner:
+#: no medical image has voxels under 0.1 micrometre or over 1 m, or lies 1 km from the scanner's origin.
+PLAUSIBLE_SPACING_MM = (1e-4, 1e3)
+MAX_COORDINATE_MM = 1e6
 
 
 
@@ -25,11 +29,27 @@ def spacing_of(affine: np.ndarray) -> np.ndarray:
 
 
 def shear_of(affine: np.ndarray) -> float:
-    """Largest |cosine| between two voxel axes of the affine (0 for an orthogonal grid)."""
+    """Largest |cosine| between two voxel axes of the affine (0 for an orthogonal grid, Inf for a non-finite one)."""
     columns = np.asarray(affine, dtype=np.float64)[:3, :3]
+    if not np.isfinite(columns).all():
+        return float("inf")  # no angle between axes that have no direction; callers report it as broken
     unit = columns / np.maximum(np.linalg.norm(columns, axis=0), 1e-12)
     gram = unit.T @ unit
     return float(np.abs(gram - np.diag(np.diag(gram))).max())
+
+
+def implausible_grid(affine: np.ndarray) -> str | None:
+    """Why an affine cannot be a real image's (non-finite, degenerate, absurd spacing or origin), or None."""
+    matrix = np.asarray(affine, dtype=np.float64)
+    if matrix.shape != (4, 4) or not np.isfinite(matrix).all():
+        return "the affine is not finite"
+    spacing = spacing_of(matrix)
+    low, high = PLAUSIBLE_SPACING_MM
+    if spacing.min() < low or spacing.max() > high:
+        return f"voxel spacing ({', '.join(f'{s:.3g}' for s in spacing)}) mm is outside {low:g}..{high:g} mm"
+    if np.abs(matrix[:3, 3]).max() > MAX_COORDINATE_MM:
+        return f"the origin ({', '.join(f'{o:.3g}' for o in matrix[:3, 3])}) mm lies over {MAX_COORDINATE_MM / 1e6:g} km away"
+    return None
 
 
 def same_grid(affine_a: np.ndarray, affine_b: np.ndarray, *, tolerance: float = AFFINE_TOLERANCE) -> bool:

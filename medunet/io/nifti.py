@@ -11,7 +11,6 @@ renamed so a crash never leaves a valid-looking half file.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,17 +20,60 @@ import torch
 from monai.data import MetaTensor
 from monai.utils import SpaceKeys
 
-from medunet.errors import DataError, GeometryError, OutputExistsError
+from medunet.errors import DataError, GeometryError, OutputExistsError, parse_error
 from medunet.io.atomic import atomic_path
-from medunet.io.geometry import MAX_VOXELS, SHEAR_TOLERANCE, shear_of
+from medunet.io.geometry import MAX_VOXELS, SHEAR_TOLERANCE, implausible_grid, shear_of
 
 ImageSource = str | Path | nib.Nifti1Image
 
 
-def read_nifti(source: ImageSource, *, case: str | None = None, check_shear: bool = True) -> nib.Nifti1Image:
+#: Deflate never expands data more than about 1032:1, so a .nii.gz declaring more voxel bytes than this times
+#: its own size is truncated or lying (and must not make nibabel allocate what the header claims).
+MAX_GZIP_RATIO = 1100
+
+
+def _degenerate(matrix: np.ndarray) -> bool:
+    """True when a 4x4 affine is not finite or its 3x3 part is (nearly) singular."""
+    with np.errstate(all="ignore"):
+        return not np.isfinite(matrix).all() or not abs(np.linalg.det(matrix[:3, :3])) > 1e-12
+
+
+def _open_nifti(path: Path, *, case: str | None, check_grid: bool) -> nib.Nifti1Image:
+    """``nib.load`` plus every header value medunet uses later (shape, dtype, affine, qform, sform, data offset).
+
+    Parsing them all here, inside one handler, is what turns any corrupt header into a DataError naming the file.
+    With ``check_grid`` a coded qform or sform must also be usable (finite, non-degenerate): masks copy both.
+    """
+    try:
+        with np.errstate(all="ignore"):
+            image = nib.load(str(path))
+            if not isinstance(image, nib.Nifti1Image):  # Nifti2Image subclasses Nifti1Image
+                raise DataError(f"unsupported image type {type(image).__name__}", case=case, path=str(path))
+            header = image.header
+            image.shape, image.get_data_dtype(), image.affine  # noqa: B018 - parsed for their errors
+            transforms = {"qform": header.get_qform(coded=True), "sform": header.get_sform(coded=True)}
+            offset = float(getattr(image.dataobj, "offset", 0))
+    except DataError:
+        raise
+    except Exception as exc:  # nibabel raises many types for corrupt headers; all mean "unreadable"
+        raise parse_error("cannot read NIfTI header", exc, case=case, path=str(path)) from None
+    for name, (matrix, code) in transforms.items():
+        if check_grid and code and matrix is not None and _degenerate(matrix):
+            raise DataError(
+                f"header {name} (code {int(code)}) is degenerate (non-finite or zero-size voxel axis); "
+                "fix pixdim/quatern/srow in the header or re-convert the image",
+                case=case,
+                path=str(path),
+            )
+    if not 0 <= offset < 2**62:
+        raise DataError(f"header vox_offset {offset:g} is not a valid byte offset; the file is corrupt", case=case, path=str(path))
+    return image
+
+
+def read_nifti(source: ImageSource, *, case: str | None = None, check_grid: bool = True) -> nib.Nifti1Image:
     """Open a NIfTI file (header only; voxels are read later), with clear errors.
 
-    ``check_shear=False`` lets a sheared affine through (``medunet check`` reports it as a finding).
+    ``check_grid=False`` lets a degenerate or sheared affine through (``medunet check`` reports it as a finding).
     """
     if isinstance(source, nib.Nifti1Image):
         return source
@@ -42,13 +84,17 @@ def read_nifti(source: ImageSource, *, case: str | None = None, check_shear: boo
         raise DataError("not a NIfTI file (expected .nii or .nii.gz)", case=case, path=str(path))
     if path.stat().st_size == 0:
         raise DataError("file is empty (0 bytes)", case=case, path=str(path))
-    try:
-        image = nib.load(str(path))
-    except Exception as exc:  # nibabel raises many types for corrupt headers; all mean "unreadable"
-        raise DataError(f"cannot read NIfTI header ({type(exc).__name__}: {exc})", case=case, path=str(path)) from None
-    if not isinstance(image, nib.Nifti1Image):  # Nifti2Image subclasses Nifti1Image
-        raise DataError(f"unsupported image type {type(image).__name__}", case=case, path=str(path))
-    if check_shear and shear_of(image.affine) > SHEAR_TOLERANCE:
+    image = _open_nifti(path, case=case, check_grid=check_grid)
+    if check_grid and _degenerate(image.affine):
+        raise DataError(
+            "header affine is degenerate (non-finite or zero-size voxel axis); fix pixdim/qform/sform or re-convert the image",
+            case=case,
+            path=str(path),
+        )
+    problem = implausible_grid(image.affine) if check_grid else None
+    if problem:
+        raise DataError(f"{problem}; fix pixdim/qform/sform or re-convert the image", case=case, path=str(path))
+    if check_grid and shear_of(image.affine) > SHEAR_TOLERANCE:
         raise DataError(
             f"has a sheared affine (gantry tilt, skew {shear_of(image.affine):.3g}); medunet only writes masks on "
             "orthogonal grids. Resample the image to an orthogonal grid first",
@@ -58,12 +104,17 @@ def read_nifti(source: ImageSource, *, case: str | None = None, check_shear: boo
     declared = int(np.prod(image.shape, dtype=np.int64))
     if declared > MAX_VOXELS:
         raise DataError(f"declares {image.shape} voxels, more than medunet accepts", case=case, path=str(path))
-    if not path.name.endswith(".gz"):  # uncompressed: a short file is truncated, known before reading it
-        needed = int(getattr(image.dataobj, "offset", 0)) + declared * image.get_data_dtype().itemsize
-        if path.stat().st_size < needed:
-            raise DataError(
-                f"file is truncated: {path.stat().st_size} bytes, the header declares {needed}", case=case, path=str(path)
-            )
+    needed = int(getattr(image.dataobj, "offset", 0)) + declared * image.get_data_dtype().itemsize
+    size = path.stat().st_size
+    if not path.name.endswith(".gz") and size < needed:  # uncompressed: a short file is truncated, known before reading it
+        raise DataError(f"file is truncated: {size} bytes, the header declares {needed}", case=case, path=str(path))
+    if path.name.endswith(".gz") and needed > MAX_GZIP_RATIO * size:
+        raise DataError(
+            f"header declares {needed} bytes of voxels, more than a {size}-byte compressed file can hold: "
+            "the file is truncated or its header corrupt",
+            case=case,
+            path=str(path),
+        )
     return image
 
 
@@ -85,15 +136,44 @@ def spatial_shape_3d(shape: Sequence[int], *, case: str | None, path: str | None
     return dims[0], dims[1], dims[2]
 
 
-def read_voxels(image: nib.Nifti1Image, *, case: str | None, path: str | None, dtype: type = np.float32) -> np.ndarray:
-    """Read an image's voxels as a 3D array (scaling applied), refusing truncated files and NaN/Inf."""
-    shape = spatial_shape_3d(image.shape, case=case, path=path)
+def voxel_array(image: nib.Nifti1Image, *, scaled: bool = True, case: str | None, path: str | None) -> np.ndarray:
+    """An image's voxels as numpy reads them (scaled by scl_slope/inter unless ``scaled`` is False).
+
+    The one place voxel bytes are parsed: a truncated, corrupt or mistyped data block becomes a DataError.
+    """
     try:
-        data = np.asarray(image.dataobj, dtype=None)
-    except (EOFError, OSError, ValueError, zlib.error) as exc:
+        with np.errstate(all="ignore"):
+            proxy = image.dataobj
+            if not scaled and hasattr(proxy, "get_unscaled"):
+                return np.asanyarray(proxy.get_unscaled())
+            return np.asarray(proxy, dtype=None)
+    except MemoryError:
+        raise
+    except Exception as exc:  # nibabel/numpy/zlib raise many types for damaged data; all mean "unreadable"
+        raise parse_error("cannot read voxel data: the data block is truncated or corrupt", exc, case=case, path=path) from None
+
+
+def _check_fits(data: np.ndarray, dtype: np.dtype, *, case: str | None, path: str | None) -> None:
+    """Refuse values that ``dtype`` cannot hold (a corrupt scl_slope/scl_inter), instead of a cast to Inf or garbage."""
+    if data.size == 0 or not np.issubdtype(data.dtype, np.floating) or np.can_cast(data.dtype, dtype, "safe"):
+        return
+    limits = np.finfo(dtype) if np.issubdtype(dtype, np.floating) else np.iinfo(dtype)
+    low, high = float(data.min()), float(data.max())
+    if low < float(limits.min) or high > float(limits.max):
         raise DataError(
-            f"cannot read voxel data: the file is truncated or corrupt ({type(exc).__name__})", case=case, path=path
-        ) from None
+            f"voxel values {low:.3g}..{high:.3g} (after scl_slope/scl_inter) do not fit {np.dtype(dtype).name}; "
+            "the header's scaling is corrupt",
+            case=case,
+            path=path,
+        )
+
+
+def read_voxels(image: nib.Nifti1Image, *, case: str | None, path: str | None, dtype: type = np.float32) -> np.ndarray:
+    """Read an image's voxels as a 3D array (scaling applied), refusing truncated files, NaN/Inf and overflow."""
+    shape = spatial_shape_3d(image.shape, case=case, path=path)
+    data = voxel_array(image, case=case, path=path)
+    if data.size != int(np.prod(shape)):
+        raise DataError(f"holds {data.size} voxels, the header declares shape {shape}", case=case, path=path)
     data = data.reshape(shape)
     if np.issubdtype(data.dtype, np.complexfloating) or data.dtype.fields is not None:
         raise DataError(f"unsupported voxel type {data.dtype} (RGB or complex)", case=case, path=path)
@@ -101,6 +181,7 @@ def read_voxels(image: nib.Nifti1Image, *, case: str | None, path: str | None, d
         bad = int(np.count_nonzero(~np.isfinite(data)))
         if bad:
             raise DataError(f"contains {bad} NaN/Inf voxels", case=case, path=path)
+    _check_fits(data, np.dtype(dtype), case=case, path=path)
     return data.astype(dtype, copy=False)
 
 
@@ -147,10 +228,12 @@ def mask_image(labels: np.ndarray, reference: nib.Nifti1Image, *, num_classes: i
     header["descrip"] = b"medunet segmentation"
     header.set_intent("label")
     image = nib.Nifti1Image(labels.astype(dtype, copy=False), reference.affine, header)
-    # nibabel may rewrite the codes when given an affine: restore the reference's qform/sform exactly.
-    ref_header = reference.header
-    image.set_qform(ref_header.get_qform(), code=int(ref_header["qform_code"]))
-    image.set_sform(ref_header.get_sform(), code=int(ref_header["sform_code"]))
+    # nibabel may rewrite the codes when given an affine: restore the reference's qform/sform exactly. An uncoded
+    # transform is not computed (code 0 only): its fields may hold garbage a reader ignores, e.g. an invalid quaternion.
+    qform, qform_code = reference.header.get_qform(coded=True)
+    sform, sform_code = reference.header.get_sform(coded=True)
+    image.set_qform(qform, code=int(qform_code))
+    image.set_sform(sform, code=int(sform_code))
     if not np.allclose(image.affine, reference.affine, atol=1e-6):
         raise GeometryError("mask affine would differ from the input's; refusing to write it")  # pragma: no cover
     return image
