@@ -24,11 +24,11 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from medunet.errors import DataError, GeometryError
+from medunet.errors import DataError
 from medunet.evaluation.metrics import METRICS, binary_metrics, union_box
 from medunet.io.atomic import atomic_write_text
 from medunet.io.datalist import Case
-from medunet.io.geometry import describe_affine, same_grid, spacing_of
+from medunet.io.geometry import require_same_grid, spacing_of
 from medunet.io.nifti import read_nifti, read_voxels, spatial_shape_3d
 
 log = logging.getLogger("medunet")
@@ -98,12 +98,9 @@ def check_same_grid(prediction: nib.Nifti1Image, reference: nib.Nifti1Image, *, 
     """Raise GeometryError unless the two images have one shape and (within tolerance) one affine."""
     pred_shape = spatial_shape_3d(prediction.shape, case=case, path=prediction.get_filename())
     ref_shape = spatial_shape_3d(reference.shape, case=case, path=reference.get_filename())
-    if pred_shape != ref_shape or not same_grid(prediction.affine, reference.affine):
-        raise GeometryError(
-            f"case {case!r}: the prediction's grid differs from the reference's: prediction shape {pred_shape}, "
-            f"{describe_affine(prediction.affine)}; reference shape {ref_shape}, {describe_affine(reference.affine)}. "
-            "Predict on the reference's image (medunet infer writes masks on the input grid) or resample the prediction"
-        )
+    require_same_grid(pred_shape, prediction.affine, ref_shape, reference.affine, what="prediction", against="the reference's",
+                      case=case, path=prediction.get_filename(),
+                      fix="predict on the reference's image (medunet infer writes masks on the input grid) or resample the prediction")
 
 
 def evaluate_pair(
