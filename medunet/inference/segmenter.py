@@ -28,10 +28,10 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Invertd
 
-from medunet.config import Config, apply_overrides, config_from_dict
-from medunet.errors import CheckpointError, DataError, GeometryError, MedunetError, OutputExistsError, unwrap_error
+from medunet.config import Config, DataConfig, apply_overrides, config_from_dict, non_preprocessing_fields
+from medunet.errors import CheckpointError, DataError, MedunetError, OutputExistsError, unwrap_error
 from medunet.io.atomic import atomic_write_text
-from medunet.io.geometry import same_grid, spacing_of
+from medunet.io.geometry import require_same_grid, spacing_of
 from medunet.io.image import ArrayWithAffine, DicomSource, Source, as_source_list, read_image, source_name
 from medunet.io.nifti import ImageSource, label_dtype, mask_image, write_mask
 from medunet.model.checkpoint import Checkpoint, fold_checkpoints, load_checkpoint, resolve_checkpoint
@@ -321,11 +321,8 @@ class Segmenter:
             labels_t = torch.as_tensor(inverted)[0].round()
         labels = labels_t.numpy().astype(label_dtype(self.num_classes))
         expected = tuple(int(s) for s in reference.shape[:3])
-        if labels.shape != expected or not same_grid(np.asarray(inverted.affine), reference.affine, tolerance=1e-4):
-            raise GeometryError(
-                f"case {case!r}: inverted prediction has shape {labels.shape} (input {expected}) or a different affine; "
-                "refusing to write a mask off the input grid"
-            )
+        require_same_grid(labels.shape, np.asarray(inverted.affine), expected, reference.affine, what="inverted prediction",
+                          against="the input's", case=case, fix="refusing to write a mask off the input grid", tolerance=1e-4)
         labels = postprocess_labels(
             labels,
             spacing=spacing_of(reference.affine),
@@ -376,7 +373,7 @@ def classes_per_inversion(num_classes: int, voxels: int, budget: int | None = No
 
 #: Config sections that must agree between the folds of an ensemble: they fix the preprocessing and the network.
 _ENSEMBLE_SECTIONS = ("data", "model")
-_ENSEMBLE_IGNORED = {"cache", "cache_dir", "cache_workers", "loader_workers", "val_fraction", "split_seed", "allow_outside_root"}
+_ENSEMBLE_IGNORED = non_preprocessing_fields(DataConfig)  # caching, split and path settings may differ between folds
 
 
 def check_ensemble(checkpoints: Sequence[Checkpoint], sources: Sequence[str]) -> None:
