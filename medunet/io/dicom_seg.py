@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -149,6 +149,44 @@ def _class_names(class_names: Mapping[int, str] | Sequence[str]) -> dict[int, st
     return {int(k): str(v) for k, v in names.items()}
 
 
+def _checked_labels(labels: np.ndarray, source: DicomSeries, names: Mapping[int, str]) -> np.ndarray:
+    """``labels`` as an array, refused unless it has the series' shape and holds only class values."""
+    labels = np.asarray(labels)
+    if labels.shape != tuple(source.image.shape[:3]):
+        raise GeometryError(f"labels have shape {labels.shape} but the source series {tuple(source.image.shape[:3])}")
+    present = set(np.unique(labels).tolist())
+    unknown = sorted(v for v in present if v != 0 and v not in names)
+    if unknown or min(present) < 0:
+        raise GeometryError(f"labels hold values {unknown or sorted(present)[:1]} that are not classes {sorted(names)}")
+    return labels
+
+
+def _segment_descriptions(
+    names: Mapping[int, str], max_class: int, *, model_name: str, property_codes: Mapping[int, tuple[Code, Code]] | None
+) -> list[Any]:
+    """One highdicom SegmentDescription per class 1..max_class (a label map needs every number up to its maximum)."""
+    import highdicom as hd
+
+    algorithm = _algorithm(model_name)
+    generic = generic_property_codes()
+    descriptions = []
+    for number in range(1, max_class + 1):
+        category, kind = (property_codes or {}).get(number, generic)
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=_long_string(names.get(number, f"class {number}")),
+                segmented_property_category=category,
+                segmented_property_type=kind,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+            )
+        )
+    if not descriptions:
+        raise ConfigError(f"no foreground class to write as a segment (classes {sorted(names)}); class_names must name classes 1..K-1")
+    return descriptions
+
+
 def write_dicom_seg(
     labels: np.ndarray,
     source: DicomSeries,
@@ -189,34 +227,10 @@ def write_dicom_seg(
     if getattr(source, "resampled", False):
         raise GeometryError("the series was resampled onto a regular grid; a DICOM SEG needs labels on its original slices")
     names = _class_names(class_names)
-    labels = np.asarray(labels)
-    if labels.shape != tuple(source.image.shape[:3]):
-        raise GeometryError(f"labels have shape {labels.shape} but the source series {tuple(source.image.shape[:3])}")
-    present = set(np.unique(labels).tolist())
-    unknown = sorted(v for v in present if v != 0 and v not in names)
-    if unknown or min(present) < 0:
-        raise GeometryError(f"labels hold values {unknown or sorted(present)[:1]} that are not classes {sorted(names)}")
-    foreground = sorted(k for k in names if k != 0)
-    max_class = max(foreground, default=0)
+    labels = _checked_labels(labels, source, names)
+    max_class = max((k for k in names if k != 0), default=0)
     frames = voxels_to_frames(labels.astype(np.uint16 if max_class > 255 else np.uint8), source.image.affine, source.datasets)
-
-    algorithm = _algorithm(model_name)
-    generic = generic_property_codes()
-    descriptions = []
-    for number in range(1, max_class + 1):  # a label-map array needs every number up to its maximum described
-        category, kind = (property_codes or {}).get(number, generic)
-        descriptions.append(
-            hd.seg.SegmentDescription(
-                segment_number=number,
-                segment_label=_long_string(names.get(number, f"class {number}")),
-                segmented_property_category=category,
-                segmented_property_type=kind,
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=algorithm,
-            )
-        )
-    if not descriptions:
-        raise ConfigError(f"no foreground class to write as a segment (classes {sorted(names)}); class_names must name classes 1..K-1")
+    descriptions = _segment_descriptions(names, max_class, model_name=model_name, property_codes=property_codes)
     seg = hd.seg.Segmentation(
         source_images=list(source.datasets),
         pixel_array=frames,
