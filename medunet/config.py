@@ -449,7 +449,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 f"{where} must be one of {list(args)}, got {value!r}" + (_suggest(value, map(str, args)) if isinstance(value, str) else "")
             )
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if value is None:  # a section whose fields are all commented out

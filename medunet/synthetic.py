@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -148,7 +149,7 @@ def write_dataset(
     """
     out = Path(out_dir)
     names = ["background", "organ", "vessel", "lesion"][:num_classes]
-    datalist: dict = {
+    datalist: dict[str, Any] = {
         "name": "medunet synthetic phantoms",
         "modality": {"0": modality.upper()},
         "labels": {str(i): n for i, n in enumerate(names)},
@@ -185,9 +186,9 @@ def add_second_sequence(datalist_path: str | Path, *, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     for entry in spec["training"]:
         first = path.parent / entry["image"]
-        image = nib.load(first)
+        image = nib.nifti1.load(first)
         body = np.asarray(image.dataobj) > 0
-        organ = np.asarray(nib.load(path.parent / entry["label"]).dataobj) == 1
+        organ = np.asarray(nib.nifti1.load(path.parent / entry["label"]).dataobj) == 1
         t2 = np.clip(body * (250.0 + rng.normal(0.0, 20.0, body.shape)) - organ * 150.0, 0.0, None).astype(np.float32)
         second = first.with_name(first.name.replace(".nii.gz", "_t2.nii.gz"))
         save_nifti(t2, image.affine, second)
@@ -271,6 +272,7 @@ def write_dicom_series(
     rescales = [_slice_rescale(volume[:, :, k], rng, rescale_per_slice) for k in range(nz)]
     stored = [np.rint((volume[:, :, k].T - b) / s) for k, (s, b) in enumerate(rescales)]  # (rows, columns)
     low, high = min(float(a.min()) for a in stored), max(float(a.max()) for a in stored)
+    dtype: np.dtype[Any]
     if low >= 0 and high <= 65535:
         dtype, representation = np.dtype("<u2"), 0
     elif low >= -32768 and high <= 32767:

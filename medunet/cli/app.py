@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 import click
 
@@ -21,11 +22,11 @@ EXIT_ERROR = 1
 EXIT_PARTIAL = 3
 
 
-class _StderrHandler(logging.StreamHandler):
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]  # StreamHandler[TextIO] fails at runtime on 3.10
     """Logs to whatever ``sys.stderr`` is now (it may be replaced, e.g. by a test or a notebook)."""
 
-    @property  # type: ignore[override]
-    def stream(self):  # noqa: ANN201
+    @property  # a read-only view of sys.stderr replaces the attribute
+    def stream(self) -> TextIO:
         return sys.stderr
 
     @stream.setter

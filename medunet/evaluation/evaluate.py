@@ -137,7 +137,14 @@ def evaluate_pair(
     return rows
 
 
-def _evaluate_files(pred_path: Path, label_path: Path, class_names: Mapping[int, str], tolerance: float, case: str) -> list[dict]:
+def _label_of(case: Case) -> Path:
+    """The case's reference label (cases without one were refused by :func:`_check_inputs`)."""
+    if case.label is None:
+        raise DataError("case has no reference label", case=case.name)
+    return case.label
+
+
+def _evaluate_files(pred_path: Path, label_path: Path, class_names: Mapping[int, str], tolerance: float, case: str) -> list[dict[str, Any]]:
     """:func:`evaluate_pair` on two NIfTI files."""
     prediction = read_nifti(pred_path, case=case)
     reference = read_nifti(label_path, case=case)
@@ -249,7 +256,7 @@ def evaluate(
         raise ValueError(f'report must be "html", "md" or None, got {report!r}')
     class_names = {int(k): str(v) for k, v in class_names.items()}
     _check_inputs(pred_dir, cases, class_names)
-    jobs = [(pred_dir / f"{c.name}.nii.gz", c.label, class_names, nsd_tolerance_mm, c.name) for c in cases]
+    jobs = [(pred_dir / f"{c.name}.nii.gz", _label_of(c), class_names, nsd_tolerance_mm, c.name) for c in cases]
     bar = tqdm(total=len(jobs), desc="evaluating", unit="case", disable=not progress)
     rows: list[dict[str, Any]] = []
     if workers > 1 and len(jobs) > 1:

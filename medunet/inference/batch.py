@@ -9,7 +9,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -102,7 +102,7 @@ def collect_inputs(
     else:
         raise DataError("input does not exist (give a .nii/.nii.gz file, a folder of them, or a datalist .json)", path=str(source))
     names = unique_case_names([g[0] for g in groups])
-    return list(zip(names, groups))
+    return [(name, [*group]) for name, group in zip(names, groups)]
 
 
 def _dicom_cases(source: Path, *, series_uid: str | None, allow_resample: bool) -> list[tuple[str, list[Path | DicomSource]]]:
@@ -121,7 +121,7 @@ def _dicom_cases(source: Path, *, series_uid: str | None, allow_resample: bool) 
 
 def segment_all(
     segmenter: Segmenter,
-    cases: Sequence[tuple[str, list[Path]]],
+    cases: Sequence[tuple[str, Sequence[Path | DicomSource]]],
     out_dir: str | Path,
     *,
     overwrite: bool = False,
@@ -168,7 +168,7 @@ def segment_all(
         )
     replace = overwrite or skip_existing  # with skip_existing, what exists for an unfinished case is an interrupted run's
     out_dir.mkdir(parents=True, exist_ok=True)
-    stats_rows: list[dict] = []
+    stats_rows: list[dict[str, Any]] = []
 
     def prepare(job: Job) -> None:
         if job.name in finished or seg_targets:  # DICOM SEG: read, predict and write together in the predict stage
@@ -236,7 +236,7 @@ OUTPUT_FORMATS = ("nifti", "dicom-seg")
 
 
 def _check_output_formats(
-    formats: Sequence[str], cases: Sequence[tuple[str, list]], out_dir: Path, *, needs_nifti: bool
+    formats: Sequence[str], cases: Sequence[tuple[str, Sequence[Any]]], out_dir: Path, *, needs_nifti: bool
 ) -> dict[str, Path]:
     """Validate the output formats before any work; the ``<case>.seg.dcm`` targets when DICOM SEG is asked for."""
     from medunet.errors import ConfigError

@@ -17,7 +17,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,7 +88,7 @@ class Segmenter:
         device: torch.device,
         source: str = "",
     ) -> None:
-        self.models = [m.to(device).eval() for m in (model if isinstance(model, (list, tuple)) else [model])]
+        self.models = [m.to(device).eval() for m in ([model] if isinstance(model, torch.nn.Module) else model)]
         self.model = self.models[0]  # the network (the first one of a fold ensemble)
         self.config = config
         self.class_names = list(class_names)
@@ -335,8 +335,9 @@ class Segmenter:
     def _invert(self, values: torch.Tensor, data: dict[str, Any], *, nearest: bool) -> MetaTensor:
         """Bring a (C, X, Y, Z) prediction in network space back to the input grid with MONAI's ``Invertd``."""
         pre_image = data[IMAGE]
-        data = {**data, PRED: MetaTensor(values, meta=dict(pre_image.meta), applied_operations=list(pre_image.applied_operations))}
-        return Invertd(keys=PRED, transform=self._preprocess, orig_keys=IMAGE, nearest_interp=nearest)(data)[PRED]
+        with_pred: dict[Hashable, Any] = {key: value for key, value in data.items()}
+        with_pred[PRED] = MetaTensor(values, meta=dict(pre_image.meta), applied_operations=list(pre_image.applied_operations))
+        return Invertd(keys=PRED, transform=self._preprocess, orig_keys=IMAGE, nearest_interp=nearest)(with_pred)[PRED]
 
     def _invert_probabilities(self, probs: torch.Tensor, data: dict[str, Any], *, voxels: int) -> tuple[torch.Tensor, MetaTensor]:
         """Argmax on the input grid of the linearly inverted probabilities, a group of classes at a time.

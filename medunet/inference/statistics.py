@@ -29,7 +29,7 @@ STAT_COLUMNS = ("case", "class", "label", "voxels", "volume_ml", "intensity_mean
 def label_statistics(
     labels: np.ndarray,
     image: np.ndarray,
-    spacing: Sequence[float],
+    spacing: Sequence[float] | np.ndarray,
     class_names: Mapping[int, str] | Sequence[str],
 ) -> list[dict[str, Any]]:
     """One row per foreground class: voxels, volume (mL), mean and std (population) of ``image`` inside it.

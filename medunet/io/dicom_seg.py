@@ -271,7 +271,7 @@ def _drop_identifying(seg: Dataset) -> None:
                 delattr(item, keyword)
 
 
-def _algorithm(model_name: str):  # noqa: ANN202  (highdicom type, imported lazily)
+def _algorithm(model_name: str) -> Any:  # a highdicom AlgorithmIdentificationSequence (imported lazily)
     import highdicom as hd
     from pydicom.sr.codedict import codes
 

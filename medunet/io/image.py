@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -102,7 +103,7 @@ def source_name(source: object) -> str:
     return str(source)
 
 
-def as_source_list(sources: object) -> list:
+def as_source_list(sources: object) -> list[Any]:
     """One source or a sequence of per-channel sources -> a list (an (array, affine) pair is one source)."""
     if isinstance(sources, tuple) and len(sources) == 2 and isinstance(sources[0], np.ndarray):
         return [sources]

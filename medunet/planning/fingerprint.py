@@ -75,7 +75,7 @@ def _bounding_shape(mask_profiles: Sequence[np.ndarray]) -> list[int]:
 
 def _crop_shape(mask: np.ndarray) -> list[int]:
     """Shape of the bounding box of ``mask`` (as MONAI's CropForeground finds it; the whole shape when empty)."""
-    return _bounding_shape([mask.any(axis=tuple(a for a in range(3) if a != axis)) for axis in range(3)])
+    return _bounding_shape([np.asarray(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)])
 
 
 def _case_stats(case: Case, index: int, *, orientation: str, samples_per_case: int, num_classes: int | None) -> _CaseStats:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -110,7 +110,7 @@ def validate(
         pred = one_hot(probs.max(dim=1, keepdim=True).indices, num_classes)  # faster than argmax on CPU
         metric(y_pred=pred, y=one_hot(label.long(), num_classes))
     if not dist.is_distributed():
-        return metric.aggregate().cpu().numpy().astype(np.float64)
+        return cast(torch.Tensor, metric.aggregate()).cpu().numpy().astype(np.float64)  # a tensor without get_not_nans
     scores = metric.get_buffer() if len(dataset) else None  # (volumes, classes); NaN where a class is absent
     per_case = np.zeros((0, num_classes - 1)) if scores is None else scores.cpu().numpy().astype(np.float64)
     found = np.isfinite(per_case)
@@ -318,7 +318,7 @@ class Trainer:
         tc = self.config.train
         epoch_seed = derived_seed(tc.seed, epoch, rank=dist.rank())
         seed_everything(epoch_seed)
-        self.train_ds.transform.set_random_state(seed=epoch_seed)  # type: ignore[union-attr]
+        self.train_ds.transform.set_random_state(seed=epoch_seed)
         self.generator.manual_seed(epoch_seed)
         iterations = tc.iterations_per_epoch or len(self.loader)  # equal on every rank: training shards are equally long
         desc = f"epoch {epoch + 1}/{tc.max_epochs}"
@@ -332,7 +332,7 @@ class Trainer:
                 bar.update()
         except RuntimeError as exc:  # a transform error inside the loader arrives wrapped by MONAI
             cause = unwrap_error(exc)
-            if isinstance(cause, MedunetError) and cause is not exc:
+            if cause is not exc and isinstance(cause, MedunetError):
                 raise cause from None
             raise
         finally:
