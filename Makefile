@@ -3,7 +3,7 @@
 #   make test   -- the whole test suite
 VENV ?= .venv
 
-.PHONY: setup demo test lint docs
+.PHONY: setup demo test lint typecheck docs
 
 setup:
 	bash scripts/setup.sh
@@ -16,6 +16,9 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check medunet tests scripts
+
+typecheck: setup
+	$(VENV)/bin/mypy medunet
 
 docs: setup
 	$(VENV)/bin/python scripts/gen_config_reference.py

@@ -9,13 +9,15 @@ Public API::
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
 
 from medunet.config import Config, load_config  # noqa: E402
 from medunet.errors import MedunetError  # noqa: E402
 
 
-def __getattr__(name: str):  # lazy: importing medunet stays light until inference is needed
+def __getattr__(name: str) -> Any:  # lazy: importing medunet stays light until inference is needed
     if name == "Segmenter":
         from medunet.inference.segmenter import Segmenter
 

@@ -42,6 +42,15 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
 Vec3f = tuple[float, float, float]
 Vec3i = tuple[int, int, int]
 
+#: Field metadata of data settings that do not change what preprocessing makes of a case (where and how fast it is
+#: cached, which cases are held out, which paths are accepted): the disk-cache key and the ensemble check skip them.
+_NOT_PREPROCESSING = {"preprocessing": False}
+
+
+def non_preprocessing_fields(section: type) -> frozenset[str]:
+    """Names of the fields of config dataclass ``section`` marked as not changing preprocessing."""
+    return frozenset(f.name for f in dataclasses.fields(section) if f.metadata.get("preprocessing", True) is False)
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -67,19 +76,19 @@ class DataConfig:
     """zscore only: compute mean/std over nonzero voxels and leave zeros at 0 (skull-stripped or cropped MRI); false: over the whole volume."""
     crop_foreground: bool = True
     """Crop each volume to the bounding box of its nonzero (after normalisation) voxels (ct_clip_zscore: voxels above -500 HU, before normalising); inverted at inference."""
-    cache: Literal["memory", "disk", "none"] = "memory"
+    cache: Literal["memory", "disk", "none"] = field(default="memory", metadata=_NOT_PREPROCESSING)
     """Where preprocessed volumes are cached: memory (CacheDataset), disk (PersistentDataset in data.cache_dir) or none."""
-    cache_dir: str | None = None
+    cache_dir: str | None = field(default=None, metadata=_NOT_PREPROCESSING)
     """Folder for the disk cache (a subfolder per preprocessing settings, so runs can share it); default: <run>/cache."""
-    cache_workers: int = 2
+    cache_workers: int = field(default=2, metadata=_NOT_PREPROCESSING)
     """Threads that preprocess volumes while the cache is filled."""
-    loader_workers: int = 0
+    loader_workers: int = field(default=0, metadata=_NOT_PREPROCESSING)
     """DataLoader worker processes for the random transforms (0: a background thread feeds the model)."""
-    val_fraction: float = 0.2
+    val_fraction: float = field(default=0.2, metadata=_NOT_PREPROCESSING)
     """Fraction of training cases held out for validation when the datalist has no "validation" list."""
-    split_seed: int = 0
+    split_seed: int = field(default=0, metadata=_NOT_PREPROCESSING)
     """Seed of that split; the split itself is saved as split.json in the run folder."""
-    allow_outside_root: bool = False
+    allow_outside_root: bool = field(default=False, metadata=_NOT_PREPROCESSING)
     """Allow datalist paths that are absolute or leave the datalist's folder (refused by default)."""
 
     def window(self) -> tuple[float, float]:
@@ -511,7 +520,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 f"{where} must be one of {list(args)}, got {value!r}" + (_suggest(value, map(str, args)) if isinstance(value, str) else "")
             )
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if value is None:  # a section whose fields are all commented out

@@ -186,7 +186,7 @@ def write_dataset(
     if small_organ:
         num_classes, modality = 3, "CT"
     names = ["background", "organ", "small_organ" if small_organ else "vessel", "lesion"][:num_classes]
-    datalist: dict = {
+    datalist: dict[str, Any] = {
         "name": "medunet synthetic phantoms",
         "modality": {"0": modality.upper()},
         "labels": {str(i): n for i, n in enumerate(names)},
@@ -226,9 +226,9 @@ def add_second_sequence(datalist_path: str | Path, *, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     for entry in spec["training"]:
         first = path.parent / entry["image"]
-        image = nib.load(first)
+        image = nib.nifti1.load(first)
         body = np.asarray(image.dataobj) > 0
-        organ = np.asarray(nib.load(path.parent / entry["label"]).dataobj) == 1
+        organ = np.asarray(nib.nifti1.load(path.parent / entry["label"]).dataobj) == 1
         t2 = np.clip(body * (250.0 + rng.normal(0.0, 20.0, body.shape)) - organ * 150.0, 0.0, None).astype(np.float32)
         second = first.with_name(first.name.replace(".nii.gz", "_t2.nii.gz"))
         save_nifti(t2, image.affine, second)

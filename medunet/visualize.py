@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgba
@@ -289,7 +290,7 @@ def save_contour_overlay(
         ax.set_title(f"{view} {index}", fontsize="small")
         ax.set_axis_off()
 
-    handles = [Line2D([], [], color="black", ls="solid", label="reference"),
+    handles: list[Artist] = [Line2D([], [], color="black", ls="solid", label="reference"),
                Line2D([], [], color="black", ls="dashed", label="prediction")]
     handles += [Patch(color=_CLASS_COLOURS[(v - 1) % len(_CLASS_COLOURS)],
                       label=class_names[v] if class_names and v < len(class_names) else f"label {v}") for v in present]

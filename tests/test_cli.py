@@ -246,12 +246,12 @@ def test_non_finite_loss_stops_training_and_names_the_cases(dataset: Path, tmp_p
     [({"0": "CT"}, "CT"), ("CT", "CT"), ({"0": "T1", "1": "FLAIR"}, "MRI"), ({"0": "MRI"}, "MRI"), (None, "CT")],
 )
 def test_without_config_the_datalist_modality_picks_the_preset(tmp_path: Path, modality: object, preset: str) -> None:
-    from medunet.cli.train import _datalist_modality
     from medunet.config import load_config
+    from medunet.training.run_config import datalist_modality
 
     datalist = tmp_path / "d.json"
     datalist.write_text(json.dumps({"modality": modality, "training": []}))
-    assert _datalist_modality(datalist) == preset
+    assert datalist_modality(datalist) == preset
     expected = "zscore" if preset == "MRI" else "ct_window"
     assert load_config(None, modality=preset).data.normalization == expected
 

@@ -18,7 +18,7 @@ from medunet.config import (
     load_config,
     save_config,
 )
-from medunet.errors import ConfigError
+from medunet.errors import CheckpointError, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,10 +44,7 @@ def test_defaults_load_and_match_documented_values() -> None:
 
 @pytest.mark.parametrize("name, modality", [("ct.yaml", "CT"), ("mri.yaml", "MRI")])
 def test_shipped_configs_load_and_round_trip(name: str, modality: str) -> None:
-    path = REPO / "configs" / name
-    if not path.is_file():
-        pytest.skip(f"configs/{name} does not exist yet")
-    cfg = load_config(path)
+    cfg = load_config(REPO / "configs" / name)  # shipped: a missing preset is a failure
     assert cfg.data.modality == modality
     assert config_from_dict(config_to_dict(cfg)) == cfg
     stride = cfg.model.total_stride()
@@ -379,3 +376,41 @@ def test_lr_must_be_positive(value: str) -> None:
 def test_lr_nan_refused(value: str) -> None:
     with pytest.raises(ConfigError, match="optim.lr"):
         load_config(overrides=[f"optim.lr={value}"])
+
+
+# --- settings that do not change preprocessing ------------------------------------
+
+
+def test_cache_key_and_ensemble_check_ignore_only_the_settings_that_do_not_change_preprocessing() -> None:
+    # Each data field set to a non-default value: the disk-cache key must change exactly when the cached volumes would,
+    # and folds may differ in the others without being refused as an ensemble.
+    import dataclasses
+
+    from medunet.inference.segmenter import check_ensemble
+    from medunet.model.checkpoint import Checkpoint
+    from medunet.training.data import preprocessing_key
+
+    changed = {
+        "modality": "MRI", "labels": {"0": "background", "1": "organ"}, "orientation": "LPS", "target_spacing": (1.0, 1.0, 1.0),
+        "normalization": "zscore", "ct_window": "liver", "ct_mean": 40.0, "ct_std": 50.0, "zscore_nonzero": False,
+        "crop_foreground": False, "cache": "disk", "cache_dir": "/tmp/cache", "cache_workers": 7, "loader_workers": 3,
+        "val_fraction": 0.5, "split_seed": 9, "allow_outside_root": True,
+    }
+    not_preprocessing = {"cache", "cache_dir", "cache_workers", "loader_workers", "val_fraction", "split_seed", "allow_outside_root"}
+    assert set(changed) == {f.name for f in dataclasses.fields(DataConfig)}, "give a new data field a changed value here"
+
+    def checkpoint(config: Config) -> Checkpoint:
+        return Checkpoint(model={}, config=config_to_dict(config), class_names=["background", "organ"], in_channels=1, epoch=1)
+
+    base = Config()
+    base_key = preprocessing_key(base, num_classes=2, in_channels=1)
+    for name, value in changed.items():
+        other = dataclasses.replace(base, data=dataclasses.replace(base.data, **{name: value}))
+        assert getattr(other.data, name) != getattr(base.data, name)
+        key_changed = preprocessing_key(other, num_classes=2, in_channels=1) != base_key
+        assert key_changed == (name not in not_preprocessing), name
+        if name in not_preprocessing:
+            check_ensemble([checkpoint(base), checkpoint(other)], ["fold_0", "fold_1"])
+        else:
+            with pytest.raises(CheckpointError, match=f"data.{name}"):
+                check_ensemble([checkpoint(base), checkpoint(other)], ["fold_0", "fold_1"])

@@ -325,16 +325,18 @@ def test_atomic_path_replaces_on_success(tmp_path: Path) -> None:
     assert_only(tmp_path / "sub", {"a.txt"})
 
 
-def test_atomic_write_honours_umask(tmp_path: Path) -> None:
-    umask = os.umask(0o022)
-    os.umask(umask)
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_write_honours_umask(tmp_path: Path, umask: int) -> None:
+    # a temp file is created 0600; the written file must get the umask's mode (0644, 0640), as a plain write does
+    previous = os.umask(umask)
+    try:
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        atomic_write_text(tmp_path / "atomic.txt", "x")
+    finally:
+        os.umask(previous)
     expected = 0o666 & ~umask
-    if expected == 0o600:
-        pytest.skip("this umask gives 0600 anyway")
-    plain = tmp_path / "plain.txt"
-    plain.write_text("x")
     assert plain.stat().st_mode & 0o777 == expected
-    atomic_write_text(tmp_path / "atomic.txt", "x")
     assert (tmp_path / "atomic.txt").stat().st_mode & 0o777 == expected
 
 

@@ -9,31 +9,45 @@ from medunet.config import load_config
 from medunet.model.sliding import ALL_FLIPS, predict_probabilities
 
 
-class Pointwise(nn.Module):
-    """A voxel-wise 'network' (logit = +-4x): equivariant to flips, so TTA must not change its output."""
+class Counting(nn.Module):
+    """A random 3x3x3 convolution (not mirror-symmetric, so not flip-equivariant) that counts its calls."""
 
     def __init__(self) -> None:
         super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv3d(1, 2, 3, padding=1)
+        nn.init.normal_(self.conv.weight, std=2.0)
         self.calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        return torch.cat([-4.0 * x, 4.0 * x], dim=1)
+        return self.conv(x)
 
 
-def test_flip_tta_runs_eight_flips_and_keeps_an_equivariant_prediction() -> None:
-    image = torch.rand(1, 1, 20, 18, 12) - 0.5
+def test_flip_tta_averages_the_eight_mirrored_predictions_mapped_back() -> None:
+    # one window covers the whole image, so each pass is exactly softmax(model(x)) and TTA can be computed by hand
+    image = torch.rand(1, 1, 16, 16, 16) - 0.5
     plain_cfg = load_config(None, ["inference.roi_size=[16,16,16]", "inference.sw_batch_size=1"])
     tta_cfg = load_config(None, ["inference.roi_size=[16,16,16]", "inference.sw_batch_size=1", "inference.tta_flips=true"])
-    model = Pointwise()
-    plain = predict_probabilities(model, image, plain_cfg, device=torch.device("cpu"))
-    calls_plain = model.calls
-    tta = predict_probabilities(model, image, tta_cfg, device=torch.device("cpu"))
-    assert len(ALL_FLIPS) == 8 and len(set(ALL_FLIPS)) == 8
-    assert model.calls - calls_plain == 8 * calls_plain
-    torch.testing.assert_close(tta, plain, atol=1e-5, rtol=0)
-    expected = torch.softmax(torch.cat([-4.0 * image, 4.0 * image], dim=1), dim=1)
-    torch.testing.assert_close(plain, expected, atol=1e-5, rtol=0)
+    model = Counting().eval()
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        plain = predict_probabilities(model, image, plain_cfg, device=cpu)
+        calls_plain = model.calls
+        tta = predict_probabilities(model, image, tta_cfg, device=cpu)
+        calls_tta = model.calls - calls_plain
+        by_hand = torch.stack([
+            torch.flip(torch.softmax(model(torch.flip(image, dims)), dim=1), dims) if dims else torch.softmax(model(image), dim=1)
+            for dims in ALL_FLIPS
+        ]).mean(dim=0)
+        mirrored = predict_probabilities(model, torch.flip(image, (2, 4)), tta_cfg, device=cpu)
+    assert len(ALL_FLIPS) == 8 and len(set(ALL_FLIPS)) == 8 and () in ALL_FLIPS
+    assert calls_tta == 8 * calls_plain
+    torch.testing.assert_close(plain, torch.softmax(model(image), dim=1).detach(), atol=1e-5, rtol=0)
+    assert (tta - plain).abs().max() > 0.05, "the model is not flip-equivariant: TTA must change its output"
+    torch.testing.assert_close(tta, by_hand, atol=1e-5, rtol=0)
+    # averaging over every mirror makes the prediction flip-equivariant: mirrored input, mirrored output
+    torch.testing.assert_close(mirrored, torch.flip(tta, (2, 4)), atol=1e-5, rtol=0)
 
 
 def test_result_does_not_depend_on_window_batch_size() -> None:

@@ -148,7 +148,7 @@ def _digest(data: np.ndarray, scaling: tuple[float, float]) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(repr((data.shape, str(data.dtype), scaling)).encode())
     flat = data.T if data.flags.f_contiguous and not data.flags.c_contiguous else np.ascontiguousarray(data)
-    h.update(memoryview(flat).cast("B"))
+    h.update(flat.data.cast("B"))
     return h.hexdigest()
 
 

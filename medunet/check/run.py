@@ -286,11 +286,11 @@ def _cross_case_findings(
         if not digests or any(d is None for d in digests):
             continue
         key = tuple(d for d in digests if d is not None)
-        first = seen_images.setdefault(key, case)
-        if first is not case and (first.name, case.name) not in same_file_pairs:
+        original = seen_images.setdefault(key, case)
+        if original is not case and (original.name, case.name) not in same_file_pairs:
             case.findings.append(Finding(
                 "warning", "duplicate_image",
-                f"image voxels are identical to case {first.name!r} ({first.images[0].path}); remove the copy, "
+                f"image voxels are identical to case {original.name!r} ({original.images[0].path}); remove the copy, "
                 "or keep both in one list so validation never scores a training image",
                 case=case.name, path=case.images[0].path,
             ))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 import click
 
@@ -22,11 +23,11 @@ EXIT_PARTIAL = 3
 EXIT_QC_REVIEW = 4
 
 
-class _StderrHandler(logging.StreamHandler):
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]  # StreamHandler[TextIO] fails at runtime on 3.10
     """Logs to whatever ``sys.stderr`` is now (it may be replaced, e.g. by a test or a notebook)."""
 
-    @property  # type: ignore[override]
-    def stream(self):  # noqa: ANN201
+    @property  # a read-only view of sys.stderr replaces the attribute
+    def stream(self) -> TextIO:
         return sys.stderr
 
     @stream.setter

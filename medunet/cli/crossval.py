@@ -43,16 +43,18 @@ def crossval(ctx: click.Context, datalist: Path, root: Path, folds: int | None, 
     and crossval.json. Re-running skips finished folds and resumes an interrupted one (with the
     saved config.yaml plus any --set).
     """
-    from medunet.cli.train import _check_before_training
     from medunet.training.distributed import launched
+    from medunet.training.run_config import check_before_training, resolve_crossval_config
     from medunet.workflows.crossval import run_crossval
 
     if launched():  # every process would predict and evaluate too (see docs/distributed.md)
         raise ConfigError("crossval does not run under torchrun; train each fold with "
                           "`torchrun ... -m medunet train DATALIST -o OUT --fold K`, then run `medunet crossval` once without it")
     if not skip_check and not (root / "splits.json").is_file():  # a new cross-validation: no fold starts on broken data
-        _check_before_training(datalist, config_path, overrides, allow_outside_root, progress=ctx.obj["progress"])
-    config = _crossval_config(datalist, root, config_path, overrides, device, allow_outside_root)
+        check_before_training(datalist, config_path=config_path, overrides=overrides, allow_outside_root=allow_outside_root,
+                              progress=ctx.obj["progress"], show=lambda text: click.echo(text, err=True))
+    config = resolve_crossval_config(datalist, root, config_path=config_path, overrides=overrides, device=device,
+                                     allow_outside_root=allow_outside_root)
     result = run_crossval(datalist, root, config, folds=folds, splits_file=splits_file, device=device or "auto",
                           progress=ctx.obj["progress"])
     summary, choice = result.oof_summary, result.postprocessing
@@ -69,24 +71,3 @@ def crossval(ctx: click.Context, datalist: Path, root: Path, folds: int | None, 
         f"next: medunet infer -m {root} -i SCANS -o PREDS   (ensemble of all folds, chosen post-processing)",
     ]
     click.echo("\n".join(lines))
-
-
-def _crossval_config(datalist: Path, root: Path, config_path: Path | None, overrides: tuple[str, ...], device: str | None,
-                     allow_outside_root: bool):  # noqa: ANN202
-    """A new cross-validation: as `medunet train` builds it. A restart: the saved config.yaml plus --set."""
-    from medunet.cli.train import _training_config
-    from medunet.config import apply_overrides, config_from_dict, read_yaml
-
-    if (root / "last.pt").exists():
-        raise ConfigError(f"{root} holds a single training run (last.pt); choose another -o for cross-validation")
-    saved = root / "config.yaml"
-    if not (saved.is_file() and (root / "splits.json").is_file()):
-        return _training_config(datalist, root, config_path, overrides, device, False, allow_outside_root)
-    if config_path is not None:
-        raise ConfigError(f"{root} holds a cross-validation that continues with its saved config.yaml; change it with --set, not -c")
-    extra = list(overrides)
-    if device:
-        extra += [f"train.device={device}", f"inference.device={device}"]
-    if allow_outside_root:
-        extra.append("data.allow_outside_root=true")
-    return config_from_dict(apply_overrides(read_yaml(saved), extra))

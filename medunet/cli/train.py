@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from medunet.cli.app import cli, log
-from medunet.errors import ConfigError
+from medunet.cli.app import cli
 
 
 @cli.command()
@@ -57,6 +56,7 @@ def train(ctx: click.Context, datalist: Path, run_dir: Path, config_path: Path |
     Under torchrun (docs/distributed.md) train.batch_size is per process; rank 0 alone checks, plans and writes.
     """
     from medunet.training import distributed
+    from medunet.training.run_config import check_before_training, resolve_training_config
     from medunet.training.splits import fold_dir, fold_for_training
     from medunet.training.trainer import train as run_training
 
@@ -70,10 +70,12 @@ def train(ctx: click.Context, datalist: Path, run_dir: Path, config_path: Path |
     root, run_dir = run_dir, (fold_dir(run_dir, fold) if fold is not None else run_dir)
     with distributed.session():  # under torchrun: rank 0 checks, plans and writes splits; the others wait for its result
         if not resume and not skip_check and not (run_dir / "last.pt").exists():  # (an existing run is refused by the trainer)
-            distributed.run_on_main(lambda: _check_before_training(datalist, config_path, overrides, allow_outside_root,
-                                                                   progress=ctx.obj["progress"]))
-        config = distributed.run_on_main(lambda: _training_config(
-            datalist, run_dir, config_path, overrides, device, resume, allow_outside_root, gpu_memory=gpu_memory))
+            distributed.run_on_main(lambda: check_before_training(
+                datalist, config_path=config_path, overrides=overrides, allow_outside_root=allow_outside_root,
+                progress=ctx.obj["progress"], show=lambda text: click.echo(text, err=True)))
+        config = distributed.run_on_main(lambda: resolve_training_config(
+            datalist, run_dir, config_path=config_path, overrides=overrides, device=device, resume=resume,
+            allow_outside_root=allow_outside_root, gpu_memory=gpu_memory))
         split = None if fold is None else distributed.run_on_main(lambda: fold_for_training(
             datalist, root, fold=fold, folds=folds, seed=config.data.split_seed, splits_file=splits_file,
             allow_outside_root=config.data.allow_outside_root,
@@ -96,77 +98,3 @@ def _budget_and_tracking(time_budget: str | None, trackers: tuple[str, ...]) -> 
     if trackers:
         extra.append(f"train.tracking=[{','.join(dict.fromkeys(trackers))}]")
     return extra
-
-
-def _check_before_training(datalist: Path, config_path: Path | None, overrides: tuple[str, ...], allow_outside_root: bool,
-                           *, progress: bool) -> None:
-    """Run `medunet check` on the datalist, print its findings and refuse to train when it found errors.
-
-    The check uses the run's config (``-c`` file, ``--set`` and ``--allow-outside-root``) for
-    ``data.labels`` and ``data.allow_outside_root``, as training will.
-    """
-    from medunet.check import check_datalist
-    from medunet.config import load_config
-    from medunet.errors import DataError
-
-    extra = [*overrides, *(["data.allow_outside_root=true"] if allow_outside_root else [])]
-    data = load_config(config_path, extra).data  # a mistyped --set or a broken -c file fails before the data is read
-    labels = {int(k): v for k, v in data.labels.items()} if data.labels else None
-    report = check_datalist(datalist, allow_outside_root=data.allow_outside_root, labels=labels, progress=progress)
-    if report.findings:
-        click.echo(report.format_findings(limit=40), err=True)
-    if not report.ok:  # the first error as the one-line reason; all of them are listed above
-        first, more = report.errors[0], len(report.errors) - 1
-        raise DataError(
-            f"{first.message}{f' (and {more} more error(s), listed above)' if more else ''}. Nothing was trained: fix the "
-            f"data (`medunet check {datalist} --json check.json` gives the full report) or pass --skip-check",
-            case=first.case,
-            path=str(datalist.parent / first.path) if first.path else None,  # report paths are relative to the datalist
-        )
-    log.info("data check: %s", report.summary_line())
-
-
-def _training_config(datalist: Path, run_dir: Path, config_path: Path | None, overrides: tuple[str, ...],
-                     device: str | None, resume: bool, allow_outside_root: bool, gpu_memory: float | None = None):  # noqa: ANN202
-    from medunet.config import apply_overrides, config_from_dict, load_config
-
-    extra = list(overrides)
-    if device:
-        extra += [f"train.device={device}", f"inference.device={device}"]
-    if allow_outside_root:
-        extra.append("data.allow_outside_root=true")
-    if resume:
-        if config_path is not None:
-            raise ConfigError("--resume continues with the run's saved config; change it with --set instead of -c")
-        from medunet.model.checkpoint import load_checkpoint
-
-        saved = load_checkpoint(run_dir / "last.pt").config
-        return config_from_dict(apply_overrides(saved, extra))
-    if config_path is None and not (run_dir / "last.pt").exists():  # (an existing run is refused by the trainer)
-        from medunet.planning.api import load_planned_config, plan_datalist
-
-        apply_overrides({}, extra)  # a mistyped key fails before any data is read
-        planned = plan_datalist(datalist, run_dir / "plan.yaml", fingerprint_to=run_dir / "fingerprint.json", overwrite=True,
-                                allow_outside_root="data.allow_outside_root=true" in [o.replace(" ", "").lower() for o in extra],
-                                gpu_memory_gb=gpu_memory)
-        log.info("no -c given: planned a config from the data (%s; --set overrides apply on top); edit it and pass -c to change it",
-                 planned.plan_path)
-        config, note = load_planned_config(planned.plan_path, extra)
-        if note:
-            log.warning(note)
-        return config
-    if config_path is None:
-        return load_config(None, extra, modality=_datalist_modality(datalist))
-    return load_config(config_path, extra)
-
-
-def _datalist_modality(datalist: Path) -> str:
-    """ "MRI" when the datalist's "modality" names an MR sequence, else "CT" (the default preset)."""
-    import json
-
-    try:
-        modality = json.loads(datalist.read_text()).get("modality")
-    except (OSError, ValueError, AttributeError):
-        return "CT"  # the datalist itself is checked, with a proper error, when training starts
-    text = " ".join(map(str, modality.values())) if isinstance(modality, dict) else str(modality or "")
-    return "MRI" if any(word in text.upper() for word in ("MR", "T1", "T2", "FLAIR", "ADC", "DWI")) else "CT"

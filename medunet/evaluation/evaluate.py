@@ -24,11 +24,11 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from medunet.errors import DataError, GeometryError
+from medunet.errors import DataError
 from medunet.evaluation.metrics import METRICS, binary_metrics, union_box
 from medunet.io.atomic import atomic_write_text
 from medunet.io.datalist import Case
-from medunet.io.geometry import describe_affine, same_grid, spacing_of
+from medunet.io.geometry import require_same_grid, spacing_of
 from medunet.io.nifti import read_nifti, read_voxels, spatial_shape_3d
 
 log = logging.getLogger("medunet")
@@ -98,12 +98,9 @@ def check_same_grid(prediction: nib.Nifti1Image, reference: nib.Nifti1Image, *, 
     """Raise GeometryError unless the two images have one shape and (within tolerance) one affine."""
     pred_shape = spatial_shape_3d(prediction.shape, case=case, path=prediction.get_filename())
     ref_shape = spatial_shape_3d(reference.shape, case=case, path=reference.get_filename())
-    if pred_shape != ref_shape or not same_grid(prediction.affine, reference.affine):
-        raise GeometryError(
-            f"case {case!r}: the prediction's grid differs from the reference's: prediction shape {pred_shape}, "
-            f"{describe_affine(prediction.affine)}; reference shape {ref_shape}, {describe_affine(reference.affine)}. "
-            "Predict on the reference's image (medunet infer writes masks on the input grid) or resample the prediction"
-        )
+    require_same_grid(pred_shape, prediction.affine, ref_shape, reference.affine, what="prediction", against="the reference's",
+                      case=case, path=prediction.get_filename(),
+                      fix="predict on the reference's image (medunet infer writes masks on the input grid) or resample the prediction")
 
 
 def evaluate_pair(
@@ -140,7 +137,14 @@ def evaluate_pair(
     return rows
 
 
-def _evaluate_files(pred_path: Path, label_path: Path, class_names: Mapping[int, str], tolerance: float, case: str) -> list[dict]:
+def _label_of(case: Case) -> Path:
+    """The case's reference label (cases without one were refused by :func:`_check_inputs`)."""
+    if case.label is None:
+        raise DataError("case has no reference label", case=case.name)
+    return case.label
+
+
+def _evaluate_files(pred_path: Path, label_path: Path, class_names: Mapping[int, str], tolerance: float, case: str) -> list[dict[str, Any]]:
     """:func:`evaluate_pair` on two NIfTI files."""
     prediction = read_nifti(pred_path, case=case)
     reference = read_nifti(label_path, case=case)
@@ -252,7 +256,7 @@ def evaluate(
         raise ValueError(f'report must be "html", "md" or None, got {report!r}')
     class_names = {int(k): str(v) for k, v in class_names.items()}
     _check_inputs(pred_dir, cases, class_names)
-    jobs = [(pred_dir / f"{c.name}.nii.gz", c.label, class_names, nsd_tolerance_mm, c.name) for c in cases]
+    jobs = [(pred_dir / f"{c.name}.nii.gz", _label_of(c), class_names, nsd_tolerance_mm, c.name) for c in cases]
     bar = tqdm(total=len(jobs), desc="evaluating", unit="case", disable=not progress)
     rows: list[dict[str, Any]] = []
     if workers > 1 and len(jobs) > 1:

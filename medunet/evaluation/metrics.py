@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -72,10 +73,11 @@ def _surface_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]
     """HD95, ASD and NSD of two non-empty binary masks, from one pass of MONAI's surface distances."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _, (pred_to_ref, ref_to_pred), _ = get_edge_surface_distance(
+        _, distances, _ = get_edge_surface_distance(
             torch.as_tensor(pred), torch.as_tensor(ref), distance_metric="euclidean",
             spacing=[float(s) for s in spacing], symmetric=True,
         )
+    pred_to_ref, ref_to_pred = cast("tuple[torch.Tensor, torch.Tensor]", distances)  # symmetric: both directions
     a, b = pred_to_ref.double().numpy(), ref_to_pred.double().numpy()
     return {
         "hd95_mm": float(max(np.percentile(a, 95), np.percentile(b, 95))),
@@ -143,7 +145,7 @@ def binary_metrics(
                 "sensitivity": 0.0 if n_ref else nan, "precision": 0.0 if n_pred else nan,
                 "flag": "pred_empty" if n_pred == 0 else "ref_empty"}
     # Everything below depends only on the voxels in (and just around) P ∪ R: crop to them.
-    box = union_box(*(ndimage.find_objects(m.astype(np.uint8))[0] for m in (pred, ref)), pred.shape)
+    box = union_box(ndimage.find_objects(pred.astype(np.uint8))[0], ndimage.find_objects(ref.astype(np.uint8))[0], pred.shape)
     pred, ref = pred[box], ref[box]
     row.update(_confusion_metrics(pred, ref))
     row.update(_surface_metrics(pred, ref, spacing, nsd_tolerance_mm))

@@ -104,7 +104,7 @@ def worst_error_voxel(reference: np.ndarray, prediction: np.ndarray) -> tuple[in
     else:
         points = np.argwhere(reference > 0) if (reference > 0).any() else np.argwhere(prediction > 0)
         if not len(points):
-            return tuple(n // 2 for n in reference.shape)  # type: ignore[return-value]
+            return reference.shape[0] // 2, reference.shape[1] // 2, reference.shape[2] // 2
     centroid = points.mean(axis=0)
     nearest = points[np.argmin(((points - centroid) ** 2).sum(axis=1))]  # a voxel of the region itself
     return int(nearest[0]), int(nearest[1]), int(nearest[2])
@@ -117,6 +117,8 @@ def draw_case(case: Case, prediction_path: Path, out_png: Path, *, class_names: 
         data = np.asarray(nib.as_closest_canonical(nib.load(str(path))).dataobj, dtype=np.float32)
         return (np.rint(data) if dtype is np.int64 else data).astype(dtype)
 
+    if case.label is None:
+        raise DataError("case has no reference label to draw", case=case.name)
     image = nib.as_closest_canonical(nib.load(str(case.image[0])))
     voxels = np.asarray(image.dataobj, dtype=np.float32)
     reference, prediction = canonical(case.label, np.int64), canonical(prediction_path, np.int64)
@@ -169,14 +171,14 @@ def write_report(
         draw_case(cases[case], Path(pred_dir) / f"{case}.nii.gz", png, class_names=by_value,
                   title=f"{case}: mean Dice {score:.3f} (solid: reference, dashed: prediction)")
         worst.append((case, score, png))
-    context = dict(rows=rows, summary=summary, names=names, scores=scores, worst=worst, boxes=boxes,
-                   tolerance=nsd_tolerance_mm)
     if fmt == "html":
         path = Path(out_dir) / "report.html"
-        atomic_write_text(path, _html(**context))
+        atomic_write_text(path, _html(rows=rows, summary=summary, names=names, scores=scores, worst=worst, boxes=boxes,
+                                      tolerance=nsd_tolerance_mm))
     else:
         path = Path(out_dir) / "report.md"
-        atomic_write_text(path, _markdown(out_dir=Path(out_dir), **context))
+        atomic_write_text(path, _markdown(out_dir=Path(out_dir), rows=rows, summary=summary, names=names, scores=scores,
+                                          worst=worst, boxes=boxes, tolerance=nsd_tolerance_mm))
     return path
 
 

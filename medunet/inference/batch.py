@@ -102,7 +102,7 @@ def collect_inputs(
     else:
         raise DataError("input does not exist (give a .nii/.nii.gz file, a folder of them, or a datalist .json)", path=str(source))
     names = unique_case_names([g[0] for g in groups])
-    return list(zip(names, groups))
+    return [(name, [*group]) for name, group in zip(names, groups)]
 
 
 def _dicom_cases(source: Path, *, series_uid: str | None, allow_resample: bool) -> list[tuple[str, list[Path | DicomSource]]]:
@@ -297,7 +297,7 @@ def write_batch_report(segmenter: Segmenter, plan: BatchPlan, options: BatchOpti
 
 def segment_all(
     segmenter: Segmenter,
-    cases: Sequence[tuple[str, list[Path]]],
+    cases: Sequence[tuple[str, Sequence[Path | DicomSource]]],
     out_dir: str | Path,
     *,
     overwrite: bool = False,
@@ -359,7 +359,7 @@ DICOM_OUTPUT_SUFFIXES = {"dicom-seg": ".seg.dcm", "rtstruct": ".rtstruct.dcm"}
 
 
 def _check_output_formats(
-    formats: Sequence[str], cases: Sequence[tuple[str, list]], out_dir: Path, *, needs_nifti: bool
+    formats: Sequence[str], cases: Sequence[tuple[str, Sequence[Any]]], out_dir: Path, *, needs_nifti: bool
 ) -> dict[str, dict[str, Path]]:
     """Validate the output formats before any work; per case, the DICOM targets by format (``<case>.seg.dcm``, ``<case>.rtstruct.dcm``)."""
     from medunet.errors import ConfigError

@@ -17,7 +17,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,10 +28,10 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Invertd
 
-from medunet.config import Config, apply_overrides, config_from_dict
-from medunet.errors import CheckpointError, DataError, GeometryError, MedunetError, OutputExistsError, unwrap_error
+from medunet.config import Config, DataConfig, apply_overrides, config_from_dict, non_preprocessing_fields
+from medunet.errors import CheckpointError, DataError, MedunetError, OutputExistsError, unwrap_error
 from medunet.io.atomic import atomic_write_text
-from medunet.io.geometry import same_grid, spacing_of
+from medunet.io.geometry import require_same_grid, spacing_of
 from medunet.io.image import ArrayWithAffine, DicomSource, Source, as_source_list, read_image, source_name
 from medunet.io.nifti import ImageSource, label_dtype, mask_image, write_mask
 from medunet.model.checkpoint import Checkpoint, fold_checkpoints, load_checkpoint, resolve_checkpoint
@@ -110,7 +110,7 @@ class Segmenter:
         qc_reference: dict[str, Any] | None = None,
         qc_thresholds: Thresholds | None = None,
     ) -> None:
-        self.models = [m.to(device).eval() for m in (model if isinstance(model, (list, tuple)) else [model])]
+        self.models = [m.to(device).eval() for m in ([model] if isinstance(model, torch.nn.Module) else model)]
         self.model = self.models[0]  # the network (the first one of a fold ensemble)
         self.config = config
         self.class_names = list(class_names)
@@ -415,11 +415,8 @@ class Segmenter:
             labels_t = torch.as_tensor(inverted)[0].round()
         labels = labels_t.numpy().astype(label_dtype(self.num_classes))
         expected = tuple(int(s) for s in reference.shape[:3])
-        if labels.shape != expected or not same_grid(np.asarray(inverted.affine), reference.affine, tolerance=1e-4):
-            raise GeometryError(
-                f"case {case!r}: inverted prediction has shape {labels.shape} (input {expected}) or a different affine; "
-                "refusing to write a mask off the input grid"
-            )
+        require_same_grid(labels.shape, np.asarray(inverted.affine), expected, reference.affine, what="inverted prediction",
+                          against="the input's", case=case, fix="refusing to write a mask off the input grid", tolerance=1e-4)
         labels = postprocess_labels(
             labels,
             spacing=spacing_of(reference.affine),
@@ -444,15 +441,16 @@ class Segmenter:
         inverted = self._invert(entropy_map(probs), data, nearest=False)
         values = torch.as_tensor(inverted)[0].clamp(0.0, 1.0).numpy().astype(np.float32)
         expected = tuple(int(s) for s in reference.shape[:3])
-        if values.shape != expected or not same_grid(np.asarray(inverted.affine), reference.affine, tolerance=1e-4):
-            raise GeometryError(f"case {case!r}: the inverted uncertainty map has shape {values.shape} (input {expected}); refusing to write it")
+        require_same_grid(values.shape, np.asarray(inverted.affine), expected, reference.affine, what="inverted uncertainty map",
+                          against="the input's", case=case, fix="refusing to write it off the input grid", tolerance=1e-4)
         return values
 
     def _invert(self, values: torch.Tensor, data: dict[str, Any], *, nearest: bool) -> MetaTensor:
         """Bring a (C, X, Y, Z) prediction in network space back to the input grid with MONAI's ``Invertd``."""
         pre_image = data[IMAGE]
-        data = {**data, PRED: MetaTensor(values, meta=dict(pre_image.meta), applied_operations=list(pre_image.applied_operations))}
-        return Invertd(keys=PRED, transform=self._preprocess, orig_keys=IMAGE, nearest_interp=nearest)(data)[PRED]
+        with_pred: dict[Hashable, Any] = {key: value for key, value in data.items()}
+        with_pred[PRED] = MetaTensor(values, meta=dict(pre_image.meta), applied_operations=list(pre_image.applied_operations))
+        return Invertd(keys=PRED, transform=self._preprocess, orig_keys=IMAGE, nearest_interp=nearest)(with_pred)[PRED]
 
     def _invert_probabilities(self, probs: torch.Tensor, data: dict[str, Any], *, voxels: int) -> tuple[torch.Tensor, MetaTensor]:
         """Argmax on the input grid of the linearly inverted probabilities, a group of classes at a time.
@@ -499,7 +497,7 @@ def classes_per_inversion(num_classes: int, voxels: int, budget: int | None = No
 
 #: Config sections that must agree between the folds of an ensemble: they fix the preprocessing and the network.
 _ENSEMBLE_SECTIONS = ("data", "model")
-_ENSEMBLE_IGNORED = {"cache", "cache_dir", "cache_workers", "loader_workers", "val_fraction", "split_seed", "allow_outside_root"}
+_ENSEMBLE_IGNORED = non_preprocessing_fields(DataConfig)  # caching, split and path settings may differ between folds
 
 
 def check_ensemble(checkpoints: Sequence[Checkpoint], sources: Sequence[str]) -> None:

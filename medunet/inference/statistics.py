@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from medunet.errors import DataError, GeometryError
+from medunet.errors import DataError
 from medunet.io.atomic import atomic_write_text
-from medunet.io.geometry import describe_affine, same_grid, spacing_of
+from medunet.io.geometry import require_same_grid, spacing_of
 from medunet.io.image import read_image
 from medunet.io.nifti import read_nifti, read_voxels
 
@@ -29,7 +29,7 @@ STAT_COLUMNS = ("case", "class", "label", "voxels", "volume_ml", "intensity_mean
 def label_statistics(
     labels: np.ndarray,
     image: np.ndarray,
-    spacing: Sequence[float],
+    spacing: Sequence[float] | np.ndarray,
     class_names: Mapping[int, str] | Sequence[str],
 ) -> list[dict[str, Any]]:
     """One row per foreground class: voxels, volume (mL), mean and std (population) of ``image`` inside it.
@@ -81,11 +81,8 @@ def case_statistics(
     """:func:`label_statistics` of a written mask and its input image (first channel), which must share one grid."""
     mask = read_nifti(mask_path, case=case)
     image = read_image(image_source, case=case)
-    if tuple(mask.shape[:3]) != tuple(image.shape[:3]) or not same_grid(mask.affine, image.affine):
-        raise GeometryError(
-            f"case {case!r}: the mask's grid differs from its image's (mask {mask.shape[:3]}, {describe_affine(mask.affine)}; "
-            f"image {image.shape[:3]}, {describe_affine(image.affine)}); statistics need both on one grid"
-        )
+    require_same_grid(mask.shape, mask.affine, image.shape, image.affine, what="mask", against="its image's", case=case,
+                      path=str(mask_path), fix="statistics need both on one grid")
     labels = read_voxels(mask, case=case, path=str(mask_path), dtype=np.int64)
     voxels = read_voxels(image, case=case, path=str(image_source), dtype=np.float64)
     try:

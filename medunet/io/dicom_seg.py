@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -171,6 +171,32 @@ def source_frames(labels: np.ndarray, source: DicomSeries, names: Mapping[int, s
     return voxels_to_frames(labels.astype(np.uint16 if max_class > 255 else np.uint8), source.image.affine, source.datasets)
 
 
+def _segment_descriptions(
+    names: Mapping[int, str], max_class: int, *, model_name: str, property_codes: Mapping[int, tuple[Code, Code]] | None
+) -> list[Any]:
+    """One highdicom SegmentDescription per class 1..max_class (a label map needs every number up to its maximum)."""
+    import highdicom as hd
+
+    algorithm = _algorithm(model_name)
+    generic = generic_property_codes()
+    descriptions = []
+    for number in range(1, max_class + 1):
+        category, kind = (property_codes or {}).get(number, generic)
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=long_string(names.get(number, f"class {number}")),
+                segmented_property_category=category,
+                segmented_property_type=kind,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+            )
+        )
+    if not descriptions:
+        raise ConfigError(f"no foreground class to write as a segment (classes {sorted(names)}); class_names must name classes 1..K-1")
+    return descriptions
+
+
 def write_dicom_seg(
     labels: np.ndarray,
     source: DicomSeries,
@@ -211,24 +237,7 @@ def write_dicom_seg(
     names = class_name_map(class_names)
     frames = source_frames(labels, source, names)
     max_class = max((k for k in names if k != 0), default=0)
-
-    algorithm = _algorithm(model_name)
-    generic = generic_property_codes()
-    descriptions = []
-    for number in range(1, max_class + 1):  # a label-map array needs every number up to its maximum described
-        category, kind = (property_codes or {}).get(number, generic)
-        descriptions.append(
-            hd.seg.SegmentDescription(
-                segment_number=number,
-                segment_label=long_string(names.get(number, f"class {number}")),
-                segmented_property_category=category,
-                segmented_property_type=kind,
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=algorithm,
-            )
-        )
-    if not descriptions:
-        raise ConfigError(f"no foreground class to write as a segment (classes {sorted(names)}); class_names must name classes 1..K-1")
+    descriptions = _segment_descriptions(names, max_class, model_name=model_name, property_codes=property_codes)
     seg = hd.seg.Segmentation(
         source_images=list(source.datasets),
         pixel_array=frames,
@@ -269,7 +278,7 @@ def _drop_identifying(seg: Dataset) -> None:
                 delattr(item, keyword)
 
 
-def _algorithm(model_name: str):  # noqa: ANN202  (highdicom type, imported lazily)
+def _algorithm(model_name: str) -> Any:  # a highdicom AlgorithmIdentificationSequence (imported lazily)
     import highdicom as hd
     from pydicom.sr.codedict import codes
 

@@ -7,8 +7,12 @@ compares two grids or describes one in an error message uses these functions, so
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import nibabel as nib
 import numpy as np
+
+from medunet.errors import DataError, GeometryError
 
 #: Refuse files that declare more voxels than this (a corrupt header must not allocate terabytes).
 MAX_VOXELS = 2_000_000_000
@@ -20,7 +24,6 @@ SHEAR_TOLERANCE = 1e-3
 #: no medical image has voxels under 0.1 micrometre or over 1 m, or lies 1 km from the scanner's origin.
 PLAUSIBLE_SPACING_MM = (1e-4, 1e3)
 MAX_COORDINATE_MM = 1e6
-
 
 
 def spacing_of(affine: np.ndarray) -> np.ndarray:
@@ -68,3 +71,43 @@ def describe_affine(affine: np.ndarray) -> str:
     spacing = ", ".join(f"{s:.4g}" for s in spacing_of(affine))
     origin = ", ".join(f"{o:.4g}" for o in affine[:3, 3])
     return f"spacing ({spacing}) mm, origin ({origin}), axes {codes}"
+
+
+def require_same_grid(
+    shape: Sequence[int],
+    affine: np.ndarray,
+    ref_shape: Sequence[int],
+    ref_affine: np.ndarray,
+    *,
+    what: str,
+    against: str,
+    case: str | None = None,
+    path: str | None = None,
+    fix: str = "",
+    error: type[DataError] | type[GeometryError] = GeometryError,
+    tolerance: float = AFFINE_TOLERANCE,
+) -> None:
+    """Raise ``error`` unless the grid (3D ``shape``, ``affine``) is the reference grid.
+
+    The one "same grid" check of medunet: a label against its image, a channel against the
+    first one, a prediction against its reference. The message names both shapes and both
+    affines, e.g. "case 'a', file l.nii.gz: label grid differs from the image's: shape ... vs ...".
+
+    Args:
+        what: the grid checked ("label", "prediction").
+        against: whose grid it must match, possessive ("the image's").
+        case, path: where the problem is (the file is the one checked).
+        fix: how to fix it, appended after a semicolon.
+        error: DataError for bad input data, GeometryError for results off their input's grid.
+    """
+    shape3, ref3 = tuple(int(s) for s in shape[:3]), tuple(int(s) for s in ref_shape[:3])
+    if shape3 == ref3 and same_grid(affine, ref_affine, tolerance=tolerance):
+        return
+    message = (
+        f"{what} grid differs from {against}: shape {shape3} vs {ref3}, "
+        f"{describe_affine(affine)} vs {describe_affine(ref_affine)}" + (f"; {fix}" if fix else "")
+    )
+    if error is DataError:
+        raise DataError(message, case=case, path=path)
+    where = ", ".join([*([f"case {case!r}"] if case is not None else []), *([f"file {path}"] if path is not None else [])])
+    raise error(f"{where}: {message}" if where else message)

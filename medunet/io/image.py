@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -18,7 +19,7 @@ from monai.data import MetaTensor
 
 from medunet.errors import DataError
 from medunet.io.dicom import is_dicom_file
-from medunet.io.geometry import describe_affine, same_grid
+from medunet.io.geometry import require_same_grid
 from medunet.io.nifti import ImageSource, read_nifti, read_voxels, spatial_shape_3d, to_meta_tensor
 
 
@@ -102,7 +103,7 @@ def source_name(source: object) -> str:
     return str(source)
 
 
-def as_source_list(sources: object) -> list:
+def as_source_list(sources: object) -> list[Any]:
     """One source or a sequence of per-channel sources -> a list (an (array, affine) pair is one source)."""
     if isinstance(sources, tuple) and len(sources) == 2 and isinstance(sources[0], np.ndarray):
         return [sources]
@@ -132,12 +133,7 @@ def load_volume(
     channels = []
     for image, name in zip(images, names):
         shape = spatial_shape_3d(image.shape, case=case, path=name)
-        if shape != ref_shape or not same_grid(image.affine, reference.affine):
-            raise DataError(
-                f"channel grid differs from the first channel's: shape {shape} vs {ref_shape}, "
-                f"{describe_affine(image.affine)} vs {describe_affine(reference.affine)}",
-                case=case,
-                path=name,
-            )
+        require_same_grid(shape, image.affine, ref_shape, reference.affine,
+                          what="channel", against="the first channel's", case=case, path=name, error=DataError)
         channels.append(read_voxels(image, case=case, path=name, dtype=dtype))
     return to_meta_tensor(channels, reference.affine, source=names[0]), reference

@@ -20,7 +20,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -244,7 +244,8 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
 
 def capture_rng() -> dict[str, Any]:
     """The state of every random generator, as tensors and plain values."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # the global RandomState is an MT19937: its legacy state is this tuple, never the dict numpy's stubs also allow
+    kind, keys, pos, has_gauss, gauss = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
     state: dict[str, Any] = {
         "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
         "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},

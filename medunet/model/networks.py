@@ -115,7 +115,7 @@ class SegmentationNetwork(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         out = self.net(x)
         if isinstance(out, (list, tuple)):  # BasicUNetPlusPlus
             outputs = list(out)

@@ -32,7 +32,7 @@ import numpy as np
 from medunet.errors import DataError
 from medunet.io.atomic import atomic_write_text
 from medunet.io.datalist import Case, Datalist
-from medunet.io.geometry import describe_affine, same_grid, spacing_of
+from medunet.io.geometry import require_same_grid, spacing_of
 from medunet.io.image import load_volume
 from medunet.transforms import CT_BODY_HU, check_label_values
 
@@ -75,20 +75,15 @@ def _bounding_shape(mask_profiles: Sequence[np.ndarray]) -> list[int]:
 
 def _crop_shape(mask: np.ndarray) -> list[int]:
     """Shape of the bounding box of ``mask`` (as MONAI's CropForeground finds it; the whole shape when empty)."""
-    return _bounding_shape([mask.any(axis=tuple(a for a in range(3) if a != axis)) for axis in range(3)])
+    return _bounding_shape([np.asarray(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)])
 
 
 def _case_stats(case: Case, index: int, *, orientation: str, samples_per_case: int, num_classes: int | None) -> _CaseStats:
     image, reference = load_volume(list(case.image), case=case.name)
     assert case.label is not None
     label_volume, label_ref = load_volume(case.label, case=case.name)
-    if label_volume.shape[1:] != image.shape[1:] or not same_grid(label_ref.affine, reference.affine):
-        raise DataError(  # worded as the training-time check (transforms.LoadCased) words it
-            f"label grid differs from the image's: shape {tuple(label_volume.shape[1:])} vs {tuple(image.shape[1:])}, "
-            f"{describe_affine(label_ref.affine)} vs {describe_affine(reference.affine)}",
-            case=case.name,
-            path=str(case.label),
-        )
+    require_same_grid(label_volume.shape[1:], label_ref.affine, image.shape[1:], reference.affine,  # as at training time
+                      what="label", against="the image's", case=case.name, path=str(case.label), error=DataError)
     arrays, spacing = reorient([*image.numpy(), label_volume.numpy()[0]], reference.affine, orientation)
     channels, label = arrays[:-1], arrays[-1]
     if num_classes is not None:  # the same check (and message) as at training time

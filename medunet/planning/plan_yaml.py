@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -56,7 +57,7 @@ def fingerprint_path(plan_path: str | Path) -> Path:
 
 
 def write_plan(
-    plan: Plan, fingerprint: dict, path: str | Path, *, fingerprint_to: str | Path | None = None, overwrite: bool = False,
+    plan: Plan, fingerprint: dict[str, Any], path: str | Path, *, fingerprint_to: str | Path | None = None, overwrite: bool = False,
     source: str = "", gpu_memory_gb: float | None = None,
 ) -> tuple[Path, Path]:
     """Write the plan YAML and the fingerprint JSON (default: beside it), atomically.

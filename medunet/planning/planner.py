@@ -24,7 +24,7 @@ The rules follow nnU-Net's 3d_fullres planner, simplified so each fits in a sent
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,7 +66,7 @@ class Plan:
         return config_from_dict(self.values)
 
 
-def _fmt(values: Sequence[float], digits: int = 3) -> str:
+def _fmt(values: Iterable[float], digits: int = 3) -> str:
     return "(" + ", ".join(f"{v:.{digits}g}" for v in values) + ")"
 
 
@@ -136,8 +136,8 @@ def network_for(patch: Sequence[int], spacing: Sequence[float], width: int) -> t
     model = ModelConfig(
         name="dynunet",
         features=tuple(features),
-        strides=tuple(tuple(s) for s in strides),  # type: ignore[arg-type]
-        kernel_sizes=tuple(tuple(k) for k in kernels),  # type: ignore[arg-type]
+        strides=tuple((s[0], s[1], s[2]) for s in strides),
+        kernel_sizes=tuple((k[0], k[1], k[2]) for k in kernels),
         deep_supervision=len(features) > 2,
         deep_supervision_heads=min(2, max(len(features) - 2, 0)),
     )

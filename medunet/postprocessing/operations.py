@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Final, Literal
 
 import cc3d
 import numpy as np
@@ -22,13 +23,13 @@ from scipy import ndimage
 from medunet.config import ClassPostprocessing, PostprocessingConfig
 from medunet.errors import DataError
 
-DEFAULT_CONNECTIVITY = 26
+DEFAULT_CONNECTIVITY: Final = 26
 """Voxels touching by a face, edge or corner belong to the same component."""
 
 _CONNECTIVITIES = (6, 18, 26)
 
 
-def _check_spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
+def _check_spacing(spacing: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
     """Return spacing as three floats, or raise DataError if it is not 3 positive finite numbers."""
     try:
         values = tuple(float(s) for s in spacing)
@@ -36,12 +37,15 @@ def _check_spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
         raise DataError(f"spacing must be 3 positive numbers (mm), got {spacing!r}") from None
     if len(values) != 3 or not all(math.isfinite(s) and s > 0 for s in values):
         raise DataError(f"spacing must be 3 positive numbers (mm), got {spacing!r}")
-    return values  # type: ignore[return-value]
+    return values
 
 
-def _check_connectivity(connectivity: int) -> None:
-    if connectivity not in _CONNECTIVITIES:
+def _check_connectivity(connectivity: int) -> Literal[6, 18, 26]:
+    """``connectivity`` as the neighbourhood cc3d takes, or ValueError."""
+    neighbours: dict[int, Literal[6, 18, 26]] = {6: 6, 18: 18, 26: 26}
+    if connectivity not in neighbours:
         raise ValueError(f"connectivity must be one of {_CONNECTIVITIES}, got {connectivity}")
+    return neighbours[connectivity]
 
 
 def ball(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
@@ -65,11 +69,11 @@ def keep_largest_component(mask: np.ndarray, *, connectivity: int = DEFAULT_CONN
 
     Removes spurious islands around organs that are known to be one piece.
     """
-    _check_connectivity(connectivity)
+    neighbours = _check_connectivity(connectivity)
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return mask.copy()
-    components = cc3d.connected_components(mask.astype(np.uint8), connectivity=connectivity)
+    components = cc3d.connected_components(mask.astype(np.uint8), connectivity=neighbours)
     counts = np.bincount(components.ravel())
     counts[0] = 0
     return components == int(np.argmax(counts))
@@ -91,19 +95,19 @@ def remove_small_components(
 
     A physical threshold means the same speck is removed whatever the resolution.
     """
-    _check_connectivity(connectivity)
+    neighbours = _check_connectivity(connectivity)
     voxel_mm3 = math.prod(_check_spacing(spacing))
     mask = np.asarray(mask, dtype=bool)
     if min_size_mm3 <= 0 or not mask.any():
         return mask.copy()
-    components = cc3d.connected_components(mask.astype(np.uint8), connectivity=connectivity)
+    components = cc3d.connected_components(mask.astype(np.uint8), connectivity=neighbours)
     keep = np.bincount(components.ravel()) * voxel_mm3 >= min_size_mm3
     keep[0] = False
     return keep[components]
 
 
 def _padded_morphology(
-    operation: Callable[..., np.ndarray], mask: np.ndarray, radius_mm: float, spacing: Sequence[float], mode: str
+    operation: Callable[..., np.ndarray], mask: np.ndarray, radius_mm: float, spacing: Sequence[float], mode: Literal["edge", "constant"]
 ) -> np.ndarray:
     """Run a scipy binary opening/closing on a padded copy of ``mask`` and crop back to its shape."""
     structure = ball(radius_mm, spacing)
@@ -158,7 +162,7 @@ def _clean_mask(mask: np.ndarray, settings: ClassPostprocessing, spacing: tuple[
 def postprocess_labels(
     labels: np.ndarray,
     *,
-    spacing: Sequence[float],
+    spacing: Sequence[float] | np.ndarray,
     config: PostprocessingConfig,
     class_names: Mapping[int, str],
 ) -> np.ndarray:

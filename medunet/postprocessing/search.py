@@ -40,10 +40,10 @@ import numpy as np
 
 from medunet import __version__
 from medunet.config import ClassPostprocessing, CrfConfig, PostprocessingConfig, config_from_dict, config_to_dict
-from medunet.errors import CheckpointError, ConfigError, DataError, GeometryError
+from medunet.errors import CheckpointError, ConfigError, DataError
 from medunet.io.atomic import atomic_write_text
 from medunet.io.datalist import Case
-from medunet.io.geometry import same_grid, spacing_of
+from medunet.io.geometry import require_same_grid, spacing_of
 from medunet.io.nifti import read_nifti, read_voxels
 from medunet.postprocessing.operations import DEFAULT_CONNECTIVITY, postprocess_labels
 
@@ -191,8 +191,9 @@ def load_search_cases(pred_dir: Path, cases: Sequence[Case]) -> list[SearchCase]
         if not pred_path.is_file():
             raise DataError("no out-of-fold prediction for this case; re-run the cross-validation", case=case.name, path=str(pred_path))
         pred_img, ref_img = read_nifti(pred_path, case=case.name), read_nifti(case.label, case=case.name)
-        if tuple(pred_img.shape[:3]) != tuple(ref_img.shape[:3]) or not same_grid(pred_img.affine, ref_img.affine):
-            raise GeometryError(f"case {case.name!r}: prediction {pred_path} is not on the grid of its reference label {case.label}")
+        require_same_grid(pred_img.shape, pred_img.affine, ref_img.shape, ref_img.affine, what="out-of-fold prediction",
+                          against=f"its reference label's ({case.label})", case=case.name, path=str(pred_path),
+                          fix="re-run the cross-validation to predict it again")
         pred = read_voxels(pred_img, case=case.name, path=str(pred_path), dtype=np.int64)
         ref = read_voxels(ref_img, case=case.name, path=str(case.label), dtype=np.int64)
         pred, ref = crop_to_foreground(pred.astype(np.uint16), ref.astype(np.uint16))

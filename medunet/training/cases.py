@@ -6,12 +6,12 @@ import json
 import logging
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from medunet.config import Config
 from medunet.errors import ConfigError, DataError
 from medunet.io.datalist import Case, Datalist, split_cases
+from medunet.io.nifti import read_nifti
 from medunet.training import distributed as dist
 from medunet.training.records import write_split
 from medunet.training.splits import Fold
@@ -28,7 +28,7 @@ def resolve_labels(datalist: Datalist, config: Config) -> dict[int, str]:
     highest = 0
     for case in datalist.training:
         assert case.label is not None
-        data = np.asarray(nib.load(str(case.label)).dataobj)
+        data = np.asarray(read_nifti(case.label, case=case.name, check_shear=False).dataobj)
         highest = max(highest, int(np.nanmax(data)) if data.size else 0)
     log.warning("no \"labels\" in the datalist or config; found classes 0..%d in the training labels", highest)
     return {i: ("background" if i == 0 else f"class_{i}") for i in range(max(highest, 1) + 1)}

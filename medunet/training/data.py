@@ -17,7 +17,7 @@ from monai.data import CacheDataset, Dataset, PersistentDataset, ThreadDataLoade
 from monai.transforms import Compose
 
 from medunet import __version__
-from medunet.config import Config, config_to_dict
+from medunet.config import Config, DataConfig, config_to_dict, non_preprocessing_fields
 from medunet.errors import ConfigError, unwrap_error
 from medunet.io.datalist import Case
 from medunet.transforms import augmentation, preprocessing
@@ -34,7 +34,7 @@ def preprocessing_key(config: Config, *, num_classes: int, in_channels: int) -> 
     reuses volumes cached under other settings.
     """
     data = config_to_dict(config.data)
-    for irrelevant in ("cache", "cache_dir", "cache_workers", "loader_workers", "val_fraction", "split_seed"):
+    for irrelevant in non_preprocessing_fields(DataConfig):
         data.pop(irrelevant)
     payload = json.dumps(
         {"data": data, "classes": num_classes, "channels": in_channels, "version": __version__, "format": CACHE_FORMAT},

@@ -247,4 +247,4 @@ def run_on_main(fn: Callable[[], T]) -> T:
         raise value
     if kind == "crash":
         raise TrainingError(f"rank 0 failed ({value}); see its output above")
-    return value  # type: ignore[no-any-return]
+    return value

@@ -79,7 +79,7 @@ class DeepSupervisionLoss(torch.nn.Module):
         super().__init__()
         self.loss = build_loss(config.loss, num_classes)
 
-    def forward(self, outputs: list[torch.Tensor], label: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, outputs: list[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
         weights = [0.5**i for i in range(len(outputs))]
         total = sum(w * self.loss(o.float(), label) for w, o in zip(weights, outputs))
-        return total / sum(weights)  # type: ignore[return-value]
+        return total / sum(weights)

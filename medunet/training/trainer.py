@@ -392,7 +392,7 @@ class Trainer:
         tc = self.config.train
         epoch_seed = derived_seed(tc.seed, epoch, rank=dist.rank())
         seed_everything(epoch_seed)
-        self.train_ds.transform.set_random_state(seed=epoch_seed)  # type: ignore[union-attr]
+        self.train_ds.transform.set_random_state(seed=epoch_seed)
         self.generator.manual_seed(epoch_seed)
         iterations = self.steps_per_epoch
         if self.budget is not None:  # the budget's last epoch may be cut short
@@ -416,7 +416,7 @@ class Trainer:
                     break
         except RuntimeError as exc:  # a transform error inside the loader arrives wrapped by MONAI
             cause = unwrap_error(exc)
-            if isinstance(cause, MedunetError) and cause is not exc:
+            if cause is not exc and isinstance(cause, MedunetError):
                 raise cause from None
             raise
         finally:

@@ -112,7 +112,7 @@ def run_demo(
     first = cases[0]
     preview = out / "preview.png"
     save_overlay_files(
-        first[1][0],
+        out / "data" / test_entries[0]["image"],  # = first[1][0], the datalist's path as a Path
         out / "preds" / f"{first[0]}.nii.gz",
         preview,
         reference_path=out / "data" / test_entries[0]["label"],

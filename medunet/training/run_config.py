@@ -1,0 +1,167 @@
+"""The config a training run uses, and the data check before it starts.
+
+``medunet train`` and ``medunet crossval`` (and any script) resolve a run's config the same way:
+
+- ``resume``: the config saved in the run's ``last.pt`` plus the overrides;
+- no config file and a new run: a plan computed from the data (``plan.yaml`` and ``fingerprint.json``
+  written into the run folder) plus the overrides;
+- no config file for an existing run: the preset of the datalist's modality (CT or MRI) plus the overrides;
+- a config file: that YAML plus the overrides.
+
+Command-line flags (``--device``, ``--allow-outside-root``) become overrides too, so every setting is
+read once, by the config parser.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from medunet.config import Config, DataConfig, apply_overrides, config_from_dict, load_config, read_yaml
+from medunet.errors import ConfigError, DataError
+
+log = logging.getLogger("medunet")
+
+#: Words in a datalist's "modality" that mean an MR acquisition (the MRI preset is then used without -c).
+_MR_WORDS = ("MR", "T1", "T2", "FLAIR", "ADC", "DWI")
+
+
+def run_overrides(overrides: Sequence[str], *, device: str | None = None, allow_outside_root: bool = False) -> list[str]:
+    """``--set`` overrides with the command-line flags added as overrides (flags win, being last)."""
+    extra = list(overrides)
+    if device:
+        extra += [f"train.device={device}", f"inference.device={device}"]
+    if allow_outside_root:
+        extra.append("data.allow_outside_root=true")
+    return extra
+
+
+def overridden_data(overrides: Sequence[str]) -> DataConfig:
+    """The data settings the overrides alone give, read by the config parser (e.g. ``allow_outside_root=yes`` is true).
+
+    Planning needs ``data.allow_outside_root`` before there is a config to apply the overrides to.
+    """
+    data = apply_overrides({}, overrides).get("data") or {}
+    return config_from_dict({"data": data}).data
+
+
+def datalist_modality(datalist: Path) -> str:
+    """ "MRI" when the datalist's "modality" names an MR sequence, else "CT" (the default preset)."""
+    try:
+        modality = json.loads(datalist.read_text()).get("modality")
+    except (OSError, ValueError, AttributeError):
+        return "CT"  # the datalist itself is checked, with a proper error, when training starts
+    text = " ".join(map(str, modality.values())) if isinstance(modality, dict) else str(modality or "")
+    return "MRI" if any(word in text.upper() for word in _MR_WORDS) else "CT"
+
+
+def resolve_training_config(
+    datalist: Path,
+    run_dir: Path,
+    *,
+    config_path: Path | None = None,
+    overrides: Sequence[str] = (),
+    device: str | None = None,
+    resume: bool = False,
+    allow_outside_root: bool = False,
+    gpu_memory: float | None = None,
+) -> Config:
+    """The config ``medunet train DATALIST -o RUN_DIR`` trains with (see the module docstring for the rules).
+
+    Raises:
+        ConfigError: ``config_path`` given with ``resume``, or a bad config/override.
+        DataError: planning could not read the data.
+    """
+    extra = run_overrides(overrides, device=device, allow_outside_root=allow_outside_root)
+    if resume:
+        if config_path is not None:
+            raise ConfigError("--resume continues with the run's saved config; change it with --set instead of -c")
+        from medunet.model.checkpoint import load_checkpoint
+
+        saved = load_checkpoint(run_dir / "last.pt").config
+        return config_from_dict(apply_overrides(saved, extra))
+    if config_path is not None:
+        return load_config(config_path, extra)
+    if (run_dir / "last.pt").exists():  # an existing run (the trainer refuses it without --resume)
+        return load_config(None, extra, modality=datalist_modality(datalist))
+    return _planned_config(datalist, run_dir, extra, gpu_memory=gpu_memory)
+
+
+def _planned_config(datalist: Path, run_dir: Path, extra: Sequence[str], *, gpu_memory: float | None) -> Config:
+    """Plan a config from the data into ``run_dir/plan.yaml`` and apply the overrides to it."""
+    from medunet.planning.api import load_planned_config, plan_datalist
+
+    data = overridden_data(extra)  # a mistyped key or value fails before any data is read
+    planned = plan_datalist(datalist, run_dir / "plan.yaml", fingerprint_to=run_dir / "fingerprint.json", overwrite=True,
+                            allow_outside_root=data.allow_outside_root, gpu_memory_gb=gpu_memory)
+    log.info("no -c given: planned a config from the data (%s; --set overrides apply on top); edit it and pass -c to change it",
+             planned.plan_path)
+    config, note = load_planned_config(planned.plan_path, list(extra))
+    if note:
+        log.warning(note)
+    return config
+
+
+def resolve_crossval_config(
+    datalist: Path,
+    root: Path,
+    *,
+    config_path: Path | None = None,
+    overrides: Sequence[str] = (),
+    device: str | None = None,
+    allow_outside_root: bool = False,
+) -> Config:
+    """A new cross-validation in ``root``: as :func:`resolve_training_config`; a restart: its saved config.yaml plus overrides.
+
+    Raises:
+        ConfigError: ``root`` holds a single run, or ``config_path`` is given for a restart.
+    """
+    if (root / "last.pt").exists():
+        raise ConfigError(f"{root} holds a single training run (last.pt); choose another -o for cross-validation")
+    saved = root / "config.yaml"
+    if not (saved.is_file() and (root / "splits.json").is_file()):
+        return resolve_training_config(datalist, root, config_path=config_path, overrides=overrides, device=device,
+                                       allow_outside_root=allow_outside_root)
+    if config_path is not None:
+        raise ConfigError(f"{root} holds a cross-validation that continues with its saved config.yaml; change it with --set, not -c")
+    extra = run_overrides(overrides, device=device, allow_outside_root=allow_outside_root)
+    return config_from_dict(apply_overrides(read_yaml(saved), extra))
+
+
+def check_before_training(
+    datalist: Path,
+    *,
+    config_path: Path | None = None,
+    overrides: Sequence[str] = (),
+    allow_outside_root: bool = False,
+    progress: bool = False,
+    show: Callable[[str], None] | None = None,
+) -> None:
+    """Run the datalist check (as ``medunet check``) and refuse to train when it finds errors.
+
+    The check reads ``data.labels`` and ``data.allow_outside_root`` from the run's config file and
+    overrides, as training will. ``show`` receives the formatted findings, when there are any.
+
+    Raises:
+        ConfigError: a broken config file or override (before any data is read).
+        DataError: the check found errors; the first one is the message, the others were shown.
+    """
+    from medunet.check import check_datalist
+
+    extra = run_overrides(overrides, allow_outside_root=allow_outside_root)
+    data = load_config(config_path, extra).data
+    labels = {int(k): v for k, v in data.labels.items()} if data.labels else None
+    report = check_datalist(datalist, allow_outside_root=data.allow_outside_root, labels=labels, progress=progress)
+    if report.findings and show is not None:
+        show(report.format_findings(limit=40))
+    if not report.ok:  # the first error as the one-line reason; all of them were shown
+        first, more = report.errors[0], len(report.errors) - 1
+        raise DataError(
+            f"{first.message}{f' (and {more} more error(s), listed above)' if more else ''}. Nothing was trained: fix the "
+            f"data (`medunet check {datalist} --json check.json` gives the full report) or pass --skip-check",
+            case=first.case,
+            path=str(datalist.parent / first.path) if first.path else None,  # report paths are relative to the datalist
+        )
+    log.info("data check: %s", report.summary_line())
