@@ -222,13 +222,13 @@ class ModelConfig:
     def level_strides(self) -> list[Vec3i]:
         """Strides per level (input level first)."""
         if self.strides is not None:
-            return [tuple(s) for s in self.strides]  # type: ignore[misc]
+            return [tuple(s) for s in self.strides]  # type: ignore[misc]  # validated as 3 ints each
         return [(1, 1, 1)] + [(2, 2, 2)] * (len(self.features) - 1)
 
     def level_kernels(self) -> list[Vec3i]:
         """Kernel sizes per level."""
         if self.kernel_sizes is not None:
-            return [tuple(k) for k in self.kernel_sizes]  # type: ignore[misc]
+            return [tuple(k) for k in self.kernel_sizes]  # type: ignore[misc]  # validated as 3 ints each
         return [(3, 3, 3)] * len(self.features)
 
     def total_stride(self) -> Vec3i:

@@ -81,5 +81,5 @@ def unwrap_error(exc: BaseException) -> BaseException:
     while seen is not None:
         if isinstance(seen, MedunetError):
             return seen
-        seen = seen.__cause__ or seen.__context__  # type: ignore[assignment]
+        seen = seen.__cause__ or seen.__context__  # type: ignore[assignment]  # __cause__/__context__ are BaseException; the loop only returns MedunetError
     return exc

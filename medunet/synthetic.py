@@ -424,23 +424,23 @@ def corrupt_phantom(
     unit_scaled: intensities scaled to [0, 1]; constant: one value everywhere; head: a head-like volume;
     thick_slices: the same voxels declared with 4x thicker slices.
     """
-    spacing = np.asarray(spacing, dtype=float)
+    spacing_mm = np.asarray(spacing, dtype=float)
     if kind == "mri_contrast":
-        return make_phantom(shape, seed=seed, num_classes=num_classes, modality="MRI")[0], spacing
+        return make_phantom(shape, seed=seed, num_classes=num_classes, modality="MRI")[0], spacing_mm
     image = make_phantom(shape, seed=seed, num_classes=num_classes)[0]
     if kind == "heavy_noise":
         noise = np.random.default_rng(seed + 1).normal(0.0, 250.0, image.shape)
-        return (image + noise).astype(np.float32), spacing
+        return (image + noise).astype(np.float32), spacing_mm
     if kind == "half_cut":
-        return np.ascontiguousarray(image[:, image.shape[1] // 2:, :]), spacing
+        return np.ascontiguousarray(image[:, image.shape[1] // 2:, :]), spacing_mm
     if kind == "hu_offset":
-        return image + 1024.0, spacing
+        return image + 1024.0, spacing_mm
     if kind == "unit_scaled":
-        return ((image - image.min()) / (image.max() - image.min())).astype(np.float32), spacing
+        return ((image - image.min()) / (image.max() - image.min())).astype(np.float32), spacing_mm
     if kind == "constant":
-        return np.zeros_like(image), spacing
+        return np.zeros_like(image), spacing_mm
     if kind == "head":
-        return make_head_phantom(shape, seed=seed), spacing
+        return make_head_phantom(shape, seed=seed), spacing_mm
     if kind == "thick_slices":
-        return image, spacing * np.array([1.0, 1.0, 4.0])
+        return image, spacing_mm * np.array([1.0, 1.0, 4.0])
     raise ValueError(f"unknown corruption {kind!r}; one of {', '.join(CORRUPTIONS)}")

@@ -326,7 +326,7 @@ def learning_view(image: np.ndarray, reference: np.ndarray, prediction: np.ndarr
     """
     low, high = window
     grey = np.clip((image - low) / max(high - low, 1e-6), 0.0, 1.0) * 255.0
-    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    rgb: np.ndarray = np.repeat(grey[..., None], 3, axis=-1)
     for value in np.unique(prediction[prediction > 0]):
         mask = prediction == value
         rgb[mask] = (1 - _ALPHA - 0.1) * rgb[mask] + (_ALPHA + 0.1) * _rgb(class_colour(int(value)))

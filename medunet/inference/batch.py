@@ -153,7 +153,7 @@ class BatchPlan:
     """Where every case of this process's share goes, decided (and checked) before any work."""
 
     out_dir: Path
-    cases: list[tuple[str, list[Path]]]
+    cases: list[tuple[str, Sequence[Path | DicomSource]]]
     targets: dict[str, Path]
     """NIfTI mask per case."""
     dicom_targets: dict[str, dict[str, Path]]
@@ -166,7 +166,7 @@ class BatchPlan:
     report: Path
 
 
-def plan_batch(cases: Sequence[tuple[str, list[Path]]], out_dir: str | Path, options: BatchOptions) -> BatchPlan:
+def plan_batch(cases: Sequence[tuple[str, Sequence[Path | DicomSource]]], out_dir: str | Path, options: BatchOptions) -> BatchPlan:
     """This shard's cases and their outputs; refuses existing outputs unless told to replace or skip them.
 
     Raises:
@@ -202,7 +202,7 @@ class _BatchStages:
 
     def __init__(self, segmenter: Segmenter, plan: BatchPlan, options: BatchOptions) -> None:
         self.segmenter, self.plan, self.options = segmenter, plan, options
-        self.stats_rows: list[dict] = []
+        self.stats_rows: list[dict[str, Any]] = []
 
     def prepare(self, job: Job) -> None:
         if job.name in self.plan.finished or self.plan.dicom_targets:  # DICOM SEG / RTSTRUCT: read, predict and write in predict
@@ -252,7 +252,7 @@ class BatchOutcome:
     results: list[CaseResult]
     status: dict[str, str]
     seconds: dict[str, float]
-    stats_rows: list[dict]
+    stats_rows: list[dict[str, Any]]
 
 
 def run_batch(segmenter: Segmenter, plan: BatchPlan, options: BatchOptions) -> BatchOutcome:

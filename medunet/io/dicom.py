@@ -343,14 +343,14 @@ def _check_slices(members: Members, folder: Path, case: str | None) -> tuple[np.
     """Row and column directions (unit) and pixel spacing (column, row) shared by every slice, or a DataError."""
     _check_each_slice(members, folder, case)
     first = members[0]
-    row, col = first.orientation[:3], first.orientation[3:]  # type: ignore[index]
+    row, col = first.orientation[:3], first.orientation[3:]  # type: ignore[index]  # _check_each_slice refused None
     if max(abs(np.linalg.norm(row) - 1), abs(np.linalg.norm(col) - 1), abs(float(np.dot(row, col)))) > ORIENTATION_TOLERANCE:
         raise DataError("ImageOrientationPatient is not two orthogonal unit vectors", case=case, path=str(first.path))
     row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
     pixel = first.pixel_spacing
     assert pixel is not None  # checked by _check_each_slice
     for m in members[1:]:
-        if np.abs(m.orientation - first.orientation).max() > ORIENTATION_TOLERANCE:  # type: ignore[operator]
+        if np.abs(m.orientation - first.orientation).max() > ORIENTATION_TOLERANCE:  # type: ignore[operator]  # _check_each_slice refused None
             raise DataError(
                 "series mixes slice orientations (ImageOrientationPatient differs between slices); "
                 "it is probably several stacks in one series. Split it, or choose another series",
@@ -363,9 +363,9 @@ def _check_slices(members: Members, folder: Path, case: str | None) -> tuple[np.
                 case=case,
                 path=str(folder),
             )
-        if np.abs(m.pixel_spacing - pixel).max() > 1e-3 * np.abs(pixel).max():  # type: ignore[operator]
+        if np.abs(m.pixel_spacing - pixel).max() > 1e-3 * np.abs(pixel).max():
             raise DataError(
-                f"series mixes pixel spacings ({pixel.tolist()} and {m.pixel_spacing.tolist()} mm)",  # type: ignore[union-attr]
+                f"series mixes pixel spacings ({pixel.tolist()} and {m.pixel_spacing.tolist()} mm)",  # type: ignore[union-attr]  # _check_each_slice refused None
                 case=case,
                 path=str(folder),
             )

@@ -76,7 +76,7 @@ def slice_contours(mask: np.ndarray) -> list[np.ndarray]:
     from skimage import measure
 
     padded = np.pad(np.asarray(mask, dtype=np.uint8), 1)  # outlines touching the border close outside it
-    outlines = []
+    outlines: list[np.ndarray] = []
     for contour in measure.find_contours(padded, 0.5):
         simplified = measure.approximate_polygon(contour, tolerance=1e-6)[:-1] - 1.0  # closed: last point == first
         if len(simplified) >= 3:
@@ -111,7 +111,7 @@ def _contour_sequence(frames: np.ndarray, label: int, datasets: Sequence[Dataset
     """The CLOSED_PLANAR contours of class ``label`` on every source slice, numbered from 1."""
     from pydicom import Dataset
 
-    contours = []
+    contours: list[Dataset] = []
     for frame, dataset in zip(frames, datasets):
         mask = frame == label
         if not mask.any():
@@ -149,14 +149,14 @@ def _header(source: DicomSeries, model_name: str, series_number: int) -> Dataset
     """File meta, SOP common, patient/study and frame of reference (copied), RT series, equipment, structure set identification."""
     from pydicom import Dataset
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
     first = source.datasets[0]
     now = datetime.datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = RT_STRUCTURE_SET_STORAGE
+    ds.file_meta.MediaStorageSOPClassUID = UID(RT_STRUCTURE_SET_STORAGE)
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID

@@ -72,7 +72,7 @@ class OnnxRuntimeEngine(nn.Module):
         self.out_channels = out_channels
         self.path = Path(path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         window = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
         logits = self.session.run(None, {self.input_name: window})[0]
         return torch.from_numpy(logits).to(x.device)

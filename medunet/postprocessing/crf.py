@@ -55,7 +55,7 @@ def dense_crf(
     probabilities: torch.Tensor | np.ndarray,
     image: torch.Tensor | np.ndarray,
     *,
-    spacing: Sequence[float],
+    spacing: Sequence[float] | np.ndarray,
     config: CrfConfig,
 ) -> torch.Tensor:
     """Refined class probabilities (K, X, Y, Z), same shape, device and grid as ``probabilities``.
@@ -132,7 +132,7 @@ class BilateralGrid:
         base = base.long()  # (4, N) lower corner of each voxel's cell
         self.size = [int(base[d].max()) + 2 + self.PAD for d in range(4)]
         strides = [self.size[1] * self.size[2] * self.size[3], self.size[2] * self.size[3], self.size[3], 1]
-        self.base = sum(base[d] * strides[d] for d in range(4))  # (N,) flat index of the lower corner
+        self.base = torch.stack([base[d] * strides[d] for d in range(4)]).sum(0)  # (N,) flat index of the lower corner
         self.offsets = [sum(strides[d] for d in range(4) if (corner >> d) & 1) for corner in range(16)]
         self.norm = self._slice(self._blur(self._splat(torch.ones_like(feature).reshape(1, -1)))).clamp_min(1e-12)
 

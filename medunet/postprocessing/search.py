@@ -198,7 +198,7 @@ def load_search_cases(pred_dir: Path, cases: Sequence[Case]) -> list[SearchCase]
         ref = read_voxels(ref_img, case=case.name, path=str(case.label), dtype=np.int64)
         pred, ref = crop_to_foreground(pred.astype(np.uint16), ref.astype(np.uint16))
         spacing = tuple(float(s) for s in spacing_of(ref_img.affine))
-        result.append(SearchCase(case.name, pred, ref, spacing))  # type: ignore[arg-type]
+        result.append(SearchCase(case.name, pred, ref, spacing))  # type: ignore[arg-type]  # spacing_of gives 3 values
     return result
 
 
@@ -304,9 +304,9 @@ def search_postprocessing(
             best = max(scored, key=lambda item: item[1].mean(), default=None)
             chosen = best is not None and acceptable(best[1])
             for trial, dice in scored:
-                record(k, operation, trial, dice, chosen and trial is best[0])  # type: ignore[index]
+                record(k, operation, trial, dice, chosen and trial is best[0])  # type: ignore[index]  # best is not None when chosen
             if chosen:
-                settings[k], current = best[0], best[1]  # type: ignore[index]
+                settings[k], current = best[0], best[1]  # type: ignore[index]  # best is not None when chosen
     return PostprocessingChoice(
         settings={names[k]: settings[k] for k in foreground},
         dice_before={names[k]: float(d) for k, d in zip(foreground, before)},

@@ -29,7 +29,7 @@ def spearman(scores: Sequence[float], dice: Sequence[float]) -> float:
     return float(stats.spearmanr(scores, dice).statistic)
 
 
-def auroc(scores: Sequence[float], bad: Sequence[bool]) -> float:
+def auroc(scores: Sequence[float], bad: Sequence[bool] | np.ndarray) -> float:
     """Probability that a bad case scores lower than a good one (ties count half); NaN without both kinds."""
     scores_a, bad_a = np.asarray(scores, dtype=float), np.asarray(bad, dtype=bool)
     low, high = scores_a[bad_a], scores_a[~bad_a]
@@ -46,7 +46,7 @@ def bad_cases(dice: Sequence[float]) -> tuple[np.ndarray, float]:
     return values < cut, cut
 
 
-def choose_score_threshold(scores: Sequence[float], bad: Sequence[bool], default: float) -> float:
+def choose_score_threshold(scores: Sequence[float], bad: Sequence[bool] | np.ndarray, default: float) -> float:
     """The score threshold with the best Youden's J; without bad cases, ``default`` lowered under every case's score."""
     s, b = np.asarray(scores, dtype=float), np.asarray(bad, dtype=bool)
     if not b.any() or b.all():

@@ -185,7 +185,7 @@ def entropy_map(probs: torch.Tensor) -> torch.Tensor:
     return (-(probs * torch.log(probs.clamp_min(1e-8))).sum(dim=0, keepdim=True) / math.log(k)).clamp(0.0, 1.0)
 
 
-def mask_signals(labels: np.ndarray, spacing: Sequence[float], num_classes: int, *, min_component_ml: float = 0.1) -> dict[str, Any]:
+def mask_signals(labels: np.ndarray, spacing: Sequence[float] | np.ndarray, num_classes: int, *, min_component_ml: float = 0.1) -> dict[str, Any]:
     """Per foreground class of a label mask: ``volume_ml``, ``components`` (of at least ``min_component_ml``) and ``touches_border``."""
     labels = np.asarray(labels)
     voxel_ml = float(np.prod(np.asarray(spacing, dtype=float))) / 1000.0

@@ -28,7 +28,7 @@ def resolve_labels(datalist: Datalist, config: Config) -> dict[int, str]:
     highest = 0
     for case in datalist.training:
         assert case.label is not None
-        data = np.asarray(read_nifti(case.label, case=case.name, check_shear=False).dataobj)
+        data = np.asarray(read_nifti(case.label, case=case.name, check_grid=False).dataobj)
         highest = max(highest, int(np.nanmax(data)) if data.size else 0)
     log.warning("no \"labels\" in the datalist or config; found classes 0..%d in the training labels", highest)
     return {i: ("background" if i == 0 else f"class_{i}") for i in range(max(highest, 1) + 1)}

@@ -220,7 +220,7 @@ def broadcast(obj: T) -> T:
         return obj
     box = [obj if is_main() else None]
     dist.broadcast_object_list(box, src=0)
-    return box[0]  # type: ignore[return-value]
+    return box[0]  # type: ignore[return-value]  # rank 0's T after the broadcast, never None
 
 
 def run_on_main(fn: Callable[[], T]) -> T:

@@ -7,6 +7,9 @@ weight of its own (Tversky, generalised Dice) the weights enter as described at 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss, FocalLoss, GeneralizedDiceLoss, TverskyLoss
 
@@ -25,7 +28,7 @@ class _ClassWeighted(torch.nn.Module):
         self.loss = loss
         self.register_buffer("weight", weight / weight.sum())
 
-    def forward(self, output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         values = self.loss(output, label)
         per_class = values.reshape(values.shape[0], values.shape[1], -1).mean(2)  # (batch, classes)
         return (per_class * self.weight).sum(1).mean()
@@ -35,8 +38,8 @@ def _generalized_dice(lc: LossConfig, weight: torch.Tensor | None) -> Generalize
     """MONAI's generalised Dice; class weights multiply its own inverse-squared-volume class weights."""
     loss = GeneralizedDiceLoss(include_background=lc.include_background, to_onehot_y=True, softmax=True)
     if weight is not None:
-        volume_weights = loss.w_func
-        loss.w_func = lambda volumes: volume_weights(volumes) * weight.to(volumes.device)  # type: ignore[method-assign]
+        volume_weights: Callable[[torch.Tensor], torch.Tensor] = loss.w_func  # MONAI's method is unannotated
+        loss.w_func = lambda volumes: volume_weights(volumes) * weight.to(volumes.device)  # type: ignore[method-assign]  # replacing MONAI's weighting method is the point
     return loss
 
 
@@ -55,7 +58,7 @@ def build_loss(lc: LossConfig, num_classes: int) -> torch.nn.Module:
     if full is not None and len(full) != num_classes:
         raise DataError(f"loss.class_weights needs {num_classes} values (one per class, background first), got {len(full)}")
     region = full if full is None or lc.include_background else full[1:]  # weights of the classes a region loss sees
-    common = {"include_background": lc.include_background, "to_onehot_y": True}
+    common: dict[str, Any] = {"include_background": lc.include_background, "to_onehot_y": True}
     if lc.name == "dice_ce":
         return DiceCELoss(**common, softmax=True, lambda_dice=lc.dice_weight, lambda_ce=lc.ce_weight, weight=full)
     if lc.name == "dice":

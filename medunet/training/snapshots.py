@@ -57,7 +57,7 @@ class LearningSnapshots:
         if prediction.shape != reference.shape:
             log.warning("learning snapshot of epoch %d skipped: prediction %s, reference %s", epoch, prediction.shape, reference.shape)
             return
-        views = {f"view{i}": _display(prediction, axis, centre[axis]) for i, axis in enumerate(_AXES)}
+        views: dict[str, Any] = {f"view{i}": _display(prediction, axis, centre[axis]) for i, axis in enumerate(_AXES)}
         with atomic_path(self.folder / f"epoch_{epoch:04d}.npz") as tmp:
             np.savez_compressed(tmp, dice=np.float64(dice), **views)
 

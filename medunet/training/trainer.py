@@ -21,13 +21,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
-from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 from tqdm.auto import tqdm
 
 from medunet import __version__
@@ -284,7 +284,7 @@ class Trainer:
         config, tc = self.config, self.config.train
         model = build_network(config.model, in_channels=self.in_channels, out_channels=self.num_classes).to(self.device)
         if tc.channels_last:
-            model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+            model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # Module.to's stubs omit memory_format
         self.model: SegmentationNetwork = model
         self.loss_fn = DeepSupervisionLoss(config, self.num_classes).to(self.device)
         self.optimizer = build_optimizer(config.optim, model)
@@ -294,7 +294,7 @@ class Trainer:
         self.trained: torch.nn.Module = dist.wrap(model, self.device)  # DDP under torchrun; ``model`` stays the plain network
         if tc.compile:
             log.info("compiling the network (torch.compile): the first steps are slow")
-            self.trained = torch.compile(self.trained)  # type: ignore[assignment]
+            self.trained = torch.compile(self.trained)  # type: ignore[assignment]  # compile returns a callable wrapping the module
 
     def _restore(self, last_path: Path) -> None:
         """Continue from ``last.pt``: weights, optimisation state, generators and records."""
@@ -336,10 +336,10 @@ class Trainer:
 
     def _apply_lr(self) -> None:
         """Set the optimizer's lr to what the (re-laid) step schedule gives for the next step."""
-        self.scheduler.base_lrs = [self.config.optim.lr] * len(self.optimizer.param_groups)  # type: ignore[union-attr]
+        self.scheduler.base_lrs = [self.config.optim.lr] * len(self.optimizer.param_groups)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.config.optim.lr * self.scheduler.lr_lambdas[0](self.steps_done)  # type: ignore[union-attr]
-        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # type: ignore[union-attr]
+            group["lr"] = self.config.optim.lr * cast(LambdaLR, self.scheduler).lr_lambdas[0](self.steps_done)  # only reached with a StepSchedule
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def checkpoint(self, epoch: int) -> Checkpoint:
         """The run as it stands after ``epoch`` epochs (what ``last.pt`` holds)."""
