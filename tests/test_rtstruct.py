@@ -26,7 +26,7 @@ from medunet.config import config_to_dict, load_config
 from medunet.errors import GeometryError, OutputExistsError
 from medunet.io.dicom import read_series
 from medunet.io.rtstruct import write_rtstruct
-from medunet.model.checkpoint import FORMAT_VERSION, save_checkpoint
+from medunet.model.checkpoint import Checkpoint, save_checkpoint
 from medunet.model.networks import build_network
 from medunet.synthetic import grid_affine, make_phantom, write_dicom_series
 
@@ -193,9 +193,8 @@ def tiny_checkpoint(path: Path) -> Path:
     config = load_config(None, ["inference.roi_size=[32,32,32]", "inference.sw_batch_size=2", "data.target_spacing=[2.0,2.0,2.5]",
                                 "data.ct_window=[-200,300]", "model.features=[4,8,16]"])
     model = build_network(config.model, in_channels=1, out_channels=3)
-    state = {"format": FORMAT_VERSION, "model": model.state_dict(), "config": config_to_dict(config),
-             "labels": {str(i): n for i, n in enumerate(CLASSES)}, "in_channels": 1, "epoch": 1}
-    return save_checkpoint(state, path)
+    return save_checkpoint(Checkpoint(model=model.state_dict(), config=config_to_dict(config), class_names=list(CLASSES),
+                                      in_channels=1, epoch=1), path)
 
 
 def test_infer_writes_an_rtstruct_that_matches_the_nifti_mask(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
