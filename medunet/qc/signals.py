@@ -99,7 +99,7 @@ def input_signals(channels: np.ndarray, affine: np.ndarray, *, ct: bool) -> dict
     per_channel = []
     first_body = None
     for index, image in enumerate(channels):
-        sample = image[::stride, ::stride, ::stride]
+        sample = image[::stride, ::stride, ::stride].astype(np.float64)  # float32 inputs near their limit would overflow np.std
         threshold = body_threshold(sample, ct=ct and index == 0)
         body = sample > threshold
         values = sample[body] if body.any() else sample.reshape(-1)
