@@ -83,6 +83,10 @@ def train(ctx: click.Context, datalist: Path, run_dir: Path, config_path: Path |
         result = run_training(datalist, run_dir, config, resume=resume, progress=ctx.obj["progress"], fold=split)
         if not distributed.is_main():
             return
+    if result.best_epoch > 0:  # QC fitted to this model on its validation cases (qc.json), as `medunet infer` will apply it
+        from medunet.workflows.calibration import calibrate_run
+
+        calibrate_run(datalist, run_dir, device=config.inference.device, progress=ctx.obj["progress"])
     per_class = ", ".join(f"{k} {v:.3f}" for k, v in result.class_dice.items())
     click.echo(
         f"best validation mean Dice {result.best_dice:.4f} (IoU {result.best_iou:.4f}) at epoch {result.best_epoch} ({per_class}); "

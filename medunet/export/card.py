@@ -71,7 +71,7 @@ def card_json(folds: dict[int | None, Checkpoint], *, source: Path, pipeline: di
     first = next(iter(folds.values()))
     modality = pipeline["modality"]
     modality = modality if isinstance(modality, str) else "/".join(str(v) for v in dict(modality).values())  # MSD: {"0": "CT"}
-    fingerprint = {k: first.fingerprint[k] for k in FINGERPRINT_KEYS if k in first.fingerprint} if first.fingerprint else None
+    fingerprint = None  # the checkpoint holds a QC reference, not the planning fingerprint the card reads (being fixed)
     classes = pipeline["classes"]
     spacing = pipeline["config"]["data"]["target_spacing"]
     return {

@@ -336,10 +336,10 @@ def segment_all(
 def qc_summary(results: Sequence[CaseResult]) -> dict[str, Any]:
     """How many cases QC passed and flagged, and the checks that flagged them (counts per check)."""
     records = [r.qc for r in results if r.qc is not None]
-    review = [q for q in records if q["flag"] == "review"]
+    review = [q for q in records if q.review]
     why: dict[str, int] = {}
     for record in review:
-        for check in record["signals"].get("fired") or ["low_confidence"]:
+        for check in record.fired or ["low_confidence"]:
             why[check] = why.get(check, 0) + 1
     return {"ok": len(records) - len(review), "review": len(review), "without_qc": len(results) - len(records),
             "review_reasons": dict(sorted(why.items(), key=lambda kv: (-kv[1], kv[0])))}

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medunet.errors import MedunetError
+from medunet.qc.decide import QCRecord
 
 Stage = Callable[["Job"], None]
 
@@ -34,7 +35,7 @@ class Job:
     prepared: Any = None
     reference: Any = None
     labels: Any = None
-    qc: dict[str, Any] | None = None
+    qc: QCRecord | None = None
     uncertainty: Any = None
     outputs: list[str] = field(default_factory=list)
     error: str | None = None

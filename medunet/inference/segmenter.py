@@ -41,9 +41,10 @@ from medunet.model.sliding import inference_dtype, predict_probabilities
 from medunet.postprocessing.crf import dense_crf
 from medunet.postprocessing.operations import postprocess_labels
 from medunet.postprocessing.search import validated_postprocessing
-from medunet.qc.decide import QC_FILE, Thresholds, decide, load_thresholds
-from medunet.qc.reference import is_ct, reference_of
-from medunet.qc.signals import entropy_map, input_signals, mask_signals, uncertainty_signals
+from medunet.qc.calibrate import TEMPERATURES
+from medunet.qc.decide import QC_FILE, QCRecord, Thresholds, decide, load_thresholds
+from medunet.qc.reference import QCReference, is_ct, reference_of
+from medunet.qc.signals import entropy_map, expected_dice_curve, input_signals, mask_signals, uncertainty_signals
 from medunet.runtime import select_device
 from medunet.transforms import IMAGE, preprocessing
 
@@ -63,7 +64,7 @@ class CaseResult:
     input: str
     output: str | None
     error: str | None = None
-    qc: dict[str, Any] | None = None
+    qc: QCRecord | None = None
     """The case's quality-control record (:func:`medunet.qc.decide.decide`), when QC ran."""
 
 
@@ -85,8 +86,8 @@ class Prediction:
     """What :meth:`Segmenter.predict_case` gives: labels on the input grid and, if asked, QC and uncertainty."""
 
     labels: np.ndarray
-    qc: dict[str, Any] | None = None
-    """The QC record ``{"flag", "score", "reasons", "signals"}`` (docs/quality-control.md)."""
+    qc: QCRecord | None = None
+    """The QC record (docs/quality-control.md)."""
     uncertainty: np.ndarray | None = None
     """Per-voxel normalised entropy (0..1, float32) on the input grid, when asked for."""
 
@@ -107,7 +108,7 @@ class Segmenter:
         in_channels: int,
         device: torch.device,
         source: str = "",
-        qc_reference: dict[str, Any] | None = None,
+        qc_reference: QCReference | None = None,
         qc_thresholds: Thresholds | None = None,
     ) -> None:
         self.models = [m.to(device).eval() for m in ([model] if isinstance(model, torch.nn.Module) else model)]
@@ -127,7 +128,7 @@ class Segmenter:
         self.qc_thresholds = qc_thresholds or Thresholds()
         self.qc_enabled = True
         """Compute a QC record per case (``medunet infer --no-qc`` turns it off)."""
-        self._ct = bool(qc_reference["ct"]) if qc_reference else is_ct(config)
+        self._ct = qc_reference.ct if qc_reference else is_ct(config)
 
     @property
     def num_classes(self) -> int:
@@ -186,11 +187,11 @@ class Segmenter:
         source = f"{path} (folds {', '.join(map(str, by_fold))})" if by_fold else str(checkpoints[0])
         if len(models) > 1:
             log.info("ensemble of %d folds (%s), averaging probabilities", len(models), ", ".join(map(str, by_fold)))
-        reference = reference_of(loaded[0].fingerprint)
+        reference = reference_of(loaded[0].qc_reference)
         if reference is None:
             log.info("%s has no training reference (trained before QC existed): QC uses the model's uncertainty only", source)
         return cls(models, config, class_names=class_names, in_channels=loaded[0].in_channels, device=torch_device, source=source,
-                   qc_reference=reference, qc_thresholds=_qc_thresholds(Path(path)))
+                   qc_reference=reference, qc_thresholds=_qc_thresholds(Path(path) if by_fold else checkpoints[0].parent))
 
     @classmethod
     def _from_package(cls, path: Path, *, device: str, overrides: Sequence[str], folds: Sequence[int] | None) -> Segmenter:
@@ -225,8 +226,8 @@ class Segmenter:
         prediction, reference = self._segment(image, case=case, timings={}, qc=False)
         return mask_image(prediction.labels, reference, num_classes=self.num_classes)
 
-    def predict_with_qc(self, image: InputImage | Sequence[InputImage], *, case: str | None = None) -> tuple[nib.Nifti1Image, dict[str, Any]]:
-        """:meth:`predict` and the case's QC record (``{"flag", "score", "reasons", "signals"}``; see docs/quality-control.md)."""
+    def predict_with_qc(self, image: InputImage | Sequence[InputImage], *, case: str | None = None) -> tuple[nib.Nifti1Image, QCRecord]:
+        """:meth:`predict` and the case's QC record (see docs/quality-control.md)."""
         prediction, reference = self._segment(image, case=case, timings={}, qc=True)
         assert prediction.qc is not None
         return mask_image(prediction.labels, reference, num_classes=self.num_classes), prediction.qc
@@ -266,7 +267,7 @@ class Segmenter:
         return written
 
     def run_report(
-        self, *, outputs: Sequence[Path], timings: dict[str, float], inputs: Sequence[object] = (), qc: dict[str, Any] | None = None
+        self, *, outputs: Sequence[Path], timings: dict[str, float], inputs: Sequence[object] = (), qc: QCRecord | None = None
     ) -> dict[str, Any]:
         """The JSON-ready run report of one call: versions, device, model, classes, seconds per stage, outputs, QC record."""
         import monai
@@ -287,12 +288,12 @@ class Segmenter:
             "inputs": [{"source": source_name(s), "kind": k} for s, k in zip(inputs, kinds)],
             "seconds": {stage: round(value, 4) for stage, value in timings.items()},
             "outputs": [str(p) for p in outputs],
-            **({"qc": qc} if qc is not None else {}),
+            **({"qc": qc.to_json()} if qc is not None else {}),
         }
 
     def write_run_report(
         self, path: str | Path, *, outputs: Sequence[Path], timings: dict[str, float], inputs: Sequence[object] = (),
-        qc: dict[str, Any] | None = None,
+        qc: QCRecord | None = None,
     ) -> Path:
         """Write :meth:`run_report` to ``path`` atomically."""
         path = Path(path)
@@ -380,12 +381,14 @@ class Segmenter:
         return self.predict_case(prepared, timings=timings, qc=False).labels
 
     def predict_case(
-        self, prepared: PreparedCase, *, timings: dict[str, float] | None = None, qc: bool | None = None, uncertainty_map: bool = False
+        self, prepared: PreparedCase, *, timings: dict[str, float] | None = None, qc: bool | None = None, uncertainty_map: bool = False,
+        calibration: bool = False,
     ) -> Prediction:
         """Labels on the input grid of a volume from :meth:`prepare` and, with ``qc`` (default: :attr:`qc_enabled`), its QC record.
 
         QC reads the probabilities the network already computed (no second pass); ``uncertainty_map``
-        also inverts their per-voxel entropy onto the input grid.
+        also inverts their per-voxel entropy onto the input grid; ``calibration`` adds the expected Dice at
+        every temperature of :data:`~medunet.qc.calibrate.TEMPERATURES` to the record (what calibration fits).
         """
         timings = {} if timings is None else timings
         qc = self.qc_enabled if qc is None else qc
@@ -403,7 +406,10 @@ class Segmenter:
                               config=self.config.postprocessing.crf)
             timings["crf"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        uncertainty = uncertainty_signals(probs, [m[0] for m in members]) if qc else None  # on the network's device
+        uncertainty = (uncertainty_signals(probs, [m[0] for m in members], temperature=self.qc_thresholds.temperature)
+                       if qc else None)  # on the network's device
+        if uncertainty is not None and calibration:
+            uncertainty["expected_dice_curve"] = expected_dice_curve(probs, TEMPERATURES)
         entropy = self._inverted_entropy(probs.cpu(), data, reference, case) if uncertainty_map else None
         timings["qc_uncertainty"] = time.perf_counter() - tick
         tick = time.perf_counter()
@@ -474,7 +480,7 @@ class Segmenter:
 
 
 def _qc_thresholds(path: Path) -> Thresholds | None:
-    """Thresholds calibrated by cross-validation (``<folder>/qc.json``), or None for the defaults."""
+    """The QC calibration of a run or cross-validation folder (``<folder>/qc.json``), or None for the defaults."""
     file = path / QC_FILE
     if not path.is_dir() or not file.is_file():
         return None

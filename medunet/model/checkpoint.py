@@ -1,7 +1,7 @@
 """The one on-disk format of a trained model: typed, saved atomically, loaded safely.
 
 A :class:`Checkpoint` holds everything inference needs (weights, resolved config, class names,
-channel count, modality, and the training data's fingerprint when the run had one) and, in a
+channel count, modality, and the QC reference of the training data) and, in a
 :class:`TrainState`, everything ``--resume`` needs (optimizer, scheduler, scaler, RNG states,
 best score, history). :meth:`Checkpoint.to_dict` and :meth:`Checkpoint.from_dict` are the only
 places that know the stored keys.
@@ -75,8 +75,9 @@ class Checkpoint:
     """Epochs completed when this was saved."""
     modality: Any = None
     """The datalist's ``"modality"`` (or ``data.modality``), as given."""
-    fingerprint: dict[str, Any] | None = None
-    """Summary of the training data (spacings, intensities, class volumes) when the run computed one."""
+    qc_reference: dict[str, Any] | None = None
+    """The stored form of the training data's QC reference (:class:`medunet.qc.reference.QCReference`: ranges of
+    spacings, intensities and class volumes QC compares new cases with); None for a checkpoint older than QC."""
     medunet_version: str = ""
     """The medunet version that wrote it."""
     train_state: TrainState | None = None
@@ -108,8 +109,8 @@ class Checkpoint:
             "in_channels": int(self.in_channels),
             "modality": self.modality,
         }
-        if self.fingerprint is not None:
-            stored["fingerprint"] = self.fingerprint
+        if self.qc_reference is not None:
+            stored["qc_reference"] = self.qc_reference
         if self.train_state is not None:
             ts = self.train_state
             stored.update(
@@ -149,7 +150,8 @@ class Checkpoint:
             )
         return cls(
             model=stored["model"], config=stored["config"], class_names=class_names, in_channels=int(stored["in_channels"]),
-            epoch=int(stored["epoch"]), modality=stored.get("modality"), fingerprint=stored.get("fingerprint"),
+            epoch=int(stored["epoch"]), modality=stored.get("modality"),
+            qc_reference=stored.get("qc_reference", stored.get("fingerprint")),  # "fingerprint": its name before 0.2
             medunet_version=str(stored.get("medunet_version", "")), train_state=train_state, format=int(stored["format"]),
         )
 

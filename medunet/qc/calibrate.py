@@ -1,25 +1,37 @@
-"""Choose the review threshold from predictions whose true Dice is known (cross-validation's out-of-fold cases).
+"""Fit QC to the model it judges, from predictions whose true Dice is known.
 
-A case is *bad* when its mean Dice is below the run's median minus :data:`BAD_MARGIN`. The score
-threshold is the one that best separates bad from good cases (largest true-positive rate minus
-false-positive rate, Youden's J); with no bad case it is lowered until no good case falls under it.
+``medunet train`` calibrates on the run's validation cases, ``medunet crossval`` refines it on the
+out-of-fold cases; both predict those cases through the very pipeline inference applies (ensemble,
+post-processing, CRF) and call :func:`calibrate`.
+
+* A softmax **temperature** makes the model's expected Dice match the true Dice (a short run's U-Net is
+  often under-confident: expected 0.4 where it achieves 0.9; a long one over-confident).
+* A case is *bad* when its Dice is below the run's median minus :data:`BAD_MARGIN`. The review
+  **threshold** best separates bad from good cases (Youden's J); with no bad case it sits below
+  every case's score.
+
 How well the score ranks cases (Spearman against Dice, AUROC for "bad") and the flag's trade-off
 (bad and good cases flagged) are stored with the thresholds, so users see what the model achieved.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 from scipy import stats
 
-from medunet.qc.decide import Thresholds
+from medunet.qc.decide import QCRecord, Thresholds, decide
+from medunet.qc.reference import QCReference
 
 #: A case is bad below (median Dice of the run - BAD_MARGIN).
 BAD_MARGIN = 0.1
+#: Least distance between the bad-case cut and the review threshold when no calibration case is bad.
+MIN_MARGIN = 0.05
+#: Softmax temperatures calibration chooses from (0.05 .. 4, evenly spaced in log).
+TEMPERATURES: tuple[float, ...] = tuple(round(float(t), 4) for t in np.geomspace(0.05, 4.0, 31))
 
 
 def spearman(scores: Sequence[float], dice: Sequence[float]) -> float:
@@ -61,11 +73,11 @@ def choose_score_threshold(scores: Sequence[float], bad: Sequence[bool] | np.nda
     return best
 
 
-def trade_off(records: Sequence[dict[str, Any]], dice: Sequence[float], score_review: float) -> dict[str, Any]:
+def trade_off(records: Sequence[QCRecord], dice: Sequence[float], score_review: float) -> dict[str, Any]:
     """What a review threshold achieves on cases of known Dice: ranking quality and who gets flagged."""
-    scores = [float(r["score"]) for r in records]
+    scores = [r.score for r in records]
     bad, cut = bad_cases(dice)
-    flagged = np.array([bool(r["signals"].get("fired")) or s < score_review for r, s in zip(records, scores)])
+    flagged = np.array([bool(set(r.fired) - {"low_confidence"}) or s < score_review for r, s in zip(records, scores)])
     return {
         "cases": len(scores),
         "bad_dice_below": round(cut, 4),
@@ -82,13 +94,74 @@ def _finite(value: float) -> float | None:
     return None if value != value else round(value, 4)
 
 
-def calibrate(records: Sequence[dict[str, Any]], dice: Sequence[float], base: Thresholds | None = None) -> Thresholds:
-    """Thresholds whose review cut-off is fitted to these QC records and their cases' true mean Dice."""
+def case_dice(per_class: Mapping[str, float]) -> float:
+    """The Dice a QC score estimates for one case: the lowest over its classes (NaN entries, absent from both masks, left out).
+
+    The score is the lowest expected Dice over the classes the mask holds, so it is compared with the
+    lowest true Dice; a case whose classes are all absent from both masks counts as perfect.
+    """
+    values = [float(v) for v in per_class.values() if v == v]
+    return min(values) if values else 1.0
+
+
+def at_temperature(record: QCRecord, index: int) -> dict[str, Any]:
+    """``record``'s signals with the expected Dice read at ``TEMPERATURES[index]`` (from its ``expected_dice_curve``)."""
+    uncertainty = dict(record.signals.get("uncertainty", {}))
+    curve = uncertainty.get("expected_dice_curve")
+    if not curve:
+        raise ValueError("calibration needs QC records made with calibration=True (an expected_dice_curve)")
+    expected = curve[index]
+    uncertainty.update(expected_dice=expected, expected_dice_min=min(expected.values()) if expected else 1.0,
+                       temperature=TEMPERATURES[index])
+    uncertainty.pop("expected_dice_curve")
+    return {**record.signals, "uncertainty": uncertainty}
+
+
+def fit_temperature(records: Sequence[QCRecord], dice: Sequence[float]) -> int:
+    """Index in :data:`TEMPERATURES` whose expected Dice is closest (least squares) to the true Dice of these cases.
+
+    Cases where an input or mask check fired are left out (their score is damped for another reason),
+    unless every case has one.
+    """
+    clean = [i for i, r in enumerate(records) if not set(r.fired) - {"low_confidence"}] or list(range(len(records)))
+    errors = []
+    for index in range(len(TEMPERATURES)):
+        predicted = [at_temperature(records[i], index)["uncertainty"]["expected_dice_min"] for i in clean]
+        errors.append(float(np.mean((np.asarray(predicted) - np.asarray([dice[i] for i in clean])) ** 2)))
+    return int(np.argmin(errors))
+
+
+def calibrate(records: Sequence[QCRecord], dice: Sequence[float], *, reference: QCReference | None, class_names: Sequence[str],
+              source: str, base: Thresholds | None = None) -> Thresholds:
+    """Temperature and review threshold fitted to these QC records (made with ``calibration=True``) and their cases' true Dice.
+
+    1. The temperature makes the expected Dice match the true Dice (:func:`fit_temperature`);
+    2. the records are scored again at it (:func:`~medunet.qc.decide.decide`, same checks);
+    3. the review threshold separates bad cases from good ones (:func:`choose_score_threshold`); with no bad
+       case it is the bad-case cut (median Dice - :data:`BAD_MARGIN`) less the fit's error (at least
+       :data:`MIN_MARGIN`), lowered below every case's score, and it stays within [0.05, 0.95].
+
+    ``dice``: per case, :func:`case_dice` of its true per-class Dice.
+    """
     base = base or Thresholds()
     if len(records) != len(dice) or not records:
         raise ValueError(f"need one Dice per QC record, got {len(records)} records and {len(dice)} Dice values")
-    scores = [float(r["score"]) for r in records]
-    bad, _ = bad_cases(dice)
-    threshold = round(choose_score_threshold(scores, bad, base.score_review), 4)
-    achieved = trade_off(records, dice, threshold)
-    return replace(base, score_review=threshold, source=f"calibrated on {len(records)} out-of-fold cases", achieved=achieved)
+    before = [r.score for r in records]
+    index = fit_temperature(records, dice)
+    temperature = TEMPERATURES[index]
+    fitted = replace(base, temperature=temperature)
+    rescored = [decide(at_temperature(r, index), reference, class_names, fitted) for r in records]
+    scores = np.asarray([r.score for r in rescored])
+    bad, cut = bad_cases(dice)
+    clean = np.asarray([not set(r.fired) - {"low_confidence"} for r in rescored])
+    residual = scores[clean] - np.asarray(dice)[clean] if clean.any() else np.zeros(1)
+    margin = max(MIN_MARGIN, 2.0 * float(np.sqrt(np.mean(residual ** 2))))
+    threshold = choose_score_threshold(scores.tolist(), bad, cut - margin)
+    threshold = round(float(np.clip(threshold, 0.05, 0.95)), 4)
+    achieved = trade_off(rescored, dice, threshold) | {
+        "temperature": temperature,
+        "mean_abs_error_uncalibrated": round(float(np.mean(np.abs(np.asarray(before) - np.asarray(dice)))), 4),
+        "mean_abs_error": round(float(np.mean(np.abs(scores - np.asarray(dice)))), 4),
+        "spearman_uncalibrated": _finite(spearman(before, dice)),
+    }
+    return replace(fitted, score_review=threshold, source=f"calibrated on {len(records)} {source}", achieved=achieved)

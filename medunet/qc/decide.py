@@ -20,6 +20,7 @@ from typing import Any
 
 from medunet.errors import DataError
 from medunet.io.atomic import atomic_write_text
+from medunet.qc.reference import QCReference
 
 #: File beside ``postprocessing.json`` in a run or cross-validation folder holding the calibrated thresholds.
 QC_FILE = "qc.json"
@@ -31,7 +32,10 @@ class Thresholds:
     """Where each check fires (documented in docs/quality-control.md)."""
 
     score_review: float = 0.5
-    """Flag for review below this score (the model's expected Dice, damped by fired checks)."""
+    """Flag for review below this score (the model's calibrated expected Dice, damped by fired checks)."""
+    temperature: float = 1.0
+    """Softmax temperature applied to the probabilities before the expected Dice is read (fitted so that the
+    expected Dice matches the true Dice of the calibration cases; 1 = uncalibrated)."""
     spacing_factor: float = 1.5
     """Voxel spacing may lie this factor outside the training range per axis."""
     extent_factor: float = 1.5
@@ -59,6 +63,12 @@ class Thresholds:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def describe(self) -> str:
+        """Which calibration this is, in words (it goes into every QC record)."""
+        if self.source == "defaults":
+            return "defaults (uncalibrated: review below 0.5, temperature 1)"
+        return f"{self.source}: review below {self.score_review:.3g}, temperature {self.temperature:.3g}"
 
     @classmethod
     def from_json(cls, raw: dict[str, Any], *, source: str = "qc.json") -> Thresholds:
@@ -113,84 +123,84 @@ def _beyond(value: float, low: float, high: float, scale: float, tolerance: floa
     return max(0.0, (low - value) / scale - tolerance, (value - high) / scale - tolerance)
 
 
-def input_findings(signals: dict[str, Any], ref: dict[str, Any], t: Thresholds) -> list[Finding]:
+def input_findings(signals: dict[str, Any], ref: QCReference, t: Thresholds) -> list[Finding]:
     """Checks of the input image against the training reference: channels, spacing, field of view, intensities, noise."""
     found: list[Finding] = []
     if signals["constant"]:
         value = signals["intensity"][0]["range"][0]
         return [Finding("constant", 5.0, f"the image is constant (every voxel {value:g}): an empty or failed export")]
-    if signals["channels"] != ref["channels"]:
-        found.append(Finding("channels", 5.0, f"{signals['channels']} input channel(s), the model was trained on {ref['channels']}"))
+    if signals["channels"] != ref.channels:
+        found.append(Finding("channels", 5.0, f"{signals['channels']} input channel(s), the model was trained on {ref.channels}"))
     for axis in range(3):
-        lo, hi = ref["spacing_mm"]["min"][axis], ref["spacing_mm"]["max"][axis]
+        lo, hi = ref.spacing_mm.min[axis], ref.spacing_mm.max[axis]
         value = signals["spacing_mm"][axis]
         if (e := _outside(value, lo, hi, t.spacing_factor)) > 0:
             found.append(Finding("spacing", e, f"voxel spacing {value:.3g} mm along {_AXES[axis]}, training {lo:.3g}-{hi:.3g} mm"))
-        lo, hi = ref["extent_mm"]["min"][axis], ref["extent_mm"]["max"][axis]
+        lo, hi = ref.extent_mm.min[axis], ref.extent_mm.max[axis]
         value = signals["extent_mm"][axis]
         if (e := _outside(value, lo, hi, t.extent_factor)) > 0:
             kind = "smaller: part of the body may be cut off" if value < lo else "larger: another body region?"
             found.append(Finding("field_of_view", e, f"field of view {value:.0f} mm along {_AXES[axis]}, training {lo:.0f}-{hi:.0f} mm ({kind})"))
-        limit = ref["body_at_border"]["max"][axis] + t.border_margin
+        limit = ref.body_at_border.max[axis] + t.border_margin
         value = signals["body_at_border"][axis]
         if value > limit:
             found.append(Finding("body_cut", (value - limit) / t.border_margin,
                                  f"body cut by the field of view along {_AXES[axis]} ({value:.0%} of a border face is body, "
-                                 f"at most {ref['body_at_border']['max'][axis]:.0%} in training)"))
+                                 f"at most {ref.body_at_border.max[axis]:.0%} in training)"))
     found += _intensity_findings(signals, ref, t)
     return found
 
 
-def _intensity_findings(signals: dict[str, Any], ref: dict[str, Any], t: Thresholds) -> list[Finding]:
+def _intensity_findings(signals: dict[str, Any], ref: QCReference, t: Thresholds) -> list[Finding]:
     found: list[Finding] = []
-    unit = "HU" if ref.get("ct") else ""
-    for c, (own, train) in enumerate(zip(signals["intensity"], ref["intensity"])):
-        name = f"channel {c}: " if ref["channels"] > 1 else ""
-        spread = train["body_spread"]
+    unit = "HU" if ref.ct else ""
+    for c, (own, train) in enumerate(zip(signals["intensity"], ref.intensity)):
+        name = f"channel {c}: " if ref.channels > 1 else ""
+        spread = train.body_spread
         excess = max(_beyond(v, lo, hi, spread, t.range_tolerance) for v, lo, hi in
-                     zip(own["range"], train["range"]["min"], train["range"]["max"]))
+                     zip(own["range"], train.range.min, train.range.max))
         if excess > 0:
-            lo, hi = train["range"]["min"], train["range"]["max"]
+            lo, hi = train.range.min, train.range.max
             found.append(Finding("units", excess, f"{name}intensity range {own['range'][0]:.4g}..{own['range'][1]:.4g}{unit}, "
                                  f"training {lo[0]:.4g}..{hi[1]:.4g}{unit}: wrong units or rescaled image?"))
-        quantiles = train["body_quantiles"]
+        quantiles = train.body_quantiles
         excess = max(_beyond(v, lo, hi, spread, t.intensity_tolerance) for v, lo, hi in
-                     zip(own["body_quantiles"], quantiles["min"], quantiles["max"]))
+                     zip(own["body_quantiles"], quantiles.min, quantiles.max))
         if excess > 0:
-            median, lo, hi = own["body_quantiles"][2], quantiles["min"][2], quantiles["max"][2]
+            median, lo, hi = own["body_quantiles"][2], quantiles.min[2], quantiles.max[2]
             found.append(Finding("contrast", excess, f"{name}intensities inside the body unlike training (median {median:.4g}{unit}, "
                                  f"training {lo:.4g}..{hi:.4g}{unit}): another modality, contrast phase or body part?"))
-        limit = train["noise"]["max"] * t.noise_factor
+        limit = train.noise.max * t.noise_factor
         if own["noise"] > limit > 0:
             found.append(Finding("noise", math.log(own["noise"] / limit) / math.log(t.noise_factor) + 0.5,
-                                 f"{name}image noise {own['noise']:.3g}{unit}, training at most {train['noise']['max']:.3g}{unit}: "
+                                 f"{name}image noise {own['noise']:.3g}{unit}, training at most {train.noise.max:.3g}{unit}: "
                                  "heavy noise or a low-dose series?"))
     return found
 
 
-def mask_findings(signals: dict[str, Any], ref: dict[str, Any], class_names: Sequence[str], t: Thresholds) -> list[Finding]:
+def mask_findings(signals: dict[str, Any], ref: QCReference, class_names: Sequence[str], t: Thresholds) -> list[Finding]:
     """Anatomical plausibility of the mask against the training labels: empty classes, volumes, fragments, border contact."""
     found: list[Finding] = []
     for key, own in signals.items():
-        train = ref["classes"].get(key)
+        train = ref.classes.get(key)
         if train is None:
             continue
         name = class_names[int(key)] if int(key) < len(class_names) else key
         if own["volume_ml"] == 0:
-            if train["present"] >= t.empty_present:
-                found.append(Finding("empty_class", 2.0, f"{name}: predicted empty, present in {train['present']:.0%} of training "
+            if train.present >= t.empty_present:
+                found.append(Finding("empty_class", 2.0, f"{name}: predicted empty, present in {train.present:.0%} of training "
                                      "cases (another body part or a failed segmentation?)"))
             continue
-        volume = train["volume_ml"]
-        if volume and (e := _outside(own["volume_ml"], volume["min"], volume["max"], t.volume_factor)) > 0:
+        volume = train.volume_ml
+        if volume and (e := _outside(own["volume_ml"], volume.min, volume.max, t.volume_factor)) > 0:
             found.append(Finding("volume", e, f"{name}: predicted volume {own['volume_ml']:.4g} mL, training "
-                                 f"{volume['min']:.4g}-{volume['max']:.4g} mL (implausible anatomy: another body part or truncated?)"))
-        allowed = max(2 * train["components_max"], train["components_max"] + 2)
+                                 f"{volume.min:.4g}-{volume.max:.4g} mL (implausible anatomy: another body part or truncated?)"))
+        allowed = max(2 * train.components_max, train.components_max + 2)
         if own["components"] > allowed:
             found.append(Finding("fragments", math.log(own["components"] / allowed) + 0.5, f"{name}: {own['components']} separate "
-                                 f"pieces, at most {train['components_max']} in training (fragmented mask)"))
-        if own["touches_border"] and train["touches_border"] < t.border_rare:
-            found.append(Finding("mask_at_border", 1.0, f"{name}: mask touches the volume border, as {train['touches_border']:.0%} "
+                                 f"pieces, at most {train.components_max} in training (fragmented mask)"))
+        if own["touches_border"] and train.touches_border < t.border_rare:
+            found.append(Finding("mask_at_border", 1.0, f"{name}: mask touches the volume border, as {train.touches_border:.0%} "
                                  "of training masks do (truncated field of view?)"))
     return found
 
@@ -204,10 +214,43 @@ def uncertainty_findings(signals: dict[str, Any], t: Thresholds) -> list[Finding
     return []
 
 
+@dataclass(frozen=True)
+class QCRecord:
+    """The QC verdict on one prediction (its JSON form is the ``"qc"`` entry of ``inference_report.json``)."""
+
+    flag: str
+    """``ok`` or ``review``."""
+    score: float
+    """The model's calibrated expected Dice, damped by every check that fired (0..1)."""
+    reasons: list[str]
+    """One sentence per problem, with class names and numbers (never a case name or a header value)."""
+    fired: list[str]
+    """Names of the checks that fired (``spacing``, ``noise``, ``empty_class``, ...; docs/quality-control.md)."""
+    checks: str
+    """``all``, or why only the uncertainty checks ran."""
+    calibration: str
+    """Which calibration applied: the thresholds' and temperature's source (defaults, validation or out-of-fold cases)."""
+    signals: dict[str, Any]
+    """The measurements: ``input``, ``uncertainty`` and ``mask`` (:mod:`medunet.qc.signals`)."""
+
+    @property
+    def review(self) -> bool:
+        return self.flag == "review"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"flag": self.flag, "score": self.score, "reasons": list(self.reasons), "fired": list(self.fired),
+                "checks": self.checks, "calibration": self.calibration, "signals": self.signals}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> QCRecord:
+        return cls(flag=str(raw["flag"]), score=float(raw["score"]), reasons=list(raw["reasons"]), fired=list(raw.get("fired", [])),
+                   checks=str(raw.get("checks", "")), calibration=str(raw.get("calibration", "")), signals=dict(raw.get("signals", {})))
+
+
 def decide(
-    signals: dict[str, Any], reference: dict[str, Any] | None, class_names: Sequence[str], thresholds: Thresholds | None = None
-) -> dict[str, Any]:
-    """The QC record of one prediction: ``{"flag", "score", "reasons", "signals"}``.
+    signals: dict[str, Any], reference: QCReference | None, class_names: Sequence[str], thresholds: Thresholds | None = None
+) -> QCRecord:
+    """The QC record of one prediction.
 
     ``signals`` holds ``"input"``, ``"uncertainty"`` and ``"mask"`` (any may be missing). Without a
     ``reference`` only the uncertainty checks run and the record says so.
@@ -228,11 +271,7 @@ def decide(
         reasons.append(f"low model confidence: expected Dice {confidence:.2f} (review below {t.score_review:.2f})")
     elif score < t.score_review and confidence < t.score_review:
         reasons.append(f"low model confidence: expected Dice {confidence:.2f}")
-    flag = "review" if reasons else "ok"
+    fired = sorted({f.check for f in findings} | ({"low_confidence"} if score < t.score_review and confidence < t.score_review else set()))
     checks = "all" if reference is not None else "uncertainty only: the model has no training reference (trained before QC existed)"
-    return {
-        "flag": flag,
-        "score": round(score, 4),
-        "reasons": reasons,
-        "signals": {**signals, "checks": checks, "thresholds": t.source, "fired": sorted({f.check for f in findings})},
-    }
+    return QCRecord(flag="review" if reasons else "ok", score=round(score, 4), reasons=reasons, fired=fired, checks=checks,
+                    calibration=t.describe(), signals=dict(signals))

@@ -1,8 +1,8 @@
 """The training reference: what QC compares every prediction with, computed once from the training cases.
 
-It is stored as the checkpoint's ``fingerprint`` (a small JSON-able dict of ranges and medians, no
-per-voxel or per-case data, nothing that names a case) by :func:`training_reference`, called when a
-training run starts. Each training image and label goes through the very functions inference uses
+:func:`training_reference`, called when a training run starts, returns a :class:`QCReference` (ranges
+and medians, no per-voxel or per-case data, nothing that names a case), stored in the checkpoint as
+``qc_reference``. Each training image and label goes through the very functions inference uses
 (:func:`~medunet.qc.signals.input_signals`, :func:`~medunet.qc.signals.mask_signals`), so the two
 sides are measured the same way.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,7 @@ from medunet.qc.signals import input_signals, mask_signals
 
 log = logging.getLogger("medunet")
 
-#: Marks a checkpoint ``fingerprint`` written by this module.
+#: Marks the stored form of a :class:`QCReference`.
 KIND = "medunet-qc-reference"
 FORMAT = 1
 #: Training cases read for the reference at most (a fixed, evenly spaced subset of larger datasets).
@@ -53,7 +54,7 @@ def _read_row(case: Case, *, ct: bool, num_classes: int) -> dict[str, Any]:
     return case_row(image.numpy(), label, np.asarray(reference.affine), ct=ct, num_classes=num_classes)
 
 
-def training_reference(cases: Sequence[Case], config: Config, class_names: Sequence[str], modality: Any = None) -> dict[str, Any]:
+def training_reference(cases: Sequence[Case], config: Config, class_names: Sequence[str], modality: Any = None) -> QCReference:
     """The QC reference of a training run (see :func:`summarise`), from at most :data:`MAX_CASES` of its cases."""
     ct = is_ct(config, modality)
     chosen = list(cases)
@@ -65,58 +66,136 @@ def training_reference(cases: Sequence[Case], config: Config, class_names: Seque
     return summarise(rows, class_names=class_names, ct=ct, modality=modality)
 
 
-def _spread(values: Sequence[Sequence[float]] | Sequence[float]) -> dict[str, Any]:
-    """min, median and max over cases (element-wise for lists)."""
-    array = np.asarray(values, dtype=float)
-    return {
-        "min": np.round(array.min(axis=0), 4).tolist(),
-        "median": np.round(np.median(array, axis=0), 4).tolist(),
-        "max": np.round(array.max(axis=0), 4).tolist(),
-    }
+@dataclass(frozen=True)
+class Spread:
+    """Minimum, median and maximum of one statistic over the training cases (lists: element-wise, e.g. per axis)."""
+
+    min: Any
+    median: Any
+    max: Any
+
+    @classmethod
+    def of(cls, values: Sequence[Sequence[float]] | Sequence[float]) -> Spread:
+        array = np.asarray(values, dtype=float)
+        return cls(*(np.round(f(array, axis=0), 4).tolist() for f in (np.min, np.median, np.max)))
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Spread:
+        return cls(raw["min"], raw["median"], raw["max"])
 
 
-def summarise(rows: Sequence[dict[str, Any]], *, class_names: Sequence[str], ct: bool, modality: Any = None) -> dict[str, Any]:
-    """Ranges over the training cases of every signal QC compares with (a few hundred numbers in all)."""
+@dataclass(frozen=True)
+class ChannelReference:
+    """Intensities of one input channel over the training cases."""
+
+    body_quantiles: Spread
+    """The :data:`~medunet.qc.signals.BODY_QUANTILES` of the voxels inside the body."""
+    body_spread: float
+    """Median over cases of (p95 - p5) inside the body: the unit intensity tolerances are measured in."""
+    range: Spread
+    """The whole volume's 0.5 and 99.5 percentiles."""
+    noise: Spread
+    """Noise inside the body (:func:`~medunet.qc.signals.noise_sigma`)."""
+
+
+@dataclass(frozen=True)
+class ClassReference:
+    """One foreground class over the training labels."""
+
+    name: str
+    present: float
+    """Share of training cases whose label contains the class (0..1)."""
+    volume_ml: Spread | None
+    """Volume (mL) over the cases that contain it; None when no case does."""
+    components_max: int
+    """Most connected components (of at least 0.1 mL) one training label had."""
+    touches_border: float
+    """Share of training labels where the class touches the volume border."""
+
+
+@dataclass(frozen=True)
+class QCReference:
+    """The training reference (ranges over the training cases of every signal QC compares with).
+
+    A few hundred numbers, no per-case data and nothing that names a case. Stored in the checkpoint
+    as ``qc_reference`` and, in an exported package, as ``qc.json``'s ``reference``.
+    """
+
+    num_cases: int
+    ct: bool
+    """The model takes CT in Hounsfield units (the CT body threshold applies)."""
+    modality: Any
+    channels: int
+    spacing_mm: Spread
+    """Voxel spacing per world axis (R, A, S)."""
+    extent_mm: Spread
+    """Field of view per world axis (R, A, S)."""
+    body_at_border: Spread
+    """Per world axis, the larger share of body on the two border faces."""
+    intensity: list[ChannelReference]
+    classes: dict[str, ClassReference]
+    """By label value ("1", "2", ...)."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The stored form (plain JSON), marked with :data:`KIND` and :data:`FORMAT`."""
+        return {"kind": KIND, "format": FORMAT, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> QCReference:
+        """Rebuild from :meth:`to_json`'s form.
+
+        Raises:
+            KeyError, TypeError, ValueError: not a QC reference (use :func:`reference_of` to test first).
+        """
+        return cls(
+            num_cases=int(raw["num_cases"]), ct=bool(raw["ct"]), modality=raw.get("modality"), channels=int(raw["channels"]),
+            spacing_mm=Spread.from_json(raw["spacing_mm"]), extent_mm=Spread.from_json(raw["extent_mm"]),
+            body_at_border=Spread.from_json(raw["body_at_border"]),
+            intensity=[ChannelReference(Spread.from_json(c["body_quantiles"]), float(c["body_spread"]), Spread.from_json(c["range"]),
+                                        Spread.from_json(c["noise"])) for c in raw["intensity"]],
+            classes={str(k): ClassReference(str(c["name"]), float(c["present"]),
+                                            Spread.from_json(c["volume_ml"]) if c.get("volume_ml") else None,
+                                            int(c["components_max"]), float(c["touches_border"])) for k, c in raw["classes"].items()},
+        )
+
+
+def summarise(rows: Sequence[dict[str, Any]], *, class_names: Sequence[str], ct: bool, modality: Any = None) -> QCReference:
+    """Ranges over the training cases of every signal QC compares with."""
     inputs = [r["input"] for r in rows]
     channels = inputs[0]["channels"]
     intensity = []
     for c in range(channels):
         quantiles = [i["intensity"][c]["body_quantiles"] for i in inputs]
-        intensity.append({
-            "body_quantiles": _spread(quantiles),
-            "body_spread": float(np.median([q[-1] - q[0] for q in quantiles])),
-            "range": _spread([i["intensity"][c]["range"] for i in inputs]),
-            "noise": _spread([i["intensity"][c]["noise"] for i in inputs]),
-        })
-    classes: dict[str, Any] = {}
+        intensity.append(ChannelReference(
+            body_quantiles=Spread.of(quantiles),
+            body_spread=float(np.median([q[-1] - q[0] for q in quantiles])),
+            range=Spread.of([i["intensity"][c]["range"] for i in inputs]),
+            noise=Spread.of([i["intensity"][c]["noise"] for i in inputs]),
+        ))
+    classes: dict[str, ClassReference] = {}
     masks = [r["mask"] for r in rows if "mask" in r]
     for c in range(1, len(class_names)):
         own = [m[str(c)] for m in masks]
         present = [m for m in own if m["volume_ml"] > 0]
-        classes[str(c)] = {
-            "name": class_names[c],
-            "present": round(len(present) / max(len(own), 1), 4),
-            "volume_ml": _spread([m["volume_ml"] for m in present]) if present else None,
-            "components_max": max((m["components"] for m in present), default=0),
-            "touches_border": round(sum(m["touches_border"] for m in own) / max(len(own), 1), 4),
-        }
-    return {
-        "kind": KIND,
-        "format": FORMAT,
-        "num_cases": len(rows),
-        "ct": ct,
-        "modality": modality,
-        "channels": channels,
-        "spacing_mm": _spread([i["spacing_mm"] for i in inputs]),
-        "extent_mm": _spread([i["extent_mm"] for i in inputs]),
-        "body_at_border": _spread([i["body_at_border"] for i in inputs]),
-        "intensity": intensity,
-        "classes": classes,
-    }
+        classes[str(c)] = ClassReference(
+            name=class_names[c],
+            present=round(len(present) / max(len(own), 1), 4),
+            volume_ml=Spread.of([m["volume_ml"] for m in present]) if present else None,
+            components_max=max((m["components"] for m in present), default=0),
+            touches_border=round(sum(m["touches_border"] for m in own) / max(len(own), 1), 4),
+        )
+    return QCReference(
+        num_cases=len(rows), ct=ct, modality=modality, channels=channels,
+        spacing_mm=Spread.of([i["spacing_mm"] for i in inputs]), extent_mm=Spread.of([i["extent_mm"] for i in inputs]),
+        body_at_border=Spread.of([i["body_at_border"] for i in inputs]), intensity=intensity, classes=classes,
+    )
 
 
-def reference_of(fingerprint: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The QC reference in a checkpoint's ``fingerprint``, or None (an older checkpoint, or another kind of fingerprint)."""
-    if isinstance(fingerprint, dict) and fingerprint.get("kind") == KIND and int(fingerprint.get("format", 0)) <= FORMAT:
-        return fingerprint
+def reference_of(stored: dict[str, Any] | None) -> QCReference | None:
+    """The QC reference in its stored form, or None (absent, of a newer format, or another kind of summary)."""
+    if isinstance(stored, dict) and stored.get("kind") == KIND and int(stored.get("format", 0)) <= FORMAT:
+        try:
+            return QCReference.from_json(stored)
+        except (KeyError, TypeError, ValueError):
+            log.warning("the stored QC reference is incomplete; QC uses the model's uncertainty only")
     return None

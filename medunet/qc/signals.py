@@ -5,8 +5,8 @@ Three families (docs/quality-control.md says what each one catches):
 * :func:`input_signals` — the input image against what training saw: channel count, spacing and
   field of view (mm, in RAS axis order so any orientation compares), intensities inside the body,
   the body's share of the volume and of each border face, noise, a constant image;
-* :func:`uncertainty_signals` — the network's own probabilities on its grid: the soft Dice the model
-  expects of its own mask, entropy and margin near the predicted foreground;
+* :func:`uncertainty_signals` — the network's own probabilities on its grid (tempered by the calibrated
+  temperature): the soft Dice the model expects of its own mask, entropy and margin near the predicted foreground;
 * :func:`mask_signals` — the final mask on the input grid: volume (mL), connected components and
   border contact per class.
 
@@ -124,12 +124,46 @@ def input_signals(channels: np.ndarray, affine: np.ndarray, *, ct: bool) -> dict
     }
 
 
-def uncertainty_signals(probs: torch.Tensor, member_labels: Sequence[torch.Tensor] = ()) -> dict[str, Any]:
+def tempered(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Class probabilities (K, ...) as the network would give them with its logits divided by ``temperature``.
+
+    ``softmax(log p / T)`` equals ``softmax(logits / T)``, so calibration needs only the probabilities.
+    T < 1 sharpens (an under-confident model), T > 1 softens (an over-confident one); T = 1 is the identity.
+    """
+    if temperature == 1.0:
+        return probs
+    return torch.softmax(torch.log(probs.clamp_min(1e-8)) / temperature, dim=0)
+
+
+def expected_dice(probs: torch.Tensor, labels: torch.Tensor) -> dict[int, float]:
+    """Per foreground class predicted somewhere: the Dice the model expects of its argmax mask, were it calibrated.
+
+    ``2 sum_{pred=k} p_k / (sum p_k + n_k)``. A class the mask does not contain is left out: the Dice of
+    an empty mask says nothing about whether the class is truly absent (a tumour-free scan), and QC judges
+    absent classes by how often training cases had them (:func:`medunet.qc.decide.mask_findings`).
+    """
+    k = probs.shape[0]
+    flat_labels = labels.reshape(-1)
+    counts = torch.bincount(flat_labels, minlength=k)
+    agree = torch.bincount(flat_labels, weights=probs.reshape(k, -1).gather(0, flat_labels[None])[0].double(), minlength=k)
+    mass = probs.reshape(k, -1).double().sum(dim=1)
+    return {c: float(2.0 * agree[c] / (mass[c] + counts[c])) for c in range(1, k) if int(counts[c]) > 0}
+
+
+def expected_dice_curve(probs: torch.Tensor, temperatures: Sequence[float]) -> list[dict[str, float]]:
+    """:func:`expected_dice` at each temperature (the argmax, and so the mask, does not change with it): what calibration fits."""
+    probs = probs.detach().float()
+    labels = probs.max(dim=0).indices
+    return [{str(c): round(v, 4) for c, v in expected_dice(tempered(probs, t), labels).items()} for t in temperatures]
+
+
+def uncertainty_signals(probs: torch.Tensor, member_labels: Sequence[torch.Tensor] = (), *, temperature: float = 1.0) -> dict[str, Any]:
     """How sure the network is of its mask, from its class probabilities (K, X, Y, Z) on the network grid.
 
-    * ``expected_dice``: per foreground class, the Dice the model expects of its own argmax mask if the
-      probabilities were calibrated, ``2 sum_{pred=k} p_k / (sum p_k + n_k)`` (1 when it predicts and
-      expects nothing); the minimum over classes is ``expected_dice_min``;
+    The probabilities are first :func:`tempered` by the calibrated ``temperature``.
+
+    * ``expected_dice``: per foreground class in the mask, :func:`expected_dice`; the minimum over them is
+      ``expected_dice_min`` (1 when the mask holds no foreground); ``absent`` lists the classes the mask lacks;
     * ``entropy`` / ``margin``: mean normalised entropy and mean top-two margin over the voxels where
       some foreground class has probability above 0.1 (the predicted foreground and its boundary);
     * ``uncertain_ratio``: voxels there with margin below :data:`UNCERTAIN_MARGIN`, per predicted
@@ -137,19 +171,12 @@ def uncertainty_signals(probs: torch.Tensor, member_labels: Sequence[torch.Tenso
     * ``member_dice``: with several ensemble members' argmax labels, the lowest foreground Dice of one
       member's mask against the ensemble's (absent otherwise).
     """
-    probs = probs.detach().float()
+    probs = tempered(probs.detach().float(), temperature)
     k = probs.shape[0]
     top, labels = probs.max(dim=0)
-    flat_labels = labels.reshape(-1)
-    agree = torch.bincount(flat_labels, weights=top.reshape(-1), minlength=k)
-    counts = torch.bincount(flat_labels, minlength=k).double()
-    mass = probs.reshape(k, -1).double().sum(dim=1)
-    expected = {}
-    for c in range(1, k):
-        denominator = float(mass[c] + counts[c])
-        expected[c] = 1.0 if denominator < 1.0 else float(2.0 * agree[c] / denominator)
+    expected = expected_dice(probs, labels)
     region = (1.0 - probs[0]) > 0.1 if k > 1 else torch.zeros_like(top, dtype=torch.bool)
-    foreground = int((flat_labels > 0).sum())
+    foreground = int((labels > 0).sum())
     entropy = margin = 0.0
     uncertain = 0
     if bool(region.any()):
@@ -161,6 +188,8 @@ def uncertainty_signals(probs: torch.Tensor, member_labels: Sequence[torch.Tenso
     out: dict[str, Any] = {
         "expected_dice": {str(c): round(v, 4) for c, v in expected.items()},
         "expected_dice_min": round(min(expected.values()), 4) if expected else 1.0,
+        "absent": [str(c) for c in range(1, k) if c not in expected],
+        "temperature": round(float(temperature), 4),
         "entropy": round(entropy, 4),
         "margin": round(margin, 4),
         "uncertain_ratio": round(uncertain / max(foreground, 1), 4),

@@ -235,7 +235,7 @@ class Trainer:
         self.class_names = [labels[i] for i in sorted(labels)]
         self.in_channels = len(self.datalist.training[0].image)
         train_cases, val_cases = split_for_run(self.datalist, config, run_dir, resume, fold)
-        self.fingerprint = training_reference(train_cases, config, self.class_names, self.datalist.modality)  # for QC at inference
+        self.qc_reference = training_reference(train_cases, config, self.class_names, self.datalist.modality)  # for QC at inference
         if dist.is_main():
             save_config(config, run_dir / "config.yaml")
         log.info(
@@ -349,7 +349,7 @@ class Trainer:
         return Checkpoint(
             model=self.model.state_dict(), config=config_to_dict(self.config), class_names=list(self.class_names),
             in_channels=self.in_channels, epoch=epoch, modality=self.datalist.modality or self.config.data.modality,
-            medunet_version=__version__, train_state=self.state, fingerprint=self.fingerprint,
+            medunet_version=__version__, train_state=self.state, qc_reference=self.qc_reference.to_json(),
         )
 
     def step(self, batch: dict[str, Any], *, desc: str = "step") -> float:

@@ -10,8 +10,9 @@ One call, :func:`run_crossval`, fills a cross-validation folder::
       oof_crf/             the same predictions refined by the dense CRF (postprocessing.crf settings): its candidate in the search
       oof_eval/            metrics.csv, summary.json, report.html of the out-of-fold predictions
       postprocessing.json  the post-processing the out-of-fold predictions support (applied by `medunet infer -m runs/x`)
-      qc.json              the QC review threshold fitted on the out-of-fold cases' true Dice, and what it achieved
-                           (applied by `medunet infer -m runs/x`; see docs/quality-control.md)
+      qc.json              QC's temperature and review threshold fitted on the out-of-fold cases (with the chosen
+                           post-processing and CRF applied, as `medunet infer -m runs/x` applies them) and what it achieved
+                           (see docs/quality-control.md)
       crossval.json        per-fold best validation Dice, out-of-fold Dice before/after post-processing
 
 Restarting the same command skips finished folds, resumes an interrupted one from its
@@ -19,8 +20,11 @@ Restarting the same command skips finished folds, resumes an interrupted one fro
 The out-of-fold masks are predicted without any post-processing so the search starts from
 the network's own output. The dense CRF works on probabilities before their inversion to the
 input grid, so it cannot be replayed on saved masks: each case is also predicted with it
-(``oof_crf/``; read, preprocessed and predicted again) and the search keeps it only
-if those masks score better.
+(``oof_crf/``; the network runs again on the same preprocessed volume) and the search keeps it only
+if those masks score better. QC is calibrated after that choice, on the kept pass's records and
+its post-processed masks. One gap remains: inference from the folder averages the folds, which the
+out-of-fold cases cannot (each fold's own model predicts them), so the ensemble's probabilities are
+calibrated as the single folds'.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from medunet import __version__
 from medunet.config import Config, save_config
@@ -43,8 +49,8 @@ from medunet.postprocessing.search import (
     save_choice,
     search_postprocessing,
 )
-from medunet.qc.calibrate import calibrate
-from medunet.qc.decide import QC_FILE, Thresholds, save_thresholds
+from medunet.qc.decide import QC_FILE, QCRecord, Thresholds, save_thresholds
+from medunet.qc.reference import QCReference, reference_of
 from medunet.training.splits import Fold, datalist_folds, fold_dir
 
 log = logging.getLogger("medunet")
@@ -101,12 +107,13 @@ def train_folds(datalist_path: Path, root: Path, config: Config, folds: list[Fol
 
 def predict_out_of_fold(
     root: Path, folds: list[Fold], cases: dict[str, Case], *, device: str, progress: bool, try_crf: bool = True
-) -> tuple[Path, Path | None, dict[str, dict[str, Any]]]:
+) -> tuple[Path, Path | None, dict[str, dict[str, QCRecord]]]:
     """Predict each fold's validation cases with that fold's model, on their input grids, into ``root/oof/<case>.nii.gz``
     (no post-processing) and, with ``try_crf``, ``root/oof_crf/<case>.nii.gz`` (only the dense CRF, with the run's
     ``postprocessing.crf`` settings; None is returned for it otherwise).
 
-    Also returns each case's QC record (with the fold's own training reference and default thresholds).
+    Also returns each case's QC record per pass (``"plain"``, ``"crf"``), made for calibration (default thresholds,
+    the expected Dice curve): the CRF changes the probabilities QC reads, so each pass has its own.
     """
     from tqdm.auto import tqdm
 
@@ -115,7 +122,7 @@ def predict_out_of_fold(
 
     oof_dir, crf_dir = root / "oof", root / "oof_crf"
     total = sum(len(f.val) for f in folds)
-    records: dict[str, dict[str, Any]] = {}
+    records: dict[str, dict[str, QCRecord]] = {"plain": {}, "crf": {}}
     with tqdm(total=total, desc="out-of-fold", unit="case", disable=not progress) as bar:
         for fold in folds:
             plain = Segmenter.from_checkpoint(fold_dir(root, fold.index), device=device, overrides=NO_POSTPROCESSING)
@@ -123,33 +130,61 @@ def predict_out_of_fold(
             post = plain.config.postprocessing
             with_crf = replace(plain.config, postprocessing=replace(post, crf=replace(post.crf, enabled=True)))
             refined = Segmenter(plain.models, with_crf, class_names=plain.class_names, in_channels=plain.in_channels,
-                                device=plain.device, source=plain.source)
+                                device=plain.device, source=plain.source, qc_reference=plain.qc_reference)
             for name in fold.val:
                 prepared = plain.prepare(list(cases[name].image), case=name)
-                prediction = plain.predict_case(prepared, qc=True)
-                write_mask(prediction.labels, prepared.reference, oof_dir / f"{name}.nii.gz", num_classes=plain.num_classes,
-                           overwrite=True)
-                if prediction.qc is not None:
-                    records[name] = prediction.qc
-                if try_crf:  # inverts with its own preprocessing chain
-                    refined.predict_file(list(cases[name].image), crf_dir / f"{name}.nii.gz", overwrite=True, case=name)
+                for key, segmenter, folder in (("plain", plain, oof_dir), ("crf", refined, crf_dir))[:2 if try_crf else 1]:
+                    prediction = segmenter.predict_case(prepared, qc=True, calibration=True)
+                    write_mask(prediction.labels, prepared.reference, folder / f"{name}.nii.gz", num_classes=plain.num_classes,
+                               overwrite=True)
+                    assert prediction.qc is not None
+                    records[key][name] = prediction.qc
                 bar.update()
     return oof_dir, crf_dir if try_crf else None, records
 
 
-def calibrate_qc(records: dict[str, dict[str, Any]], rows: list[dict[str, Any]], path: Path) -> Thresholds:
-    """Fit the QC review threshold on the out-of-fold cases (their QC records and true mean Dice) and save it to ``path``."""
-    by_case: dict[str, list[float]] = {}
-    for row in rows:
-        if row.get("dice") is not None and row["dice"] == row["dice"]:  # NaN: class absent from both masks
-            by_case.setdefault(str(row["case"]), []).append(float(row["dice"]))
-    names = [n for n in records if n in by_case]
-    thresholds = calibrate([records[n] for n in names], [sum(by_case[n]) / len(by_case[n]) for n in names])
-    save_thresholds(thresholds, path)
+def calibrate_qc(records: dict[str, dict[str, QCRecord]], choice: PostprocessingChoice, cases: list[Case],
+                 root: Path, *, class_names: list[str], reference: QCReference | None) -> Thresholds | None:
+    """Fit QC on the out-of-fold cases as inference from ``root`` applies it, and save it as ``root/qc.json``.
+
+    The records of the pass the search kept (with or without the CRF) are used; their masks get the chosen
+    label post-processing, and each case's true Dice and mask checks are those of the post-processed mask.
+    """
+    from medunet.config import config_from_dict
+    from medunet.evaluation import dice_per_class
+    from medunet.io.geometry import spacing_of
+    from medunet.io.nifti import read_nifti, read_voxels
+    from medunet.postprocessing.operations import postprocess_labels
+    from medunet.qc.calibrate import calibrate, case_dice
+    from medunet.qc.signals import mask_signals
+
+    kept_crf = choice.crf is not None and choice.crf.enabled
+    chosen = records["crf" if kept_crf else "plain"]
+    folder = root / ("oof_crf" if kept_crf else "oof")
+    post = config_from_dict({"postprocessing": choice.to_json()["postprocessing"]}).postprocessing
+    names, targets = [], []
+    for case in cases:
+        if case.name not in chosen or case.label is None:
+            continue
+        image = read_nifti(folder / f"{case.name}.nii.gz", case=case.name)
+        spacing = spacing_of(image.affine)
+        labels = postprocess_labels(read_voxels(image, case=case.name, path=None, dtype=np.int64), spacing=spacing, config=post,
+                                    class_names=dict(enumerate(class_names)))
+        truth = read_voxels(read_nifti(case.label, case=case.name), case=case.name, path=str(case.label), dtype=np.int64)
+        dice = dice_per_class(labels, truth, len(class_names))
+        signals = {**chosen[case.name].signals, "mask": mask_signals(labels, spacing, len(class_names))}
+        chosen[case.name] = replace(chosen[case.name], signals=signals)
+        names.append(case.name)
+        targets.append(case_dice(dict(zip(class_names[1:], map(float, dice)))))
+    if len(names) < 2:
+        return None
+    thresholds = calibrate([chosen[n] for n in names], targets, reference=reference, class_names=class_names,
+                           source="out-of-fold cases" + (" (dense CRF)" if kept_crf else ""))
+    save_thresholds(thresholds, root / QC_FILE)
     achieved = thresholds.achieved
-    log.info("QC calibrated on %d out-of-fold cases: review below score %.3f flags %d of %d bad and %d good cases "
-             "(Spearman %s, AUROC %s)", achieved["cases"], thresholds.score_review, achieved["bad_flagged"],
-             achieved["bad_cases"], achieved["good_flagged"], achieved["spearman"], achieved["auroc"])
+    log.info("QC calibrated on %d out-of-fold cases: temperature %.3g, review below score %.3f flags %d of %d bad and %d good "
+             "cases (Spearman %s, AUROC %s)", achieved["cases"], thresholds.temperature, thresholds.score_review,
+             achieved["bad_flagged"], achieved["bad_cases"], achieved["good_flagged"], achieved["spearman"], achieved["auroc"])
     return thresholds
 
 
@@ -196,12 +231,14 @@ def run_crossval(
     labels = resolve_labels(datalist, config)
     evaluation = evaluate(oof_dir, oof_cases, labels, root / "oof_eval",
                           nsd_tolerance_mm=config.evaluation.nsd_tolerance_mm, progress=progress)
-    qc = calibrate_qc(qc_records, evaluation.rows, root / QC_FILE) if qc_records else None
 
     log.info("choosing post-processing on the out-of-fold predictions")
     choice = search_postprocessing(load_search_cases(oof_dir, oof_cases), labels,
                                    crf_cases=load_search_cases(crf_dir, oof_cases) if crf_dir else None, crf=config.postprocessing.crf)
     save_choice(choice, root / POSTPROCESSING_FILE)
+    class_names = [labels[i] for i in sorted(labels)]
+    qc = calibrate_qc(qc_records, choice, oof_cases, root, class_names=class_names,
+                      reference=reference_of(load_checkpoint(fold_dir(root, fold_list[0].index)).qc_reference))
     summary = {
         "medunet_version": __version__,
         "folds": len(fold_list),

@@ -27,6 +27,7 @@ from medunet.io.nifti import read_nifti, read_voxels
 from medunet.synthetic import write_dataset
 from medunet.training.trainer import train
 from medunet.visualize import save_overlay_files
+from medunet.workflows.calibration import calibrate_run
 
 log = logging.getLogger("medunet")
 
@@ -94,6 +95,7 @@ def run_demo(
 
     log.info("2/4 training a small DynUNet (run folder %s)", out / "run")
     result = train(datalist, out / "run", demo_config(epochs, device), progress=progress)
+    calibrate_run(datalist, out / "run", device=device, progress=progress)  # as `medunet train` does
 
     log.info("3/4 segmenting the %d test cases", num_test)
     segmenter = Segmenter.from_checkpoint(out / "run")
