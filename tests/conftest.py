@@ -36,13 +36,13 @@ NUM_TRAIN, NUM_TEST = 10, 4
 #: What a user would change from the defaults to train fast on a small CPU: size only (network, patch, steps).
 SIZE = (
     "data.target_spacing=[2.0,2.0,2.5]",
-    "augmentation.patch_size=[32,32,32]",
-    "model.features=[8,16,32]",
-    "train.max_epochs=8",
-    "train.iterations_per_epoch=20",
+    "augmentation.patch_size=[32,32,24]",
+    "model.features=[4,8,16]",
+    "train.max_epochs=6",
+    "train.iterations_per_epoch=16",
     "train.batch_size=2",
-    "train.val_every=4",
-    "optim.lr=0.01",
+    "train.val_every=3",
+    "optim.lr=0.02",
     "optim.warmup_epochs=1",
     "inference.sw_batch_size=2",
     "postprocessing.default.keep_largest=true",
@@ -128,7 +128,7 @@ def planned_run(dataset: Dataset, tmp_path_factory: pytest.TempPathFactory) -> P
     cli("plan", str(dataset.datalist), "-o", str(plan))
     size = [o for o in SIZE if not o.startswith(("data.target_spacing", "augmentation.patch_size"))]
     cli("train", str(dataset.datalist), "-o", str(root / "run"), "-c", str(plan), "--device", "cpu",
-        *sets([*size, "augmentation.patch_size=[32,32,32]"]))
+        *sets([*size, "augmentation.patch_size=[32,32,24]"]))
     return root / "run"
 
 
@@ -136,6 +136,6 @@ def planned_run(dataset: Dataset, tmp_path_factory: pytest.TempPathFactory) -> P
 def crossval_root(dataset: Dataset, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``medunet crossval --folds 2`` with the plain run's config (a fold ensemble, chosen post-processing, calibrated QC)."""
     root = tmp_path_factory.mktemp("shared_cv") / "cv"
-    size = [*SIZE, "train.max_epochs=6", "postprocessing.crf.search=false"]
+    size = [*SIZE, "postprocessing.crf.search=false"]
     cli("crossval", str(dataset.datalist), "-o", str(root), "--folds", "2", "-c", str(PRESET), "--device", "cpu", *sets(size))
     return root
