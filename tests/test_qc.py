@@ -88,6 +88,16 @@ def test_every_clean_test_case_of_the_trained_model_is_ok(trained_predictions: P
         assert record.checks == "all" and record.calibration.startswith("calibrated on 2 validation cases of the run")
         assert record.fired == [] and record.score >= 0.8  # calibrated: the true Dice of these cases is about 0.93
     assert report["qc"] == {"ok": len(records), "review": 0, "without_qc": 0, "review_reasons": {}}
+    assert report["qc_calibration"] == next(iter(records.values())).calibration
+
+
+def test_crossval_calibrates_what_inference_from_its_folder_applies(crossval_root: Path) -> None:
+    thresholds = load_thresholds(crossval_root / QC_FILE)
+    choice = json.loads((crossval_root / "postprocessing.json").read_text())
+    assert thresholds.source == f"calibrated on {choice['cases']} out-of-fold cases"  # no CRF candidate in the shared crossval
+    assert thresholds.achieved["cases"] == choice["cases"] and thresholds.temperature in TEMPERATURES
+    segmenter = Segmenter.from_checkpoint(crossval_root, device="cpu")
+    assert segmenter.qc_thresholds == thresholds and len(segmenter.models) == 2
 
 
 @pytest.mark.parametrize("kind", CORRUPTIONS)

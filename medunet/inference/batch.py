@@ -287,6 +287,7 @@ def write_batch_report(segmenter: Segmenter, plan: BatchPlan, options: BatchOpti
         "shard": {"index": shard.index, "count": shard.count},
         "cases": [{**asdict(r), "status": outcome.status[r.case], "seconds": outcome.seconds[r.case]} for r in outcome.results],
         "qc": qc_summary(outcome.results),
+        "qc_calibration": segmenter.qc_thresholds.describe() if segmenter.qc_enabled else None,
     }
     atomic_write_text(plan.report, json.dumps(report, indent=2))
     if plan.stats_csv is not None:
