@@ -112,3 +112,71 @@ def test_an_unexpected_error_in_one_case_fails_that_case_only(run_dir: Path, tmp
     assert "'b'" in error and "RuntimeError: CUDA error: an illegal memory access" in error and "\n" not in error
     assert "Traceback" not in capsys.readouterr().err
 
+
+#: Per CLI command: its arguments (paths under a temporary folder, none need exist) and the first library function
+#: it calls, which the test makes fail with an error medunet does not raise on purpose.
+COMMANDS = {
+    "train": (["train", "{t}/dataset.json", "-o", "{t}/run"], "medunet.training.run_config.check_before_training"),
+    "crossval": (["crossval", "{t}/dataset.json", "-o", "{t}/cv"], "medunet.training.run_config.check_before_training"),
+    "infer": (["infer", "-m", "{t}/run", "-i", "{t}/scans", "-o", "{t}/preds"], "medunet.inference.batch.collect_inputs"),
+    "check": (["check", "{t}/dataset.json"], "medunet.check.check_datalist"),
+    "plan": (["plan", "{t}/dataset.json", "-o", "{t}/plan.yaml"], "medunet.planning.api.plan_datalist"),
+    "evaluate": (["evaluate", "--pred", "{t}/preds", "--datalist", "{t}/dataset.json", "-o", "{t}/eval"],
+                 "medunet.io.datalist.load_datalist"),
+    "export": (["export", "{t}/run", "-o", "{t}/pkg"], "medunet.export.writer.export_model"),
+    "demo": (["demo", "--out", "{t}/demo"], "medunet.workflows.demo.run_demo"),
+    "dicom ls": (["dicom", "ls", "{t}/series"], "medunet.io.dicom.list_series"),
+    "pacs": (["pacs", "--url", "http://127.0.0.1:9/dicom-web", "-m", "{t}/run", "--study", "1.2.3"],
+             "medunet.workflows.pacs.DicomWebPacs"),
+}
+
+
+def test_the_crash_test_covers_every_command() -> None:
+    from medunet.cli import cli
+
+    groups = {name: getattr(command, "commands", None) for name, command in cli.commands.items()}
+    names = {f"{name} {sub}" if subs else name for name, subs in groups.items() for sub in (subs or [None])}
+    assert names == set(COMMANDS)
+
+
+def _break(monkeypatch: pytest.MonkeyPatch, target: str) -> None:
+    """Make ``target`` (a dotted path) raise RuntimeError("boom") when called."""
+    module, name = target.rsplit(".", 1)
+
+    def boom(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(f"{module}.{name}", boom)
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_an_unexpected_error_in_any_command_is_one_line_without_traceback(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args, target = COMMANDS[command]
+    _break(monkeypatch, target)
+    assert main([a.format(t=tmp_path) for a in args]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.strip()]
+    assert line == f"medunet: error: {command} failed: RuntimeError: boom (run with --debug for the traceback)"
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_with_debug_an_unexpected_error_propagates(command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    args, target = COMMANDS[command]
+    _break(monkeypatch, target)
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["--debug", *[a.format(t=tmp_path) for a in args]])
+
+
+def test_an_unexpected_os_error_names_its_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    def unreadable(*_args: object, **_kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(tmp_path / "dataset.json"))
+
+    monkeypatch.setattr("medunet.check.check_datalist", unreadable)
+    assert main(["check", str(tmp_path / "dataset.json")]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"medunet: error: check failed (file {tmp_path / 'dataset.json'}): PermissionError: [Errno 13] Permission denied: "
+        f"'{tmp_path / 'dataset.json'}' (run with --debug for the traceback)")
