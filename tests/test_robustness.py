@@ -8,6 +8,7 @@ segmentation quality, only that outputs are written on the input grid and failur
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -180,3 +181,39 @@ def test_an_unexpected_os_error_names_its_file(tmp_path: Path, monkeypatch: pyte
     assert capsys.readouterr().err.strip() == (
         f"medunet: error: check failed (file {tmp_path / 'dataset.json'}): PermissionError: [Errno 13] Permission denied: "
         f"'{tmp_path / 'dataset.json'}' (run with --debug for the traceback)")
+
+
+def _error_lines(err: str) -> list[str]:
+    """The error lines on stderr (after checking there is no traceback); warnings logged before them are not errors."""
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("medunet: error:")]
+
+
+@pytest.fixture(scope="module")
+def onnx_package(run_dir: Path) -> Path:
+    from medunet.export.writer import export_model
+
+    return export_model(run_dir, run_dir.parent / "pkg", ["onnx"])
+
+
+@pytest.mark.parametrize("missing", ["onnx", "onnxruntime"])
+def test_export_without_the_onnx_extra_names_it_in_one_line(missing: str, run_dir: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, missing, None)  # what `import onnx` meets when the package is not installed
+    assert main(["export", str(run_dir), "-o", str(tmp_path / "pkg"), "--format", "onnx"]) == 1
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert f"needs {missing}, which is not installed: pip install 'medunet[onnx]'" in line
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_onnxruntime_engine_without_the_onnx_extra_names_it_in_one_line(onnx_package: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    scan = _scan(tmp_path / "scan.nii.gz")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    args = ["infer", "-m", str(onnx_package), "-i", str(scan), "-o", str(tmp_path / "out")]
+    for engine in ([], ["--engine", "onnxruntime"]):  # auto picks onnxruntime for an ONNX-only package
+        assert main([*args, *engine]) == 1
+        (line,) = _error_lines(capsys.readouterr().err)
+        assert "the onnxruntime engine needs onnxruntime, which is not installed: pip install 'medunet[onnx]'" in line
+    assert not (tmp_path / "out" / "scan.nii.gz").exists()
