@@ -3,10 +3,12 @@ experiment tracking and the learning pictures, each on a real (tiny) training ru
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -150,6 +152,32 @@ def test_mlflow_store_holds_metrics_params_and_pictures(tracked_run: Path) -> No
     assert {"train/loss", "train/lr", "val/iou_mean", "time/step_seconds"} <= set(run.data.metrics)
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "train_curve.png", "learning.png", "learning.gif"} <= names
+
+
+def _crash(_record: object) -> None:
+    raise RuntimeError("a callback crashed")
+
+
+def _interrupt(_record: object) -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(("callback", "raised", "status"), [(None, None, "FINISHED"), (_crash, RuntimeError, "FAILED"),
+                                                            (_interrupt, KeyboardInterrupt, "KILLED")])
+def test_mlflow_run_status_says_how_the_training_ended(callback: Any, raised: type[BaseException] | None, status: str,
+                                                       dataset: Path, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    config = load_config(None, [*TINY, "train.tracking=[mlflow]", "train.max_epochs=1", "train.iterations_per_epoch=1",
+                                "train.snapshots=false"])
+    run = tmp_path / "run"
+    callbacks = [callback] if callback is not None else []
+    with pytest.raises(raised) if raised is not None else contextlib.nullcontext():
+        train(dataset, run, config, progress=False, callbacks=callbacks)
+    client = MlflowClient(tracking_uri=(run / "mlruns").resolve().as_uri())
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("medunet").experiment_id])
+    assert mlflow_run.info.status == status
+    assert mlflow_run.info.end_time is not None
 
 
 def test_learning_pictures_show_the_mask_forming(tracked_run: Path) -> None:

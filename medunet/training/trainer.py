@@ -48,7 +48,7 @@ from medunet.training.optim import build_optimizer, build_scheduler, continue_sc
 from medunet.training.records import MetricsLog, dice_column, iou_column
 from medunet.training.snapshots import LearningSnapshots
 from medunet.training.splits import Fold
-from medunet.training.tracking import Tracker, open_tracking, require_tracking
+from medunet.training.tracking import RunEnd, Tracker, open_tracking, require_tracking
 
 log = logging.getLogger("medunet")
 
@@ -548,6 +548,7 @@ class Trainer:
         stopped_early = False
         tracker = open_tracking(self.config, self.run_dir) if dist.is_main() else None
         hooks = [*callbacks, *([tracker.on_epoch] if tracker is not None else [])]
+        ended: RunEnd = "FAILED"  # what the trackers record unless the loop below completes or is interrupted
         try:
             for epoch in range(self.start_epoch, tc.max_epochs):
                 record = self.run_epoch(epoch)
@@ -563,9 +564,13 @@ class Trainer:
                 if self.budget is not None and (self.stop_now or self.steps_done >= self._planned_steps()):
                     break
             self._finish(tracker)
+            ended = "FINISHED"
+        except KeyboardInterrupt:
+            ended = "KILLED"
+            raise
         finally:
             if tracker is not None:
-                tracker.close()
+                tracker.close(ended)
         return self._result(stopped_early)
 
     def _finish(self, tracker: Tracker | None) -> None:
