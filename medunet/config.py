@@ -252,7 +252,7 @@ class LossConfig:
     include_background: bool = False
     """Include the background class in the region (Dice, Tversky, generalised Dice) terms; cross-entropy and focal alone always include it."""
     class_weights: tuple[float, ...] | None = None
-    """Weight per class (background first), or null for equal weights: the cross-entropy weight for dice_ce, the per-class weight of the other losses (a factor on the inverse-volume weight for generalized_dice)."""
+    """Weight per class (background first), or null for equal weights: for dice_ce the weight of both the cross-entropy and the Dice term (MONAI applies it to both), the per-class weight of the other losses (a factor on the inverse-volume weight for generalized_dice)."""
     focal_gamma: float = 2.0
     """Focusing exponent of the focal term (focal, dice_focal); 0 turns it into cross-entropy."""
     tversky_alpha: float = 0.5

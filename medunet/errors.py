@@ -75,6 +75,16 @@ class PacsError(MedunetError):
     """A PACS (DICOMweb) request failed: unreachable, refused credentials, timed out, or not found."""
 
 
+class CaseError(MedunetError):
+    """One case of a batch failed for a reason medunet did not foresee (a bug, a driver error); the other cases go on."""
+
+
+def describe_unexpected(exc: BaseException) -> str:
+    """``ExceptionType: message`` on one line, for reporting an error medunet did not raise on purpose."""
+    detail = " ".join(str(exc).split())[:300]
+    return f"{type(exc).__name__}{': ' + detail if detail else ''}"
+
+
 def unwrap_error(exc: BaseException) -> BaseException:
     """The MedunetError behind MONAI's "applying transform" wrappers, or ``exc`` itself."""
     seen = exc

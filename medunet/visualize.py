@@ -229,8 +229,10 @@ def save_overlay_files(
         return np.asarray(nib.as_closest_canonical(nib.load(str(path))).dataobj).astype(dtype)
 
     from medunet.io.image import read_image  # a NIfTI file or a DICOM series folder
+    from medunet.io.nifti import read_voxels
 
-    image = nib.as_closest_canonical(read_image(image_path))
+    source = read_image(image_path)  # read as the Segmenter reads it: 3D (trailing singleton axes dropped), checked
+    image = nib.as_closest_canonical(nib.Nifti1Image(read_voxels(source, case=None, path=str(image_path)), source.affine))
     spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
     save_overlay(
         np.asarray(image.dataobj, dtype=np.float32),

@@ -6,7 +6,7 @@ image, applies the mutations drawn from ``numpy.random.default_rng(seed)`` and r
 a one-line recipe of what was done, so a failure found by the long run is replayed by its seed.
 
 :func:`run_case` reads the case through medunet's own entry points (``read_image`` + ``read_voxels``,
-``check_datalist``, and optionally a ``Segmenter``) and returns the failures: any exception that is not a
+``check_datalist``, and optionally every per-case output of ``medunet infer`` with a ``Segmenter``) and returns the failures: any exception that is not a
 :class:`MedunetError`, a ``MedunetError`` whose message is not one line naming the file, a case over the
 time limit, or one that needs more memory than :data:`MEMORY_LIMIT` (a header claiming a huge size).
 """
@@ -371,7 +371,7 @@ def run_case(
     path, recipe = MAKERS[kind](seed, workdir)
     entries: dict[str, Callable[[Path], None]] = {"read_image": _read, "check": _check}
     if segmenter is not None:
-        entries["segmenter"] = segmenter.predict
+        entries["segmenter"] = lambda image: segment_every_output(segmenter, image)
     failures = []
     for entry, call in entries.items():
         start = time.perf_counter()
@@ -393,6 +393,31 @@ def run_case(
         if problem is not None:
             failures.append(Failure(kind, seed, entry, recipe, problem, trace))
     return failures, recipe
+
+
+def segment_every_output(segmenter: Any, path: Path) -> None:
+    """What ``medunet infer --uncertainty-map --stats --preview`` does for one input, through the batch's own stages.
+
+    The stages are called bare (not through :func:`medunet.inference.batch.run_batch`, which turns any exception
+    into a case failure), so an untyped error in reading, predicting or writing the mask, the uncertainty map, the
+    statistics row or the preview reaches the harness.
+    """
+    from medunet.inference.batch import BatchOptions, BatchStages, collect_inputs, plan_batch
+    from medunet.inference.pipeline import Job
+    from medunet.inference.statistics import write_statistics_csv
+
+    out = path.parent / "fuzz_outputs"
+    options = BatchOptions(overwrite=True, preview=True, progress=False, stats_csv=out / "stats.csv", overlap_io=False,
+                           uncertainty_map=True)
+    plan = plan_batch(collect_inputs(path), out, options)
+    out.mkdir(exist_ok=True)
+    stages = BatchStages(segmenter, plan, options)
+    for name, inputs in plan.cases:
+        job = Job(name, list(inputs))
+        for stage in (stages.prepare, stages.predict, stages.write):
+            stage(job)
+    assert plan.stats_csv is not None
+    write_statistics_csv(stages.stats_rows, plan.stats_csv)
 
 
 def tiny_segmenter() -> Any:

@@ -1,8 +1,9 @@
 """The ``medunet`` click group, logging set-up and the entry point that maps errors to exit codes.
 
 Errors the library raises on purpose (:class:`MedunetError`) are printed as one
-line and exit with status 1 (3 when only some cases of a batch failed); ``--debug``
-shows the traceback instead.
+line and exit with status 1 (3 when only some cases of a batch failed); any other
+exception is printed as one line too (what failed, its type and message) with
+status 1. ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import TextIO
 import click
 
 from medunet import __version__
-from medunet.errors import REPORTED_ON_RANK_0, MedunetError
+from medunet.errors import REPORTED_ON_RANK_0, MedunetError, describe_unexpected, unwrap_error
 
 log = logging.getLogger("medunet")
 
@@ -78,8 +79,9 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the CLI, turning MedunetError into a one-line message and exit status 1."""
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    """Entry point: run the CLI, turning any error into a one-line message and exit status 1 (``--debug``: the traceback)."""
+    args = argv if argv is not None else sys.argv[1:]
+    debug = "--debug" in args
     try:
         status = cli.main(args=argv, prog_name="medunet", standalone_mode=False)
     except MedunetError as exc:
@@ -99,5 +101,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted; completed outputs and checkpoints are intact", err=True)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a bug or a third-party failure: one line, never a traceback, unless --debug
+        if debug:
+            raise
+        click.echo(f"medunet: error: {_unexpected_error_line(args, exc)}", err=True)
+        return EXIT_ERROR
     return status if isinstance(status, int) else 0
+
+
+def _unexpected_error_line(args: list[str], exc: BaseException) -> str:
+    """What failed, the exception's type and message, and the file where known, for an error medunet did not raise on purpose.
+
+    A MedunetError behind a library's wrapper (MONAI's "applying transform") is shown as itself.
+    """
+    ours = unwrap_error(exc)
+    if isinstance(ours, MedunetError):
+        return str(ours)
+    filename = getattr(exc, "filename", None)
+    where = f" (file {filename})" if filename else ""
+    return f"{_command_name(args)} failed{where}: {describe_unexpected(exc)} (run with --debug for the traceback)"
+
+
+def _command_name(args: list[str]) -> str:
+    """``infer``, ``dicom ls``: the command in ``args`` (the group's own options are flags only)."""
+    words = [a for a in args if not a.startswith("-")]
+    return " ".join(words[:2] if words[:1] == ["dicom"] else words[:1]) or "medunet"
 

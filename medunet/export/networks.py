@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from medunet.errors import ExportError
+from medunet.model.engine import import_onnx_extra
 from medunet.model.package import INPUT_NAME, OUTPUT_NAME
 
 log = logging.getLogger("medunet")
@@ -55,9 +56,11 @@ def export_onnx(network: nn.Module, path: Path, *, in_channels: int, window: Seq
         ``probe`` (another size than the traced ``window``: the dynamic axes must work).
 
     Raises:
-        ExportError: the exporter cannot trace the network, the file fails ``onnx.checker``, or its logits differ.
+        ExportError: onnx or onnxruntime is not installed, the exporter cannot trace the network, the file fails
+            ``onnx.checker``, or its logits differ.
     """
-    import onnx
+    onnx = import_onnx_extra("onnx", needed_for="export --format onnx", error=ExportError)
+    import_onnx_extra("onnxruntime", needed_for="export --format onnx (it checks the file with onnxruntime)", error=ExportError)
 
     network = network.eval().float().cpu()
     x = _window(in_channels, window)
@@ -77,8 +80,7 @@ def export_onnx(network: nn.Module, path: Path, *, in_channels: int, window: Seq
 
 
 def _compare_onnx(network: nn.Module, path: Path, x: torch.Tensor) -> float:
-    import onnxruntime as ort
-
+    ort = import_onnx_extra("onnxruntime", needed_for="export --format onnx", error=ExportError)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         expected = network(x).numpy()

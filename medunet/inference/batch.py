@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 from tqdm.auto import tqdm
 
 from medunet import __version__
-from medunet.errors import ConfigError, DataError, OutputExistsError
-from medunet.inference.pipeline import Job, run_jobs
+from medunet.errors import CaseError, ConfigError, DataError, MedunetError, OutputExistsError, describe_unexpected, unwrap_error
+from medunet.inference.pipeline import Job, Stage, run_jobs
 from medunet.inference.segmenter import CaseResult, Segmenter
 from medunet.io.atomic import atomic_write_text
 from medunet.io.datalist import NIFTI_SUFFIXES, load_datalist, unique_case_names
@@ -197,8 +197,12 @@ def plan_batch(cases: Sequence[tuple[str, Sequence[Path | DicomSource]]], out_di
     return BatchPlan(out_dir, mine, targets, dicom_targets, maps, finished, stats_csv, shard.path(out_dir / "inference_report.json"))
 
 
-class _BatchStages:
-    """The three pipeline stages of one batch (:func:`medunet.inference.pipeline.run_jobs`), sharing its plan."""
+class BatchStages:
+    """The three pipeline stages of one batch (:func:`medunet.inference.pipeline.run_jobs`), sharing its plan.
+
+    Called bare, a stage raises whatever went wrong (the fuzz run drives them so); :func:`run_batch` guards each
+    so that an unforeseen exception fails its case only.
+    """
 
     def __init__(self, segmenter: Segmenter, plan: BatchPlan, options: BatchOptions) -> None:
         self.segmenter, self.plan, self.options = segmenter, plan, options
@@ -245,6 +249,28 @@ class _BatchStages:
         job.outputs = [str(p) for p in (*nifti, *plan.dicom_targets.get(name, {}).values(), *uncertainty)]
 
 
+def _one_case(stage: Stage, doing: str) -> Stage:
+    """``stage``, with any exception that is not a MedunetError turned into that case's :class:`CaseError`.
+
+    A bug or a driver error while one case is read, predicted or written must not stop the others:
+    the case is reported failed in one line (case, file, error type and message) and the batch goes on.
+    """
+
+    def run(job: Job) -> None:
+        try:
+            stage(job)
+        except MedunetError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - anything unforeseen fails this case only; KeyboardInterrupt still stops
+            ours = unwrap_error(exc)
+            if isinstance(ours, MedunetError):
+                raise ours from exc
+            log.debug("case %s failed while %s", job.name, doing, exc_info=True)  # the traceback, with --debug
+            raise CaseError(f"case {job.name!r}, file {job.inputs[0]}: unexpected error while {doing}: {describe_unexpected(exc)}") from exc
+
+    return run
+
+
 @dataclass
 class BatchOutcome:
     """What running a plan gave: one result per case, with its status and seconds."""
@@ -256,13 +282,15 @@ class BatchOutcome:
 
 
 def run_batch(segmenter: Segmenter, plan: BatchPlan, options: BatchOptions) -> BatchOutcome:
-    """Segment the plan's cases through the overlapped pipeline; a failing case is logged and the others go on."""
+    """Segment the plan's cases through the overlapped pipeline; a failing case (any exception) is logged and the others go on."""
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    stages = _BatchStages(segmenter, plan, options)
+    stages = BatchStages(segmenter, plan, options)
     jobs = [Job(name, list(paths)) for name, paths in plan.cases]
     outcome = BatchOutcome([], {}, {}, stages.stats_rows)
     with tqdm(total=len(jobs), desc="segmenting", unit="case", disable=not options.progress) as bar:
-        for job in run_jobs(jobs, stages.prepare, stages.predict, stages.write, overlap=options.overlap_io):
+        guarded: list[Stage] = [_one_case(stages.prepare, "reading it"), _one_case(stages.predict, "predicting it"),
+                                               _one_case(stages.write, "writing its outputs")]
+        for job in run_jobs(jobs, *guarded, overlap=options.overlap_io):
             skipped = job.name in plan.finished
             if job.error is not None:
                 outcome.results.append(CaseResult(job.name, str(job.inputs[0]), None, job.error))

@@ -209,25 +209,23 @@ def label_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.uint32)
 
 
-def mask_image(labels: np.ndarray, reference: nib.Nifti1Image, *, num_classes: int) -> nib.Nifti1Image:
-    """A label image on ``reference``'s grid: same shape, affine, qform/sform and codes.
+def output_image(values: np.ndarray, reference: nib.Nifti1Image, *, dtype: np.dtype, what: str) -> nib.Nifti1Image:
+    """``values`` on ``reference``'s grid with a copy of its header: the one header rule of every NIfTI medunet writes.
+
+    Same shape, affine, qform/sform and codes as the reference, scaling reset. Masks and float maps both come
+    from here, so they cannot drift apart in how they handle geometry.
 
     Raises:
-        GeometryError: ``labels`` does not have the reference's 3D shape.
+        GeometryError: ``values`` does not have the reference's 3D shape.
     """
     shape = tuple(int(s) for s in reference.shape[:3])
-    if tuple(labels.shape) != shape:
-        raise GeometryError(f"mask shape {tuple(labels.shape)} differs from the input's {shape}; refusing to write it")
-    dtype = label_dtype(num_classes)
+    if tuple(values.shape) != shape:
+        raise GeometryError(f"{what} shape {tuple(values.shape)} differs from the input's {shape}; refusing to write it")
     header = reference.header.copy()
     header.set_data_shape(shape)
     header.set_data_dtype(dtype)
     header.set_slope_inter(1.0, 0.0)
-    header["cal_min"] = 0
-    header["cal_max"] = max(num_classes - 1, 0)
-    header["descrip"] = b"medunet segmentation"
-    header.set_intent("label")
-    image = nib.Nifti1Image(labels.astype(dtype, copy=False), reference.affine, header)
+    image = nib.Nifti1Image(values.astype(dtype, copy=False), reference.affine, header)
     # nibabel may rewrite the codes when given an affine: restore the reference's qform/sform exactly. An uncoded
     # transform is not computed (code 0 only): its fields may hold garbage a reader ignores, e.g. an invalid quaternion.
     qform, qform_code = reference.header.get_qform(coded=True)
@@ -235,7 +233,33 @@ def mask_image(labels: np.ndarray, reference: nib.Nifti1Image, *, num_classes: i
     image.set_qform(qform, code=int(qform_code))
     image.set_sform(sform, code=int(sform_code))
     if not np.allclose(image.affine, reference.affine, atol=1e-6):
-        raise GeometryError("mask affine would differ from the input's; refusing to write it")  # pragma: no cover
+        raise GeometryError(f"{what} affine would differ from the input's; refusing to write it")  # pragma: no cover
+    return image
+
+
+def mask_image(labels: np.ndarray, reference: nib.Nifti1Image, *, num_classes: int) -> nib.Nifti1Image:
+    """A label image on ``reference``'s grid (:func:`output_image`): smallest unsigned dtype, intent "label".
+
+    Raises:
+        GeometryError: ``labels`` does not have the reference's 3D shape.
+    """
+    image = output_image(labels, reference, dtype=label_dtype(num_classes), what="mask")
+    image.header["cal_min"] = 0
+    image.header["cal_max"] = max(num_classes - 1, 0)
+    image.header["descrip"] = b"medunet segmentation"
+    image.header.set_intent("label")
+    return image
+
+
+def float_map_image(values: np.ndarray, reference: nib.Nifti1Image, *, description: str) -> nib.Nifti1Image:
+    """A float32 map (e.g. per-voxel uncertainty) on ``reference``'s grid (:func:`output_image`).
+
+    Raises:
+        GeometryError: ``values`` does not have the reference's 3D shape.
+    """
+    image = output_image(values, reference, dtype=np.dtype(np.float32), what="map")
+    image.header["descrip"] = description.encode()[:79]
+    image.header.set_intent("none")
     return image
 
 
@@ -269,18 +293,7 @@ def write_float_map(
     path = Path(path)
     if path.exists() and not overwrite:
         raise OutputExistsError(f"output {path} already exists; pass --overwrite to replace it")
-    shape = tuple(int(s) for s in reference.shape[:3])
-    if tuple(values.shape) != shape:
-        raise GeometryError(f"map shape {tuple(values.shape)} differs from the input's {shape}; refusing to write it")
-    header = reference.header.copy()
-    header.set_data_shape(shape)
-    header.set_data_dtype(np.float32)
-    header.set_slope_inter(1.0, 0.0)
-    header["descrip"] = description.encode()[:79]
-    header.set_intent("none")
-    image = nib.Nifti1Image(values.astype(np.float32, copy=False), reference.affine, header)
-    image.set_qform(reference.header.get_qform(), code=int(reference.header["qform_code"]))
-    image.set_sform(reference.header.get_sform(), code=int(reference.header["sform_code"]))
+    image = float_map_image(values, reference, description=description)
     with atomic_path(path) as tmp:
         nib.save(image, str(tmp))
     return path

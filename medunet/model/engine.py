@@ -12,19 +12,34 @@ eval-mode contract of :class:`~medunet.model.networks.SegmentationNetwork`. Ever
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
 from torch import nn
 
-from medunet.errors import PackageError
+from medunet.errors import MedunetError, PackageError
 
 log = logging.getLogger("medunet")
 
 #: Engine names accepted by ``inference.engine`` (and ``--engine``), besides "auto".
 ENGINES = ("torch", "onnxruntime")
+
+
+def import_onnx_extra(name: str, *, needed_for: str, error: type[MedunetError], alternative: str = "") -> ModuleType:
+    """Import ``onnx`` or ``onnxruntime`` (the ``medunet[onnx]`` extra), or raise ``error`` naming the extra in one line.
+
+    The one place that turns a missing ONNX package into advice, for export (ExportError) and for the
+    onnxruntime engine (PackageError) alike, instead of a ModuleNotFoundError traceback.
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        hint = f" ({alternative})" if alternative else ""
+        raise error(f"{needed_for} needs {name}, which is not installed: pip install 'medunet[onnx]'{hint}") from None
 
 
 def onnxruntime_available() -> bool:

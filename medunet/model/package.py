@@ -33,7 +33,7 @@ from torch import nn
 
 from medunet.config import Config, apply_overrides, config_from_dict
 from medunet.errors import ConfigError, PackageError
-from medunet.model.engine import OnnxRuntimeEngine, load_torchscript, onnxruntime_available
+from medunet.model.engine import OnnxRuntimeEngine, import_onnx_extra, load_torchscript, onnxruntime_available
 from medunet.transforms import CT_BODY_HU
 
 SCHEMA_VERSION = 1
@@ -220,8 +220,9 @@ def choose_engine(package: Package, requested: str) -> str:
             f"package {package.root} holds {', '.join(formats)} networks only; engine {requested} needs {wanted}: "
             f"re-export with --format {wanted}, or choose --engine {FORMAT_ENGINE[formats[0]]}"
         )
-    if requested == "onnxruntime" and not onnxruntime_available():
-        raise PackageError("the onnxruntime engine needs onnxruntime: pip install 'medunet[onnx]' (or --engine torch with a TorchScript package)")
+    if requested == "onnxruntime":
+        import_onnx_extra("onnxruntime", needed_for="the onnxruntime engine", error=PackageError,
+                          alternative="or --engine torch with a TorchScript package")
     return requested
 
 

@@ -23,6 +23,15 @@ WARMUP_STEPS = 2
 _UNITS = {"s": 1 / 60, "sec": 1 / 60, "m": 1.0, "min": 1.0, "h": 60.0, "hr": 60.0}
 
 
+def clock() -> float:
+    """Seconds on the budget's clock (``time.perf_counter``).
+
+    The trainer times its steps, validations and epochs with it too, so every duration the budget sees comes
+    from this one function, and a test can replace it with a fake clock to check the plan exactly.
+    """
+    return time.perf_counter()
+
+
 def parse_duration(text: str) -> float:
     """Minutes in a duration such as ``90m``, ``1.5h``, ``5400s`` or ``90`` (minutes).
 
@@ -51,7 +60,7 @@ class TimeBudget:
     """The budget's clock and the durations measured so far."""
 
     minutes: float
-    started: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=lambda: clock())
     step_seconds: list[float] = field(default_factory=list)
     validation_seconds: float | None = None
     """Duration of the last validation (with its snapshot)."""
@@ -63,7 +72,7 @@ class TimeBudget:
         return self.minutes * 60.0
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.started
+        return clock() - self.started
 
     def step_time(self) -> float | None:
         """Typical seconds per step (median of the recent ones, the first step excluded), or None before any."""

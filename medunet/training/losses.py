@@ -47,7 +47,7 @@ def build_loss(lc: LossConfig, num_classes: int) -> torch.nn.Module:
     """One head's loss from ``loss.name``; it takes logits (B, C, ...) and an index label (B, 1, ...).
 
     Class weights (``loss.class_weights``, one per class, background first) act as MONAI's ``weight``
-    for dice_ce (on the cross-entropy), dice, focal and dice_focal; as a weighted mean of the per-class
+    for dice_ce (MONAI weights both its cross-entropy and its Dice term), dice, focal and dice_focal; as a weighted mean of the per-class
     Tversky losses for tversky; and as a factor on each class's inverse-volume weight for
     generalized_dice. Classes a loss leaves out (background without ``loss.include_background``) drop their weight.
 

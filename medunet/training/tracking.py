@@ -14,12 +14,15 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from medunet.config import Config, config_to_dict
 from medunet.errors import ConfigError
 
 log = logging.getLogger("medunet")
+
+#: How a training session ended, as MLflow records a run's status: completed, raised an exception, or interrupted (Ctrl-C).
+RunEnd = Literal["FINISHED", "FAILED", "KILLED"]
 
 #: What each tracker needs importable, and the extra that installs it.
 _NEEDS = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "mlflow": ("mlflow.tracking", "mlflow")}
@@ -94,7 +97,8 @@ class _TensorBoard:
             if path.suffix == ".png":
                 self.writer.add_image(f"pictures/{path.stem}", np.asarray(Image.open(path).convert("RGB")), epoch, dataformats="HWC")
 
-    def close(self) -> None:
+    def close(self, ended: RunEnd) -> None:
+        """Flush and close the event files (TensorBoard has no run status: ``ended`` is not recorded)."""
         self.writer.close()
 
 
@@ -132,8 +136,9 @@ class _MLflow:
             if path.is_file():
                 self.client.log_artifact(self.run_id, str(path))
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, ended: RunEnd) -> None:
+        """End the MLflow run with how the session ended, so a crashed or interrupted run is not shown as FINISHED."""
+        self.client.set_terminated(self.run_id, status=ended)
 
 
 class Tracker:
@@ -153,9 +158,10 @@ class Tracker:
         for backend in self.backends:
             backend.log_pictures(paths, self.epoch)
 
-    def close(self) -> None:
+    def close(self, ended: RunEnd) -> None:
+        """Close every backend; ``ended`` says how the training session ended (MLflow records it as the run's status)."""
         for backend in self.backends:
-            backend.close()
+            backend.close(ended)
 
 
 def open_tracking(config: Config, run_dir: Path) -> Tracker | None:

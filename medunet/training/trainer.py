@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from medunet.model.networks import SegmentationNetwork, build_network
 from medunet.model.sliding import predict_probabilities
 from medunet.qc.reference import training_reference
 from medunet.runtime import amp_dtype, autocast, derived_seed, seed_everything
+from medunet.training import budget as time_budget
 from medunet.training import distributed as dist
 from medunet.training.budget import TimeBudget
 from medunet.training.cases import resolve_labels, split_for_run
@@ -48,7 +48,7 @@ from medunet.training.optim import build_optimizer, build_scheduler, continue_sc
 from medunet.training.records import MetricsLog, dice_column, iou_column
 from medunet.training.snapshots import LearningSnapshots
 from medunet.training.splits import Fold
-from medunet.training.tracking import Tracker, open_tracking, require_tracking
+from medunet.training.tracking import RunEnd, Tracker, open_tracking, require_tracking
 
 log = logging.getLogger("medunet")
 
@@ -220,7 +220,7 @@ class Trainer:
     ) -> None:
         self.config, self.run_dir, self.progress = config, run_dir, progress
         tc = config.train
-        self.started = time.perf_counter()
+        self.started = time_budget.clock()
         self.budget = TimeBudget(tc.max_minutes, started=self.started) if tc.max_minutes else None
         self.steps_done = 0  # optimisation steps so far (a time-budgeted run's schedule counts in steps)
         self.stop_now = False  # set when the time budget ends the run before its planned steps
@@ -402,14 +402,14 @@ class Trainer:
         losses: list[float] = []
         bar = tqdm(total=iterations, desc=desc, unit="batch", disable=not self.progress, leave=False)
         try:
-            tick = time.perf_counter()
+            tick = time_budget.clock()
             for batch in _cycle(self.loader, iterations):
                 self.last_lr = self.optimizer.param_groups[0]["lr"]
                 losses.append(self.step(batch, desc=desc))
                 self.steps_done += 1
                 bar.set_postfix(loss=f"{np.mean(losses):.4f}")
                 bar.update()
-                tock = time.perf_counter()
+                tock = time_budget.clock()
                 self.step_seconds.append(tock - tick)
                 tick = tock
                 if self.budget is not None and self._budget_step():
@@ -428,7 +428,7 @@ class Trainer:
 
         ``train.selection_metric`` (mean Dice or IoU) decides what is best; ``state.best_dice`` holds its best value.
         """
-        started = time.perf_counter()
+        started = time_budget.clock()
         scores = validate(self.model, self.val_ds, self.config, num_classes=self.num_classes, device=self.device, amp=self.amp,
                           keep_first=self.snapshots is not None)
         dice, iou = dist.broadcast((scores.dice, scores.iou))
@@ -448,7 +448,7 @@ class Trainer:
             self.scheduler.step(selected)
         if self.snapshots is not None and scores.first_prediction is not None:
             self.snapshots.add(row["epoch"], scores.first_prediction, row["val_dice_mean"])
-        self.validation_seconds = time.perf_counter() - started
+        self.validation_seconds = time_budget.clock() - started
         return class_dice, improved
 
     def run_epoch(self, epoch: int) -> EpochRecord:
@@ -458,7 +458,7 @@ class Trainer:
         session's first epoch (to time a validation for the plan).
         """
         tc = self.config.train
-        started = time.perf_counter()
+        started = time_budget.clock()
         self.step_seconds: list[float] = []
         self.validation_seconds = 0.0
         losses = self.train_epoch(epoch)
@@ -469,7 +469,7 @@ class Trainer:
         class_dice, improved = self._validate_epoch(row) if validated else (None, False)
         if not isinstance(self.scheduler, ReduceLROnPlateau) and self.budget is None:
             self.scheduler.step()
-        row["epoch_seconds"] = time.perf_counter() - started
+        row["epoch_seconds"] = time_budget.clock() - started
         self.metrics.add(row, draw=validated)
         if dist.is_main():
             saved = self.checkpoint(epoch + 1)
@@ -477,7 +477,7 @@ class Trainer:
             if improved:
                 save_checkpoint(saved, self.run_dir / "best.pt")
         if self.budget is not None:
-            self._measure_epoch(time.perf_counter() - started, validated)
+            self._measure_epoch(time_budget.clock() - started, validated)
             if not last:  # lay the next epochs' steps with this epoch's validation and checkpoint times known
                 self._replan()
         record = EpochRecord(epoch + 1, tc.max_epochs, row, validated, improved, class_dice)
@@ -487,14 +487,17 @@ class Trainer:
     # ----------------------------------------------------------------- time budget
 
     def _planned_steps(self) -> int:
-        """Steps the run will make in all: what the budget allows, at most train.max_epochs epochs."""
-        schedule = step_schedule(self.scheduler)
-        planned = schedule.total_steps if schedule is not None else self._fallback_total
-        return min(planned, self.config.train.max_epochs * self.steps_per_epoch)
+        """Steps the run will make in all: what the budget's latest plan allows, at most train.max_epochs epochs.
 
-    @property
-    def _fallback_total(self) -> int:  # plateau under a budget has no step schedule to hold the plan
-        return self._plan_total or self.config.train.max_epochs * self.steps_per_epoch
+        The plan's own total, not the schedule's: a schedule always keeps one step ahead of where it is laid
+        (``StepSchedule.relay``), so once no further step fits, the schedule's total would still ask for one more
+        and the run would go on in one-step epochs until the out-of-time safety net stopped it.
+        """
+        if self._planned:
+            return self._plan_total
+        schedule = step_schedule(self.scheduler)
+        planned = schedule.total_steps if schedule is not None else self.config.train.max_epochs * self.steps_per_epoch
+        return min(planned, self.config.train.max_epochs * self.steps_per_epoch)
 
     def _budget_step(self) -> bool:
         """After a budgeted step: time it, step the schedule, plan once warmed up; True ends the epoch here."""
@@ -548,6 +551,7 @@ class Trainer:
         stopped_early = False
         tracker = open_tracking(self.config, self.run_dir) if dist.is_main() else None
         hooks = [*callbacks, *([tracker.on_epoch] if tracker is not None else [])]
+        ended: RunEnd = "FAILED"  # what the trackers record unless the loop below completes or is interrupted
         try:
             for epoch in range(self.start_epoch, tc.max_epochs):
                 record = self.run_epoch(epoch)
@@ -563,9 +567,13 @@ class Trainer:
                 if self.budget is not None and (self.stop_now or self.steps_done >= self._planned_steps()):
                     break
             self._finish(tracker)
+            ended = "FINISHED"
+        except KeyboardInterrupt:
+            ended = "KILLED"
+            raise
         finally:
             if tracker is not None:
-                tracker.close()
+                tracker.close(ended)
         return self._result(stopped_early)
 
     def _finish(self, tracker: Tracker | None) -> None:
@@ -575,7 +583,7 @@ class Trainer:
             pictures += self.snapshots.finish()
         if tracker is not None:
             tracker.log_pictures([p for p in pictures if p.is_file()])
-        minutes = (time.perf_counter() - self.started) / 60
+        minutes = (time_budget.clock() - self.started) / 60
         epochs = len(self.metrics.rows) - self.start_epoch
         budget = f" (budget {self.budget.minutes:.3g} min)" if self.budget is not None else ""
         log.info("trained %d epochs (%d steps) in %.2f min%s", epochs, self.steps_done, minutes, budget)
@@ -585,7 +593,7 @@ class Trainer:
         return TrainResult(
             self.run_dir, float(best_row.get("val_dice_mean", 0.0)), self.state.best_epoch, len(self.metrics.rows),
             dict(self.state.best_class_dice), stopped_early, best_iou=float(best_row.get("val_iou_mean", 0.0) or 0.0),
-            minutes=(time.perf_counter() - self.started) / 60,
+            minutes=(time_budget.clock() - self.started) / 60,
         )
 
 
