@@ -21,7 +21,6 @@ from conftest import DATA_SHAPE, MIN_TEST_DICE, Dataset, cli, copy_run, mean_tes
 from medunet.evaluation import dice_per_class
 from medunet.io.nifti import read_nifti, read_voxels
 from medunet.model.checkpoint import load_checkpoint, save_checkpoint
-from medunet.qc.decide import QC_FILE
 from medunet.synthetic import corrupt_phantom, grid_affine, save_nifti
 
 KINDS = ("plain", "planned", "crossval", "resumed", "older")
