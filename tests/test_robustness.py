@@ -1,7 +1,7 @@
 """Robustness of issue 23: every NIfTI output on one header rule, a batch that survives any one case's crash,
 missing optional packages named in one line, and no traceback reaching a user.
 
-The model is a tiny untrained network (random weights, seeded): these tests claim nothing about
+The model is the session's shared trained run (tests/conftest.py); these tests claim nothing about
 segmentation quality, only that outputs are written on the input grid and failures are reported.
 """
 
@@ -15,34 +15,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from medunet.cli import main
-from medunet.config import config_to_dict, load_config
-from medunet.model.checkpoint import Checkpoint, TrainState, save_checkpoint
-from medunet.model.networks import build_network
 from medunet.synthetic import grid_affine, make_phantom, save_nifti
-
-CLASSES = ["background", "organ"]
-TINY = ["model.features=[4,8,16]", "augmentation.patch_size=[16,16,16]", "data.target_spacing=[2.0,2.0,2.5]",
-        "inference.sw_batch_size=4", "inference.precision=fp32", "data.ct_window=[-200,300]"]
-
-
-def _checkpoint(seed: int = 0) -> Checkpoint:
-    """A tiny untrained 1-channel, 2-class checkpoint (no fingerprint: QC runs on the outputs alone)."""
-    config = load_config(None, TINY)
-    torch.manual_seed(seed)
-    network = build_network(config.model, in_channels=1, out_channels=len(CLASSES))
-    state = TrainState(optimizer={}, scheduler={}, rng={}, best_dice=0.5, best_epoch=1, best_class_dice={"organ": 0.5})
-    return Checkpoint(model=network.state_dict(), config=config_to_dict(config), class_names=CLASSES, in_channels=1, epoch=1,
-                      modality="CT", fingerprint=None, train_state=state)
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("robust") / "run"
-    save_checkpoint(_checkpoint(), run / "best.pt")
-    return run
+def run_dir(trained_run: Path) -> Path:
+    """The session's shared trained run (read-only here: these tests write outputs elsewhere)."""
+    return trained_run
 
 
 def _scan(path: Path, seed: int = 0) -> Path:
@@ -190,10 +171,10 @@ def _error_lines(err: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def onnx_package(run_dir: Path) -> Path:
+def onnx_package(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from medunet.export.writer import export_model
 
-    return export_model(run_dir, run_dir.parent / "pkg", ["onnx"])
+    return export_model(run_dir, tmp_path_factory.mktemp("robust_pkg") / "pkg", ["onnx"])
 
 
 @pytest.mark.parametrize("missing", ["onnx", "onnxruntime"])
