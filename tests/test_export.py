@@ -37,7 +37,7 @@ from medunet.export.networks import export_onnx
 from medunet.inference.segmenter import Segmenter
 from medunet.model.checkpoint import load_checkpoint, save_checkpoint
 from medunet.model.networks import build_network
-from medunet.model.package import read_package
+from medunet.model.package import read_package, sha256_file
 from medunet.synthetic import as_stored, grid_affine, make_phantom, save_nifti
 
 FP32 = ["inference.precision=fp32"]
@@ -237,6 +237,22 @@ def test_a_package_gives_the_checkpoints_qc_records(pkg: Path, trained_run: Path
     assert "temperature" in (pkg / "MODEL_CARD.md").read_text()
     metadata = json.loads((pkg / "configs" / "metadata.json").read_text())
     assert metadata["quality_control"]["file"] in card["files"]  # the bundle points at the checksummed QC file
+
+
+def test_a_package_from_before_qc_json_still_loads_and_says_so(pkg: Path, dataset: Dataset, tmp_path: Path) -> None:
+    """A package written before packages carried QC (no qc.json, no "qc" in pipeline.json) runs, with uncertainty-only QC."""
+    old = tmp_path / "old_pkg"
+    shutil.copytree(pkg, old)
+    (old / "qc.json").unlink()
+    pipeline = json.loads((old / "pipeline.json").read_text())
+    del pipeline["qc"]
+    (old / "pipeline.json").write_text(json.dumps(pipeline))
+    card = json.loads((old / "model_card.json").read_text())
+    del card["files"]["qc.json"]
+    card["files"]["pipeline.json"] = sha256_file(old / "pipeline.json")
+    (old / "model_card.json").write_text(json.dumps(card))
+    _, record = Segmenter.from_checkpoint(old).predict_with_qc(dataset.test_cases[0][1])
+    assert "trained before QC existed" in record.checks and record.calibration.startswith("defaults")
 
 
 def test_a_crossval_package_gives_the_ensembles_qc_records(crossval_root: Path, dataset: Dataset, tmp_path: Path) -> None:

@@ -33,9 +33,9 @@ from medunet.training.run_config import FINGERPRINT_FILE
 #: Fingerprint keys copied into the card (the per-case records are left out: they name cases).
 FINGERPRINT_KEYS = ("num_cases", "modality", "orientation", "channels", "spacing", "shape", "intensity", "classes", "zero_background")
 #: Why a fact is missing, in the card's words.
-NO_FINGERPRINT = ("no planning fingerprint: the run was trained with a config, not planned (medunet plan writes "
-                  "<plan>.fingerprint.json, which medunet train -c <plan> keeps as fingerprint.json)")
-NO_REFERENCE = "no QC reference in the checkpoint: the model was trained before QC existed"
+NO_FINGERPRINT = ("the run was trained with a config, not planned (medunet plan writes <plan>.fingerprint.json, which "
+                  "medunet train -c <plan> keeps as fingerprint.json)")
+NO_REFERENCE = "the checkpoint holds none (the model was trained before QC existed)"
 NO_DATALIST = "the run does not record where its datalist is (split.json names cases only)"
 
 
@@ -80,7 +80,7 @@ def _validation(folds: dict[int | None, Checkpoint], source: Path) -> dict[str, 
     return result
 
 
-def _planning_fingerprint(folders: Sequence[Path]) -> tuple[dict[str, Any] | None, str]:
+def _planning_fingerprint(folders: Sequence[Path], root: Path) -> tuple[dict[str, Any] | None, str]:
     """The first readable planning fingerprint in ``folders`` (its summary keys only) and where it was, or None and why not."""
     for folder in folders:
         path = folder / FINGERPRINT_FILE
@@ -88,9 +88,17 @@ def _planning_fingerprint(folders: Sequence[Path]) -> tuple[dict[str, Any] | Non
             try:
                 fingerprint = load_fingerprint(path)
             except DataError as exc:
-                return None, f"{path} is unreadable ({exc})"
-            return {k: fingerprint[k] for k in FINGERPRINT_KEYS if k in fingerprint}, str(path)
+                return None, f"{_relative(path, root)} is unreadable ({exc})"
+            return {k: fingerprint[k] for k in FINGERPRINT_KEYS if k in fingerprint}, _relative(path, root)
     return None, NO_FINGERPRINT
+
+
+def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to the exported folder (the card names no absolute paths of the exporting machine)."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.name
 
 
 def _reference_summary(reference: QCReference) -> dict[str, Any]:
@@ -117,9 +125,10 @@ def training_data(reference: QCReference | None, *, source: Path, checkpoint_pat
     into ``unknown`` with the reason, so the card never guesses and never fails for lack of it.
     """
     folders = list(dict.fromkeys([*([source] if source.is_dir() else []), *(p.parent for p in checkpoint_paths.values())]))
-    fingerprint, where = _planning_fingerprint(folders)
+    root = source if source.is_dir() else source.parent
+    fingerprint, where = _planning_fingerprint(folders, root)
     first, path = next(iter(checkpoint_paths.items()))
-    checkpoint = f"checkpoint of fold {first} ({path})" if first is not None else f"checkpoint {path}"
+    checkpoint = f"checkpoint of fold {first} ({_relative(path, root)})" if first is not None else f"checkpoint {_relative(path, root)}"
     data: dict[str, Any] = {"sources": {"planning_fingerprint": where if fingerprint else None,
                                         "qc_reference": checkpoint if reference else None, "datalist": None}}
     unknown = {}
@@ -140,7 +149,7 @@ def quality_control(reference: QCReference | None, thresholds: Thresholds) -> di
     return {
         "file": QC_FILE,
         "reference": (f"the training reference of {reference.num_cases} cases: inputs and masks are checked against it"
-                      if reference else f"none ({NO_REFERENCE}); QC uses the model's uncertainty only"),
+                      if reference else f"none: {NO_REFERENCE}; QC uses the model's uncertainty only"),
         "calibration": {"source": thresholds.source, "describe": thresholds.describe(), "temperature": thresholds.temperature,
                         "score_review": thresholds.score_review, "achieved": thresholds.achieved},
     }
@@ -188,7 +197,8 @@ def _number(value: Any) -> str:
 
 
 def _spread(spread: dict[str, Any]) -> str:
-    return " / ".join(_number(spread[k]) for k in ("min", "median", "max"))
+    """``min / median / max``, lists in brackets (one value per axis)."""
+    return " / ".join(f"[{_number(v)}]" if isinstance(v, list) else _number(v) for v in (spread[k] for k in ("min", "median", "max")))
 
 
 def _table(rows: dict[str, Any]) -> list[str]:
@@ -241,9 +251,7 @@ def _qc_lines(qc: dict[str, Any]) -> list[str]:
     """The package's QC: its reference and its calibration (temperature, review threshold, what it achieved)."""
     calibration = qc["calibration"]
     lines = [f"`{qc['file']}` ships the QC `medunet infer -m` applies to every case (docs/quality-control.md).", "",
-             f"- reference: {qc['reference']}",
-             f"- calibration: {calibration['describe']} (temperature {calibration['temperature']:.3g}, review below score "
-             f"{calibration['score_review']:.3g})"]
+             f"- reference: {qc['reference']}", f"- calibration: {calibration['describe']}"]
     if calibration["achieved"]:
         lines.append(f"- achieved on the calibration cases: {json.dumps(calibration['achieved'])}")
     return lines
