@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from medunet.cli import main
 from medunet.evaluation import dice_per_class
@@ -126,9 +127,11 @@ def planned_run(dataset: Dataset, tmp_path_factory: pytest.TempPathFactory) -> P
     root = tmp_path_factory.mktemp("shared_planned")
     plan = root / "plan.yaml"
     cli("plan", str(dataset.datalist), "-o", str(plan))
-    size = [o for o in SIZE if not o.startswith(("data.target_spacing", "augmentation.patch_size"))]
+    size = [o for o in SIZE if not o.startswith(("data.target_spacing", "augmentation.patch_size", "model.features"))]
+    levels = len(yaml.safe_load(plan.read_text())["model"]["strides"])  # the plan's strides fix the number of levels
+    features = [4 * 2**k for k in range(levels)]
     cli("train", str(dataset.datalist), "-o", str(root / "run"), "-c", str(plan), "--device", "cpu",
-        *sets([*size, "augmentation.patch_size=[32,32,24]"]))
+        *sets([*size, f"model.features={features}".replace(" ", ""), "augmentation.patch_size=[32,32,24]"]))
     return root / "run"
 
 

@@ -60,6 +60,21 @@ def test_config_file_plus_overrides_and_flags(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()  # nothing planned
 
 
+def test_a_plans_fingerprint_is_kept_in_the_run(tmp_path: Path) -> None:
+    """`medunet plan -o plan.yaml` writes plan.fingerprint.json beside it; `train -c plan.yaml` keeps it as fingerprint.json."""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("train:\n  max_epochs: 7\n")
+    (tmp_path / "plan.fingerprint.json").write_text('{"format": 1, "num_cases": 12}\n')
+    resolve_training_config(tmp_path / "unused.json", tmp_path / "run", config_path=plan)
+    assert json.loads((tmp_path / "run" / "fingerprint.json").read_text())["num_cases"] == 12
+    resolve_crossval_config(tmp_path / "unused.json", tmp_path / "cv", config_path=plan)
+    assert (tmp_path / "cv" / "fingerprint.json").read_text() == (tmp_path / "plan.fingerprint.json").read_text()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "last.pt").write_bytes(b"")  # an existing run (refused later without --resume) is left as it is
+    resolve_training_config(tmp_path / "unused.json", tmp_path / "old", config_path=plan)
+    assert not (tmp_path / "old" / "fingerprint.json").exists()
+
+
 def test_resume_refuses_a_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--resume"):
         resolve_training_config(tmp_path / "d.json", tmp_path / "run", config_path=tmp_path / "c.yaml", resume=True)

@@ -42,6 +42,10 @@ def bundle_problems(config: Config, *, folds: int, in_channels: int) -> list[str
     if config.inference.tta_flips:
         problems.append("mirror TTA (inference.tta_flips) has no MONAI inferer equivalent (export with --set inference.tta_flips=false)")
     post = config.postprocessing
+    if post.crf.enabled:
+        problems.append("the dense CRF (postprocessing.crf.enabled) has no MONAI transform (export with --set "
+                        "postprocessing.crf.enabled=false, which for a crossval folder also sets aside its postprocessing.json, "
+                        "or export --format onnx, which keeps it)")
     settings = {"default": post.default, **post.classes}
     for name, s in settings.items():
         if s.fill_holes or s.min_size_mm3 > 0 or s.opening_mm > 0 or s.closing_mm > 0:
@@ -114,8 +118,12 @@ def inference_config(config: Config, class_names: list[str]) -> dict[str, Any]:
     }
 
 
-def metadata(config: Config, class_names: list[str], *, modality: str, version: str) -> dict[str, Any]:
-    """The bundle's ``configs/metadata.json`` (MONAI's metadata keys; the network's input and output described)."""
+def metadata(config: Config, class_names: list[str], *, modality: str, version: str, qc_file: str) -> dict[str, Any]:
+    """The bundle's ``configs/metadata.json`` (MONAI's metadata keys; the network's input and output described).
+
+    ``quality_control`` points at the package's QC file (training reference and calibration), which the
+    bundle's own chain does not apply: ``medunet infer -m`` on the package does.
+    """
     channel_def = {str(k): name for k, name in enumerate(class_names)}
     window = list(config.roi_size())
     return {
@@ -130,6 +138,8 @@ def metadata(config: Config, class_names: list[str], *, modality: str, version: 
         "description": "3D segmentation exported by medunet; masks are written on each input's grid. See MODEL_CARD.md.",
         "authors": "medunet export",
         "copyright": "see MODEL_CARD.md",
+        "quality_control": {"file": qc_file, "what": "medunet's QC training reference and calibration (temperature, review "
+                            "threshold); applied by `medunet infer -m` on this folder, not by the bundle's inference.json"},
         "network_data_format": {
             "inputs": {"image": {"type": "image", "format": "hounsfield" if modality == "CT" else "magnitude", "modality": modality,
                                  "num_channels": 1, "spatial_shape": window, "dtype": "float32", "value_range": [],
@@ -140,9 +150,10 @@ def metadata(config: Config, class_names: list[str], *, modality: str, version: 
     }
 
 
-def write_bundle_configs(root: Path, config: Config, class_names: list[str], *, modality: str, version: str) -> list[str]:
-    """Write the two bundle configs under ``root`` (the network is written by the caller); their relative paths."""
+def write_bundle_configs(root: Path, config: Config, class_names: list[str], *, modality: str, version: str, qc_file: str) -> list[str]:
+    """Write the two bundle configs under ``root`` (the network and ``qc_file`` are written by the caller); their relative paths."""
     (root / "configs").mkdir(parents=True, exist_ok=True)
     (root / INFERENCE_CONFIG).write_text(json.dumps(inference_config(config, class_names), indent=2) + "\n")
-    (root / METADATA).write_text(json.dumps(metadata(config, class_names, modality=modality, version=version), indent=2) + "\n")
+    meta = metadata(config, class_names, modality=modality, version=version, qc_file=qc_file)
+    (root / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
     return [INFERENCE_CONFIG, METADATA]

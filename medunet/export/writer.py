@@ -32,6 +32,7 @@ from medunet.model.package import (
     INPUT_NAME,
     OUTPUT_NAME,
     PIPELINE_FILE,
+    QC_FILE,
     SCHEMA_VERSION,
     SECTIONS,
     describe_steps,
@@ -133,18 +134,33 @@ def export_model(source: str | Path, out: str | Path, formats: Sequence[str], *,
         networks, checks = _write_networks(tmp, segmenter, list(checkpoints), formats, config)
         written = [n["file"] for n in networks]
         modality = next(iter(checkpoints.values())).modality
-        pipeline = _pipeline(config, segmenter, modality, networks)
+        written.append(_write_qc(tmp, segmenter))
+        pipeline = {**_pipeline(config, segmenter, modality, networks), "qc": QC_FILE}
         (tmp / PIPELINE_FILE).write_text(json.dumps(pipeline, indent=2) + "\n")
         if "bundle" in formats:
             modality_name = pipeline["modality"] if isinstance(pipeline["modality"], str) else config.data.modality
-            written += bundle.write_bundle_configs(tmp, config, segmenter.class_names, modality=modality_name, version=__version__)
+            written += bundle.write_bundle_configs(tmp, config, segmenter.class_names, modality=modality_name, version=__version__,
+                                                   qc_file=QC_FILE)
         files = {name: sha256_file(tmp / name) for name in [PIPELINE_FILE, *written]}
-        card = card_json(checkpoints, source=source, pipeline=pipeline, checks=checks, files=files)
+        card = card_json(checkpoints, source=source, checkpoint_paths=by_fold, pipeline=pipeline, checks=checks, files=files,
+                         qc_reference=segmenter.qc_reference, thresholds=segmenter.qc_thresholds)
         (tmp / CARD_MARKDOWN).write_text(card_markdown(card))
         card["files"][CARD_MARKDOWN] = sha256_file(tmp / CARD_MARKDOWN)
         (tmp / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     log.info("exported %s (%s) to %s", source, ", ".join(formats), out)
     return out
+
+
+def _write_qc(tmp: Path, segmenter: Segmenter) -> str:
+    """Write the package's ``qc.json``: the reference and calibration the checkpoint's QC uses, so the package's QC equals it.
+
+    For a run that is its ``qc.json`` (validation cases); for a crossval folder the root's (out-of-fold
+    cases); the defaults where there is none. The reference is the (first) checkpoint's, or null.
+    """
+    reference = segmenter.qc_reference.to_json() if segmenter.qc_reference is not None else None
+    payload = {"format": 1, "reference": reference, "thresholds": segmenter.qc_thresholds.to_json()}
+    (tmp / QC_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+    return QC_FILE
 
 
 def _write_networks(tmp: Path, segmenter: Segmenter, folds: list[int | None], formats: Sequence[str],

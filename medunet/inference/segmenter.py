@@ -36,7 +36,7 @@ from medunet.io.image import ArrayWithAffine, DicomSource, Source, as_source_lis
 from medunet.io.nifti import ImageSource, label_dtype, mask_image, write_mask
 from medunet.model.checkpoint import Checkpoint, fold_checkpoints, load_checkpoint, resolve_checkpoint
 from medunet.model.networks import build_network
-from medunet.model.package import choose_engine, is_package, load_networks, read_package
+from medunet.model.package import Package, choose_engine, is_package, load_networks, read_package
 from medunet.model.sliding import inference_dtype, predict_probabilities
 from medunet.postprocessing.crf import dense_crf
 from medunet.postprocessing.operations import postprocess_labels
@@ -204,7 +204,11 @@ class Segmenter:
         torch_device = select_device(device if device != "auto" else config.inference.device)
         networks = load_networks(package, engine, torch_device)
         source = f"{path} (exported package, {engine}, {len(networks)} network(s))"
-        return cls(networks, config, class_names=package.class_names, in_channels=package.in_channels, device=torch_device, source=source)
+        reference, thresholds = _package_qc(package)
+        if reference is None:
+            log.info("%s has no training reference (trained before QC existed): QC uses the model's uncertainty only", source)
+        return cls(networks, config, class_names=package.class_names, in_channels=package.in_channels, device=torch_device, source=source,
+                   qc_reference=reference, qc_thresholds=thresholds)
 
     def predict(self, image: InputImage | Sequence[InputImage], *, case: str | None = None) -> nib.Nifti1Image:
         """Segment one volume.
@@ -477,6 +481,16 @@ class Segmenter:
                 best = torch.where(better, top, best)
                 labels = torch.where(better, index + start, labels)
         return labels, inverted
+
+
+def _package_qc(package: Package) -> tuple[QCReference | None, Thresholds | None]:
+    """The QC reference and calibration a package shipped (its ``qc.json``): QC then flags as the checkpoint's did."""
+    reference = reference_of(package.qc_reference)
+    thresholds = None
+    if package.qc_thresholds is not None:
+        thresholds = Thresholds.from_json(package.qc_thresholds, source=str(package.root / str(package.pipeline.get("qc"))))
+        log.info("QC thresholds from %s (%s)", package.root, thresholds.source)
+    return reference, thresholds
 
 
 def _qc_thresholds(path: Path) -> Thresholds | None:

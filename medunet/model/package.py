@@ -5,13 +5,15 @@ A package is a folder written by ``medunet export`` (see docs/export.md):
     pipeline.json      everything inference needs besides the network (schema below, versioned)
     model.onnx         the network(s): model.onnx / model.ts, or model_fold<k>.onnx ... for a fold ensemble
     model.ts
+    qc.json            the QC training reference and calibration (what QC compares each case with, and where it flags)
     model_card.json    training data summary, validation metrics, config, versions, and the sha256 of every
     MODEL_CARD.md      other file: the package's manifest
 
 Reading it (:func:`read_package`) checks, before anything is predicted: both JSON files are there and
 parse, the schema version is one this medunet reads, every file the manifest lists exists and has its
 checksum, every network ``pipeline.json`` names is in the manifest, and the config sections rebuild a
-valid :class:`~medunet.config.Config`. Any failure is one :class:`PackageError` naming the file.
+valid :class:`~medunet.config.Config`; the QC file (``qc.json``, when ``pipeline.json`` names it) is
+listed and parses. Any failure is one :class:`PackageError` naming the file.
 
 The config sections are the source of truth: the Segmenter rebuilds the very Config the checkpoint
 had and runs the same preprocessing chain, so geometry is that of the checkpoint by construction. The
@@ -40,6 +42,8 @@ SCHEMA_VERSION = 1
 PIPELINE_FILE = "pipeline.json"
 CARD_FILE = "model_card.json"
 CARD_MARKDOWN = "MODEL_CARD.md"
+#: The package's quality control: ``{"format", "reference": QCReference JSON or null, "thresholds": Thresholds JSON}``.
+QC_FILE = "qc.json"
 #: Config sections a package carries (the rest of the training config lives in the model card only).
 SECTIONS = ("data", "model", "inference", "postprocessing")
 #: Network file format -> the engine that runs it.
@@ -68,6 +72,10 @@ class Package:
     class_names: list[str]
     in_channels: int
     networks: list[NetworkFile]
+    qc_reference: dict[str, Any] | None = None
+    """The stored QC training reference (:class:`medunet.qc.reference.QCReference` JSON); None when the model has none."""
+    qc_thresholds: dict[str, Any] | None = None
+    """The QC calibration (:class:`medunet.qc.decide.Thresholds` JSON); None for a package exported without QC."""
 
     def formats(self) -> list[str]:
         """Network formats present, in a fixed order."""
@@ -114,11 +122,35 @@ def describe_steps(config: Config) -> list[dict[str, Any]]:
         {"op": "sliding_window", "window": list(config.roi_size()), "overlap": inf.overlap, "blend": inf.blend,
          "batch": inf.sw_batch_size, "mirror_tta": inf.tta_flips, "padding": "constant 0 up to the window"},
         {"op": "softmax", "axis": "class"},
+        *_crf_step(config),
         {"op": "invert", "what": "probabilities (linear) then argmax" if inf.resample_probabilities else "argmax labels (nearest)",
          "to": "input grid"},
         {"op": "postprocess", "per_class_mm": True},
     ]
     return steps
+
+
+def _crf_step(config: Config) -> list[dict[str, Any]]:
+    """The dense CRF step when ``postprocessing.crf.enabled`` (the Segmenter runs it between softmax and inversion)."""
+    crf = config.postprocessing.crf
+    if not crf.enabled:
+        return []
+    return [{"op": "dense_crf", "on": "softmax probabilities and the normalised image, network grid", "iterations": crf.iterations,
+             "spatial_sigma_mm": crf.spatial_sigma_mm, "spatial_weight": crf.spatial_weight, "bilateral_sigma_mm": crf.bilateral_sigma_mm,
+             "intensity_sigma": crf.intensity_sigma, "bilateral_weight": crf.bilateral_weight,
+             "implementation": "mean-field dense CRF, medunet.postprocessing.crf.dense_crf"}]
+
+
+def _read_qc(root: Path, pipeline: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The QC reference and thresholds of the file ``pipeline.json`` names (both None for a package without one)."""
+    name = pipeline.get("qc")
+    if name is None:
+        return None, None
+    qc = _read_json(root, str(name))
+    reference, thresholds = qc.get("reference"), qc.get("thresholds")
+    if not isinstance(reference, (dict, type(None))) or not isinstance(thresholds, dict):
+        raise PackageError(f"package {root}: file {name} lacks its QC reference or thresholds; re-export the model")
+    return reference, thresholds
 
 
 def _read_json(root: Path, name: str) -> dict[str, Any]:
@@ -186,7 +218,8 @@ def read_package(path: str | Path, *, overrides: Sequence[str] = (), folds: Sequ
     unknown = sorted({n.format for n in networks} - set(FORMAT_ENGINE))
     if unknown or not networks:
         raise PackageError(f"package {root}: file {PIPELINE_FILE} lists no networks or unknown formats {unknown}")
-    verify_files(root, card.get("files"), [PIPELINE_FILE, *(n.file for n in networks)])
+    qc_file = [str(pipeline["qc"])] if pipeline.get("qc") is not None else []
+    verify_files(root, card.get("files"), [PIPELINE_FILE, *qc_file, *(n.file for n in networks)])
     if any(card["files"][n.file] != n.sha256 for n in networks):
         raise PackageError(f"package {root}: file {PIPELINE_FILE} and {CARD_FILE} disagree on a network's checksum; re-export")
     try:
@@ -202,7 +235,8 @@ def read_package(path: str | Path, *, overrides: Sequence[str] = (), folds: Sequ
         if missing:
             raise PackageError(f"package {root} has no network for fold(s) {missing}; it holds folds {present}")
         networks = [n for n in networks if n.fold in set(folds)]
-    return Package(root, pipeline, config, class_names, in_channels, networks)
+    reference, thresholds = _read_qc(root, pipeline)
+    return Package(root, pipeline, config, class_names, in_channels, networks, qc_reference=reference, qc_thresholds=thresholds)
 
 
 def choose_engine(package: Package, requested: str) -> str:

@@ -6,7 +6,9 @@
 - no config file and a new run: a plan computed from the data (``plan.yaml`` and ``fingerprint.json``
   written into the run folder) plus the overrides;
 - no config file for an existing run: the preset of the datalist's modality (CT or MRI) plus the overrides;
-- a config file: that YAML plus the overrides.
+- a config file: that YAML plus the overrides; when ``medunet plan`` wrote it, the fingerprint beside it
+  (``<stem>.fingerprint.json``) is copied into the new run as ``fingerprint.json``, so the run keeps its
+  planning facts (the model card of ``medunet export`` reports them).
 
 Command-line flags (``--device``, ``--allow-outside-root``) become overrides too, so every setting is
 read once, by the config parser.
@@ -21,9 +23,12 @@ from pathlib import Path
 
 from medunet.config import Config, DataConfig, apply_overrides, config_from_dict, load_config, read_yaml
 from medunet.errors import ConfigError, DataError
+from medunet.io.atomic import atomic_write_text
 
 log = logging.getLogger("medunet")
 
+#: The planning fingerprint of a run (or cross-validation) folder, when it was planned or trained with a plan.
+FINGERPRINT_FILE = "fingerprint.json"
 #: Words in a datalist's "modality" that mean an MR acquisition (the MRI preset is then used without -c).
 _MR_WORDS = ("MR", "T1", "T2", "FLAIR", "ADC", "DWI")
 
@@ -83,10 +88,30 @@ def resolve_training_config(
         saved = load_checkpoint(run_dir / "last.pt").config
         return config_from_dict(apply_overrides(saved, extra))
     if config_path is not None:
-        return load_config(config_path, extra)
+        config = load_config(config_path, extra)
+        if not (run_dir / "last.pt").exists():  # a new run (an existing one is refused by the trainer, and keeps its files)
+            keep_plan_fingerprint(config_path, run_dir)
+        return config
     if (run_dir / "last.pt").exists():  # an existing run (the trainer refuses it without --resume)
         return load_config(None, extra, modality=datalist_modality(datalist))
     return _planned_config(datalist, run_dir, extra, gpu_memory=gpu_memory)
+
+
+def keep_plan_fingerprint(config_path: Path, run_dir: Path) -> Path | None:
+    """Copy the planning fingerprint beside a plan (``medunet plan -o X.yaml`` writes ``X.fingerprint.json``) into the run.
+
+    Written atomically as ``run_dir/fingerprint.json``, where a planned run (no -c) has it too; a config
+    without a fingerprint beside it copies nothing. Returns the copy, or None.
+    """
+    from medunet.planning.plan_yaml import fingerprint_path
+
+    planned = fingerprint_path(config_path)
+    if not planned.is_file():
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("the plan's fingerprint %s is kept in the run as fingerprint.json", planned)
+    atomic_write_text(run_dir / FINGERPRINT_FILE, planned.read_text())
+    return run_dir / FINGERPRINT_FILE
 
 
 def _planned_config(datalist: Path, run_dir: Path, extra: Sequence[str], *, gpu_memory: float | None) -> Config:
@@ -94,7 +119,7 @@ def _planned_config(datalist: Path, run_dir: Path, extra: Sequence[str], *, gpu_
     from medunet.planning.api import load_planned_config, plan_datalist
 
     data = overridden_data(extra)  # a mistyped key or value fails before any data is read
-    planned = plan_datalist(datalist, run_dir / "plan.yaml", fingerprint_to=run_dir / "fingerprint.json", overwrite=True,
+    planned = plan_datalist(datalist, run_dir / "plan.yaml", fingerprint_to=run_dir / FINGERPRINT_FILE, overwrite=True,
                             allow_outside_root=data.allow_outside_root, gpu_memory_gb=gpu_memory)
     log.info("no -c given: planned a config from the data (%s; --set overrides apply on top); edit it and pass -c to change it",
              planned.plan_path)
