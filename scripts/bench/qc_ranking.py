@@ -72,11 +72,11 @@ def corrupted_flags(segmenter: Segmenter, folder: Path, shape: tuple[int, int, i
     for i in range(clean):
         image = make_phantom(shape, seed=9000 + i)[0]
         _, qc = segmenter.predict_with_qc(save_nifti(image, grid_affine(SPACING), folder / f"clean_{i}.nii.gz"))
-        out[f"clean_{i}"] = {"flag": qc["flag"], "score": qc["score"], "reasons": qc["reasons"]}
+        out[f"clean_{i}"] = {"flag": qc.flag, "score": qc.score, "reasons": qc.reasons, "fired": qc.fired}
     for kind in CORRUPTIONS:
         image, spacing = corrupt_phantom(kind, shape, SPACING, seed=9100)
         _, qc = segmenter.predict_with_qc(save_nifti(image, grid_affine(spacing, axcodes="LPS"), folder / f"{kind}.nii.gz"))
-        out[kind] = {"flag": qc["flag"], "score": qc["score"], "reasons": qc["reasons"]}
+        out[kind] = {"flag": qc.flag, "score": qc.score, "reasons": qc.reasons, "fired": qc.fired}
     return out
 
 
