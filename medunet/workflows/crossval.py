@@ -20,7 +20,7 @@ Restarting the same command skips finished folds, resumes an interrupted one fro
 The out-of-fold masks are predicted without any post-processing so the search starts from
 the network's own output. The dense CRF works on probabilities before their inversion to the
 input grid, so it cannot be replayed on saved masks: each case is also predicted with it
-(``oof_crf/``; the network runs again on the same preprocessed volume) and the search keeps it only
+(``oof_crf/``; read, preprocessed and predicted again) and the search keeps it only
 if those masks score better. QC is calibrated after that choice, on the kept pass's records and
 its post-processed masks. One gap remains: inference from the folder averages the folds, which the
 out-of-fold cases cannot (each fold's own model predicts them), so the ensemble's probabilities are
@@ -132,8 +132,8 @@ def predict_out_of_fold(
             refined = Segmenter(plain.models, with_crf, class_names=plain.class_names, in_channels=plain.in_channels,
                                 device=plain.device, source=plain.source, qc_reference=plain.qc_reference)
             for name in fold.val:
-                prepared = plain.prepare(list(cases[name].image), case=name)
                 for key, segmenter, folder in (("plain", plain, oof_dir), ("crf", refined, crf_dir))[:2 if try_crf else 1]:
+                    prepared = segmenter.prepare(list(cases[name].image), case=name)  # inversion consumes a prepared case's record
                     prediction = segmenter.predict_case(prepared, qc=True, calibration=True)
                     write_mask(prediction.labels, prepared.reference, folder / f"{name}.nii.gz", num_classes=plain.num_classes,
                                overwrite=True)
