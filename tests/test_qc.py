@@ -190,10 +190,28 @@ def test_temperature_sharpens_an_under_confident_model_to_its_true_dice() -> Non
     record = decide({"uncertainty": {**uncertainty_signals(soft), "expected_dice_curve": expected_dice_curve(soft, TEMPERATURES)}},
                     None, names)
     assert record.score < 0.9  # uncalibrated: the model expects far less than the perfect Dice it achieves
-    thresholds = calibrate([record] * 3, [1.0] * 3, reference=None, class_names=names, source="test cases")
+    thresholds = calibrate([record] * 3, [[1.0]] * 3, reference=None, class_names=names, source="test cases")
     assert thresholds.temperature < 0.4
     assert uncertainty_signals(soft, temperature=thresholds.temperature)["expected_dice_min"] > 0.98
     assert thresholds.achieved["mean_abs_error"] < 0.02 < thresholds.achieved["mean_abs_error_uncalibrated"]
+
+
+def test_a_class_the_model_never_predicts_does_not_distort_the_temperature() -> None:
+    """An organ segmented well (Dice 0.9) and a lesion the model never predicts (Dice 0 where present).
+
+    The expected Dice covers the mask's classes only, so the temperature must be fitted to the organ's
+    0.9; fitting it to the case's minimum (0) softened every score and flagged lesion-free cases.
+    """
+    names = ["background", "organ", "lesion"]
+    curve = [{"1": round(float(np.clip(0.9 + 0.3 * np.log(t), 0.0, 1.0)), 4)} for t in TEMPERATURES]  # 0.9 at T = 1
+    nearest_one = min(TEMPERATURES, key=lambda t: abs(np.log(t)))
+    signals = {"uncertainty": {"expected_dice": curve[TEMPERATURES.index(nearest_one)], "expected_dice_min": 0.9, "absent": ["2"],
+                               "expected_dice_curve": curve}}
+    records = [decide(signals, _reference({"2": 0.3}, names), names)] * 6
+    per_class = [[0.9, 0.0], [0.9, 0.0], [0.9, 0.0], [0.9, float("nan")], [0.9, float("nan")], [0.9, float("nan")]]
+    thresholds = calibrate(records, per_class, reference=_reference({"2": 0.3}, names), class_names=names, source="test cases")
+    assert thresholds.temperature == nearest_one
+    assert thresholds.achieved["mean_abs_error"] < 0.03  # the grid step near T = 1
 
 
 def _record(expected: float) -> QCRecord:
@@ -205,7 +223,7 @@ def _record(expected: float) -> QCRecord:
 
 def test_calibration_separates_bad_cases_and_is_stored_with_the_model(trained_run: Path, tmp_path: Path) -> None:
     dice = [0.92, 0.9, 0.91, 0.89, 0.93, 0.5, 0.45]
-    thresholds = calibrate([_record(d - 0.05) for d in dice], dice, reference=None, class_names=["background", "organ"],
+    thresholds = calibrate([_record(d - 0.05) for d in dice], [[d] for d in dice], reference=None, class_names=["background", "organ"],
                            source="test cases")
     assert 0.45 < thresholds.score_review <= 0.84  # between the bad cases' scores and the good ones'
     assert thresholds.achieved["bad_cases"] == 2 and thresholds.achieved["bad_flagged"] == 2

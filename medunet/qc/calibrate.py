@@ -16,7 +16,7 @@ How well the score ranks cases (Spearman against Dice, AUROC for "bad") and the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -94,13 +94,26 @@ def _finite(value: float) -> float | None:
     return None if value != value else round(value, 4)
 
 
-def case_dice(per_class: Mapping[str, float]) -> float:
-    """The Dice a QC score estimates for one case: the lowest over its classes (NaN entries, absent from both masks, left out).
+def case_dice(per_class: Sequence[float]) -> float:
+    """A case's true Dice for ranking and flagging: the lowest over its foreground classes (NaN, absent from both masks, left out).
 
-    The score is the lowest expected Dice over the classes the mask holds, so it is compared with the
-    lowest true Dice; a case whose classes are all absent from both masks counts as perfect.
+    ``per_class[c - 1]`` is class ``c``'s Dice. A class the model missed counts (Dice 0): the score sees it
+    through the empty-class check. A case whose classes are all absent from both masks counts as perfect.
     """
-    values = [float(v) for v in per_class.values() if v == v]
+    values = [float(v) for v in per_class if v == v]
+    return min(values) if values else 1.0
+
+
+def mask_dice(record: QCRecord, per_class: Sequence[float]) -> float:
+    """The true Dice the expected Dice estimates: the lowest over the classes the predicted mask holds.
+
+    The expected Dice is computed for the mask's classes only (:func:`medunet.qc.signals.expected_dice`),
+    so the temperature is fitted against the same classes; a class the model never predicts (Dice 0 in
+    every case that has it) must not drag the temperature towards zero confidence. 1 when the mask holds
+    no foreground, as ``expected_dice_min`` is.
+    """
+    curve = record.signals.get("uncertainty", {}).get("expected_dice_curve") or [{}]
+    values = [float(per_class[int(c) - 1]) for c in curve[0] if per_class[int(c) - 1] == per_class[int(c) - 1]]
     return min(values) if values else 1.0
 
 
@@ -117,8 +130,8 @@ def at_temperature(record: QCRecord, index: int) -> dict[str, Any]:
     return {**record.signals, "uncertainty": uncertainty}
 
 
-def fit_temperature(records: Sequence[QCRecord], dice: Sequence[float]) -> int:
-    """Index in :data:`TEMPERATURES` whose expected Dice is closest (least squares) to the true Dice of these cases.
+def fit_temperature(records: Sequence[QCRecord], targets: Sequence[float]) -> int:
+    """Index in :data:`TEMPERATURES` whose expected Dice is closest (least squares) to ``targets`` (:func:`mask_dice`).
 
     Cases where an input or mask check fired are left out (their score is damped for another reason),
     unless every case has one.
@@ -127,41 +140,46 @@ def fit_temperature(records: Sequence[QCRecord], dice: Sequence[float]) -> int:
     errors = []
     for index in range(len(TEMPERATURES)):
         predicted = [at_temperature(records[i], index)["uncertainty"]["expected_dice_min"] for i in clean]
-        errors.append(float(np.mean((np.asarray(predicted) - np.asarray([dice[i] for i in clean])) ** 2)))
+        errors.append(float(np.mean((np.asarray(predicted) - np.asarray([targets[i] for i in clean])) ** 2)))
     return int(np.argmin(errors))
 
 
-def calibrate(records: Sequence[QCRecord], dice: Sequence[float], *, reference: QCReference | None, class_names: Sequence[str],
+def calibrate(records: Sequence[QCRecord], per_class_dice: Sequence[Sequence[float]], *, reference: QCReference | None, class_names: Sequence[str],
               source: str, base: Thresholds | None = None) -> Thresholds:
     """Temperature and review threshold fitted to these QC records (made with ``calibration=True``) and their cases' true Dice.
 
-    1. The temperature makes the expected Dice match the true Dice (:func:`fit_temperature`);
+    1. The temperature makes the expected Dice match the true Dice of the mask's classes (:func:`fit_temperature`,
+       :func:`mask_dice`);
     2. the records are scored again at it (:func:`~medunet.qc.decide.decide`, same checks);
     3. the review threshold separates bad cases from good ones (:func:`choose_score_threshold`); with no bad
        case it is the bad-case cut (median Dice - :data:`BAD_MARGIN`) less the fit's error (at least
        :data:`MIN_MARGIN`), lowered below every case's score, and it stays within [0.05, 0.95].
 
-    ``dice``: per case, :func:`case_dice` of its true per-class Dice.
+    Bad cases, the threshold and the ranking use each case's :func:`case_dice`, missed classes included.
+
+    ``per_class_dice``: per case, its true Dice per foreground class (entry ``c - 1`` for class ``c``).
     """
     base = base or Thresholds()
-    if len(records) != len(dice) or not records:
-        raise ValueError(f"need one Dice per QC record, got {len(records)} records and {len(dice)} Dice values")
+    if len(records) != len(per_class_dice) or not records:
+        raise ValueError(f"need one Dice per QC record, got {len(records)} records and {len(per_class_dice)} Dice values")
+    dice = [case_dice(d) for d in per_class_dice]
+    targets = np.asarray([mask_dice(r, d) for r, d in zip(records, per_class_dice)])
     before = [r.score for r in records]
-    index = fit_temperature(records, dice)
+    index = fit_temperature(records, targets.tolist())
     temperature = TEMPERATURES[index]
     fitted = replace(base, temperature=temperature)
     rescored = [decide(at_temperature(r, index), reference, class_names, fitted) for r in records]
     scores = np.asarray([r.score for r in rescored])
     bad, cut = bad_cases(dice)
     clean = np.asarray([not set(r.fired) - {"low_confidence"} for r in rescored])
-    residual = scores[clean] - np.asarray(dice)[clean] if clean.any() else np.zeros(1)
+    residual = scores[clean] - targets[clean] if clean.any() else np.zeros(1)
     margin = max(MIN_MARGIN, 2.0 * float(np.sqrt(np.mean(residual ** 2))))
     threshold = choose_score_threshold(scores.tolist(), bad, cut - margin)
     threshold = round(float(np.clip(threshold, 0.05, 0.95)), 4)
     achieved = trade_off(rescored, dice, threshold) | {
         "temperature": temperature,
-        "mean_abs_error_uncalibrated": round(float(np.mean(np.abs(np.asarray(before) - np.asarray(dice)))), 4),
-        "mean_abs_error": round(float(np.mean(np.abs(scores - np.asarray(dice)))), 4),
+        "mean_abs_error_uncalibrated": round(float(np.mean(np.abs(np.asarray(before) - targets))), 4),
+        "mean_abs_error": round(float(np.mean(np.abs(scores - targets))), 4),
         "spearman_uncalibrated": _finite(spearman(before, dice)),
     }
     return replace(fitted, score_review=threshold, source=f"calibrated on {len(records)} {source}", achieved=achieved)

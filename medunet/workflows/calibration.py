@@ -24,7 +24,7 @@ from medunet.evaluation import dice_per_class
 from medunet.inference.segmenter import Segmenter
 from medunet.io.datalist import Case, load_datalist
 from medunet.io.nifti import read_nifti, read_voxels
-from medunet.qc.calibrate import calibrate, case_dice
+from medunet.qc.calibrate import calibrate
 from medunet.qc.decide import QC_FILE, QCRecord, Thresholds, save_thresholds
 
 log = logging.getLogger("medunet")
@@ -40,11 +40,6 @@ class KnownCase:
     name: str
     record: QCRecord
     dice: dict[str, float]
-
-    @property
-    def target(self) -> float:
-        """The Dice the QC score estimates (:func:`medunet.qc.calibrate.case_dice`)."""
-        return case_dice(self.dice)
 
 
 def predict_known(segmenter: Segmenter, cases: Sequence[Case], *, progress: bool, desc: str = "calibrating QC") -> list[KnownCase]:
@@ -65,7 +60,8 @@ def predict_known(segmenter: Segmenter, cases: Sequence[Case], *, progress: bool
 def fit(segmenter: Segmenter, known: Sequence[KnownCase], *, source: str) -> Thresholds:
     """The calibration of ``segmenter``'s QC fitted to ``known`` cases (its checks' other thresholds kept)."""
     base = Thresholds(**{**segmenter.qc_thresholds.to_json(), "temperature": 1.0, "source": "defaults", "achieved": {}})
-    return calibrate([k.record for k in known], [k.target for k in known], reference=segmenter.qc_reference,
+    per_class = [[k.dice[name] for name in segmenter.class_names[1:]] for k in known]
+    return calibrate([k.record for k in known], per_class, reference=segmenter.qc_reference,
                      class_names=segmenter.class_names, source=source, base=base)
 
 

@@ -155,7 +155,7 @@ def calibrate_qc(records: dict[str, dict[str, QCRecord]], choice: Postprocessing
     from medunet.io.geometry import spacing_of
     from medunet.io.nifti import read_nifti, read_voxels
     from medunet.postprocessing.operations import postprocess_labels
-    from medunet.qc.calibrate import calibrate, case_dice
+    from medunet.qc.calibrate import calibrate
     from medunet.qc.signals import mask_signals
 
     kept_crf = choice.crf is not None and choice.crf.enabled
@@ -175,7 +175,7 @@ def calibrate_qc(records: dict[str, dict[str, QCRecord]], choice: Postprocessing
         signals = {**chosen[case.name].signals, "mask": mask_signals(labels, spacing, len(class_names))}
         chosen[case.name] = replace(chosen[case.name], signals=signals)
         names.append(case.name)
-        targets.append(case_dice(dict(zip(class_names[1:], map(float, dice)))))
+        targets.append([float(d) for d in dice])
     if len(names) < 2:
         return None
     thresholds = calibrate([chosen[n] for n in names], targets, reference=reference, class_names=class_names,
