@@ -53,6 +53,20 @@ def _qc_ranking(result: dict[str, Any]) -> bool:
     return in_range and flagged and result["overhead"]["qc_seconds"] > 0
 
 
+def _qc_calibration(result: dict[str, Any]) -> bool:
+    """Both sides of every model measured (rates and statistics in range), and every corrupted kind flagged for review."""
+    from medunet.synthetic import CORRUPTIONS
+
+    def in_range(s: dict[str, Any]) -> bool:
+        return 0.0 <= s["false_alarm_rate"] <= 1.0 and all(s[k] is None or -1.0 <= s[k] <= 1.0 for k in ("spearman", "auroc"))
+
+    sets = {"demo": ("clean",), "planned": ("clean",), "absent_class": ("lesion_free", "lesion")}
+    measured = all(in_range(result[m][side][name]) for m, names in sets.items() for side in ("calibrated", "defaults") for name in names)
+    flagged = all(result[m][side]["corrupted"]["per_kind"][kind]["flag"] == "review"
+                  for m in ("demo", "planned") for side in ("calibrated", "defaults") for kind in CORRUPTIONS)
+    return measured and flagged and set(result["absent_class"]["old_rule"]) == {"calibrated", "defaults"}
+
+
 def _engines_agree(result: dict[str, Any]) -> bool:
     """Both modalities ran; both engines' masks are on the input grid and agree (Dice >= 0.99 on a non-empty mask)."""
     runs = result["results"]
@@ -113,6 +127,7 @@ QUICK_RUNS: dict[str, tuple[str, list[str], set[str], Callable[[dict[str, Any]],
         False,
     ),
     "qc_ranking": ("qc_ranking.py", [], {"calibration", "corrupted", "overhead"}, _qc_ranking, False),
+    "qc_calibration": ("qc_calibration.py", [], {"demo", "planned", "absent_class"}, _qc_calibration, False),
     "export_engines": ("export_engines.py", [], {"meta", "results"}, _engines_agree, False),
     "budget_schedule": (
         "budget_schedule.py", [], {"meta", "results"},
