@@ -11,9 +11,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import Dataset, copy_run
 
 from medunet.cli import main
 from medunet.errors import ConfigError, DataError
+from medunet.evaluation import dice_per_class
 from medunet.synthetic import write_dataset
 from medunet.training.splits import check_folds, make_folds, prepare_folds, read_splits
 
@@ -98,18 +100,14 @@ def test_saved_splits_are_reused_and_contradictions_refused(tmp_path: Path) -> N
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("cvdata"), num_train=4, num_test=1, shape=(32, 32, 24), num_classes=3)
 
 
 @pytest.fixture(scope="module")
-def crossval_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Fold 0 trained for one epoch with `train --fold` (an interrupted fold), then `crossval` runs everything."""
-    root = tmp_path_factory.mktemp("cv") / "run"
-    assert main(["-q", "train", str(dataset), "-o", str(root), "--fold", "0", "--folds", "2", *TINY,
-                 "--set", "train.max_epochs=1"]) == 0
-    assert main(["-q", "crossval", str(dataset), "-o", str(root), *TINY, "--set", "train.max_epochs=2"]) == 0
-    return root
+def crossval_run(crossval_root: Path) -> Path:
+    """The session's ``medunet crossval --folds 2`` folder (tests/conftest.py), read-only."""
+    return crossval_root
 
 
 def training_cases(dataset: Path) -> dict[str, Path]:
@@ -118,68 +116,66 @@ def training_cases(dataset: Path) -> dict[str, Path]:
 
 
 @pytest.mark.slow
-def test_crossval_trains_every_fold_and_predicts_every_case_once_on_its_grid(crossval_run: Path, dataset: Path) -> None:
-    root, cases = crossval_run, training_cases(dataset)
+def test_crossval_trains_every_fold_and_predicts_every_case_once_on_its_grid(crossval_run: Path, dataset: Dataset) -> None:
+    root, cases = crossval_run, training_cases(dataset.datalist)
     splits = json.loads((root / "splits.json").read_text())
     assert len(splits) == 2 and sorted(n for f in splits for n in f["val"]) == sorted(cases)
     for k, fold in enumerate(splits):
         assert (root / f"fold_{k}" / "best.pt").is_file()
         state = torch.load(root / f"fold_{k}" / "last.pt", weights_only=True)
-        assert state["epoch"] == 2
+        assert state["epoch"] == state["config"]["train"]["max_epochs"]
         assert json.loads((root / f"fold_{k}" / "split.json").read_text())["validation"] == fold["val"]
-    with open(root / "fold_0" / "metrics.csv") as handle:  # fold 0 resumed after its first epoch
-        assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [1, 2]
 
     predicted = sorted(p.name.removesuffix(".nii.gz") for p in (root / "oof").iterdir())
     assert predicted == sorted(cases)  # each training case exactly once
+    labels = {Path(e["image"]).name.removesuffix(".nii.gz"): dataset.root / e["label"]
+              for e in json.loads(dataset.datalist.read_text())["training"]}
     for name, image_path in cases.items():
         image, mask = nib.load(image_path), nib.load(root / "oof" / f"{name}.nii.gz")
         assert mask.shape == image.shape
         np.testing.assert_allclose(mask.affine, image.affine, atol=1e-5)
-        assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}
+        predicted_labels = np.asarray(mask.dataobj)
+        assert set(np.unique(predicted_labels)) <= {0, 1, 2}
+        # out-of-fold: each case predicted by the fold that did not train on it, and still well
+        reference = np.asarray(nib.load(labels[name]).dataobj)
+        assert dice_per_class(predicted_labels, reference, 3).mean() > 0.75, name
 
     with open(root / "oof_eval" / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert sorted({r["case"] for r in rows}) == sorted(cases) and {r["class"] for r in rows} == {"organ", "vessel"}
-    for name, image_path in cases.items():  # the dense CRF's candidate masks: same cases, same grids
-        image, refined = nib.load(image_path), nib.load(root / "oof_crf" / f"{name}.nii.gz")
-        assert refined.shape == image.shape
-        np.testing.assert_allclose(refined.affine, image.affine, atol=1e-5)
     decision = json.loads((root / "postprocessing.json").read_text())
     assert set(decision["postprocessing"]["classes"]) == {"organ", "vessel"}
-    (crf,) = [c for c in decision["candidates"] if c["operation"] == "dense_crf"]
-    assert decision["postprocessing"]["crf"]["enabled"] is crf["chosen"]
-    assert crf["chosen"] is (crf["mean_dice"] > decision["mean_dice_before"] and
-                             all(crf["class_dice"][n] >= decision["dice_before"][n] - 1e-6 for n in decision["dice_before"]))
     assert decision["cases"] == len(cases)
-    assert decision["mean_dice_after"] >= decision["mean_dice_before"]
+    assert decision["mean_dice_after"] >= decision["mean_dice_before"] > 0.8
     summary = json.loads((root / "crossval.json").read_text())
     assert summary["folds"] == 2 and summary["cases"] == len(cases)
 
 
 @pytest.mark.slow
-def test_crossval_restart_skips_finished_folds(crossval_run: Path, dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    checkpoints = {p: p.stat().st_mtime_ns for p in crossval_run.glob("fold_*/last.pt")}
-    assert main(["crossval", str(dataset), "-o", str(crossval_run), "--device", "cpu"]) == 0
-    assert {p: p.stat().st_mtime_ns for p in crossval_run.glob("fold_*/last.pt")} == checkpoints
+def test_crossval_restart_skips_finished_folds(crossval_run: Path, dataset: Dataset, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    root = copy_run(crossval_run, tmp_path / "cv")
+    checkpoints = {p: p.stat().st_mtime_ns for p in root.glob("fold_*/last.pt")}
+    assert main(["crossval", str(dataset.datalist), "-o", str(root), "--device", "cpu"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in root.glob("fold_*/last.pt")} == checkpoints
     err = capsys.readouterr().err
     assert "fold 0: finished" in err and "fold 1: finished" in err
-    assert main(["crossval", str(dataset), "-o", str(crossval_run), "-c", "x.yaml"]) == 1  # restart keeps its config
+    assert main(["crossval", str(dataset.datalist), "-o", str(root), "-c", "x.yaml"]) == 1  # restart keeps its config
 
 
-def test_train_fold_errors_are_one_clear_line(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_fold_errors_are_one_clear_line(small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "splits.json"
     bad.write_text(json.dumps([{"train": ["phantom_000"], "val": ["nobody"]}]))
-    assert main(["train", str(dataset), "-o", str(tmp_path / "a"), "--fold", "0", "--splits", str(bad)]) == 1
+    assert main(["train", str(small_data), "-o", str(tmp_path / "a"), "--fold", "0", "--splits", str(bad)]) == 1
     assert "nobody" in capsys.readouterr().err
-    assert main(["train", str(dataset), "-o", str(tmp_path / "b"), "--fold", "4", "--folds", "3", "--device", "cpu"]) == 1
+    assert main(["train", str(small_data), "-o", str(tmp_path / "b"), "--fold", "4", "--folds", "3", "--device", "cpu"]) == 1
     assert "holds folds 0..2" in capsys.readouterr().err
-    assert main(["train", str(dataset), "-o", str(tmp_path / "c"), "--folds", "3"]) == 2  # --folds needs --fold
+    assert main(["train", str(small_data), "-o", str(tmp_path / "c"), "--folds", "3"]) == 2  # --folds needs --fold
 
-    spec = json.loads(dataset.read_text())
+    spec = json.loads(small_data.read_text())
     spec["validation"] = spec["training"][:1]
     spec["training"] = spec["training"][1:]
-    with_validation = dataset.parent / "with_validation.json"
+    with_validation = small_data.parent / "with_validation.json"
     with_validation.write_text(json.dumps(spec))
     assert main(["train", str(with_validation), "-o", str(tmp_path / "d"), "--fold", "0"]) == 1
     err = capsys.readouterr().err

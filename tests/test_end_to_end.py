@@ -1,4 +1,4 @@
-"""End to end, through the command line: train a real (tiny) network, infer, check geometry; resume exactly."""
+"""End to end, through the command line: the shared trained model infers on the input grid; resume exactly; MRI learns."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import MIN_TEST_DICE, Dataset, mean_test_dice, sets
 
 from medunet.cli import main
 from medunet.evaluation import dice_per_class
@@ -27,38 +28,45 @@ TINY = [
 ]
 
 
+#: As small as the claim allows: the shared CT model's size (tests/conftest.py SIZE), not the 8-16-32-64 network for 15 epochs.
+MRI_SIZE = (
+    "augmentation.patch_size=[32,32,24]",
+    "model.features=[4,8,16]",
+    "train.max_epochs=6",
+    "train.iterations_per_epoch=16",
+    "train.val_every=3",
+    "optim.lr=0.02",
+    "optim.warmup_epochs=1",
+)
+
+
 def read_metrics(run: Path) -> list[dict[str, str]]:
     with open(run / "metrics.csv") as handle:
         return list(csv.DictReader(handle))
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("data"), num_train=8, num_test=2, shape=(40, 40, 32), num_classes=2)
 
 
-@pytest.mark.slow
-def test_train_learns_and_infer_lands_on_the_input_grid(dataset: Path, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    status = main(["-q", "train", str(dataset), "-o", str(run), "-c", str(PRESETS / "ct.yaml"), *TINY,
-                   "--set", "train.max_epochs=20", "--set", "train.val_every=5"])
-    assert status == 0
+def test_train_learns_and_infer_lands_on_the_input_grid(trained_run: Path, trained_predictions: Path, dataset: Dataset) -> None:
+    """The shared plain model (``medunet train -c configs/ct.yaml``, tests/conftest.py): its run folder, and
+    ``medunet infer`` of it on the test images, checked against nibabel, SimpleITK and the reference labels."""
+    run, preds = trained_run, trained_predictions
     for name in ("config.yaml", "metrics.csv", "train_curve.png", "best.pt", "last.pt", "log.txt", "split.json"):
         assert (run / name).is_file(), name
     rows = read_metrics(run)
-    assert [int(r["epoch"]) for r in rows] == list(range(1, 21))
+    epochs = torch.load(run / "last.pt", weights_only=True)["config"]["train"]["max_epochs"]
+    assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))
     best = max(float(r["val_dice_mean"]) for r in rows if r["val_dice_mean"])
     assert best > 0.8, f"validation Dice {best:.3f} does not prove learning"
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
     split = json.loads((run / "split.json").read_text())
-    assert len(split["validation"]) == 2 and not set(split["validation"]) & set(split["training"])
+    assert split["validation"] and not set(split["validation"]) & set(split["training"])
 
-    preds = tmp_path / "preds"
-    assert main(["-q", "infer", "-m", str(run), "-i", str(dataset), "-o", str(preds), "--device", "cpu"]) == 0
-    test_cases = json.loads(dataset.read_text())["test"]
-    for entry in test_cases:
-        name = Path(entry["image"]).name
-        image_path, mask_path = dataset.parent / entry["image"], preds / name
+    for name, image_path, label_path in dataset.test_cases:
+        mask_path = preds / f"{name}.nii.gz"
         image, mask = nib.load(image_path), nib.load(mask_path)
         assert mask.shape == image.shape
         np.testing.assert_allclose(mask.affine, image.affine, atol=1e-5)
@@ -68,22 +76,24 @@ def test_train_learns_and_infer_lands_on_the_input_grid(dataset: Path, tmp_path:
         np.testing.assert_allclose(itk_mask.GetOrigin(), itk_image.GetOrigin(), atol=1e-5)
         np.testing.assert_allclose(itk_mask.GetDirection(), itk_image.GetDirection(), atol=1e-6)
         np.testing.assert_allclose(itk_mask.GetSpacing(), itk_image.GetSpacing(), atol=1e-6)
-        reference = np.asarray(nib.load(dataset.parent / entry["label"]).dataobj)
+        reference = np.asarray(nib.load(label_path).dataobj)
         predicted = np.asarray(mask.dataobj)
-        assert set(np.unique(predicted)) <= {0, 1}
-        assert dice_per_class(predicted, reference, 2)[0] > 0.75
+        assert set(np.unique(predicted)) <= {0, 1, 2}
+        organ, vessel = dice_per_class(predicted, reference, 3)
+        assert organ > 0.8 and vessel > 0.8, (name, organ, vessel)  # measured 0.85-0.96 on every case
+    assert mean_test_dice(preds, dataset) >= MIN_TEST_DICE
     report = json.loads((preds / "inference_report.json").read_text())
-    assert [c["error"] for c in report["cases"]] == [None, None]
+    assert [c["error"] for c in report["cases"]] == [None] * len(dataset.test_cases)
 
 
 @pytest.mark.slow
-def test_resume_continues_exactly_where_training_stopped(dataset: Path, tmp_path: Path) -> None:
+def test_resume_continues_exactly_where_training_stopped(small_data: Path, tmp_path: Path) -> None:
     common = [*TINY, "--set", "optim.scheduler=constant", "--set", "train.val_every=2",
               "--set", "augmentation.samples_per_volume=1", "--set", "model.features=[4,8,16]"]
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    assert main(["-q", "train", str(dataset), "-o", str(straight), *common, "--set", "train.max_epochs=4"]) == 0
-    assert main(["-q", "train", str(dataset), "-o", str(interrupted), *common, "--set", "train.max_epochs=2"]) == 0
-    assert main(["-q", "train", str(dataset), "-o", str(interrupted), "--resume", "--set", "train.max_epochs=4"]) == 0
+    assert main(["-q", "train", str(small_data), "-o", str(straight), *common, "--set", "train.max_epochs=4"]) == 0
+    assert main(["-q", "train", str(small_data), "-o", str(interrupted), *common, "--set", "train.max_epochs=2"]) == 0
+    assert main(["-q", "train", str(small_data), "-o", str(interrupted), "--resume", "--set", "train.max_epochs=4"]) == 0
 
     a = torch.load(straight / "last.pt", weights_only=True)
     b = torch.load(interrupted / "last.pt", weights_only=True)
@@ -95,8 +105,8 @@ def test_resume_continues_exactly_where_training_stopped(dataset: Path, tmp_path
     assert losses_a == losses_b and len(losses_a) == 4
 
 
-def test_resume_without_a_run_is_a_clear_error(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    status = main(["train", str(dataset), "-o", str(tmp_path / "none"), "--resume"])
+def test_resume_without_a_run_is_a_clear_error(small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["train", str(small_data), "-o", str(tmp_path / "none"), "--resume"])
     assert status == 1
     err = capsys.readouterr().err
     assert "last.pt" in err and "Traceback" not in err
@@ -124,8 +134,8 @@ def test_mri_preset_learns_on_multichannel_mri(tmp_path: Path) -> None:
     spec["modality"] = {"0": "T1", "1": "T2"}
     datalist.write_text(json.dumps(spec))
     run = tmp_path / "run"
-    status = main(["-q", "train", str(datalist), "-o", str(run), "-c", str(PRESETS / "mri.yaml"), *TINY,
-                   "--set", "train.max_epochs=15", "--set", "train.val_every=5"])
+    # the shared CT model's size (tests/conftest.py: 96 steps of a 4-8-16 network reach a test Dice of 0.93)
+    status = main(["-q", "train", str(datalist), "-o", str(run), "-c", str(PRESETS / "mri.yaml"), *TINY, *sets(MRI_SIZE)])
     assert status == 0
     state = torch.load(run / "best.pt", weights_only=True)
     assert state["in_channels"] == 2 and state["config"]["data"]["normalization"] == "zscore"
@@ -139,15 +149,15 @@ def test_mri_preset_learns_on_multichannel_mri(tmp_path: Path) -> None:
     np.testing.assert_allclose(mask.affine, image.affine, atol=1e-5)
 
 
-def test_resume_with_more_epochs_follows_the_new_schedule(dataset: Path, tmp_path: Path) -> None:
+def test_resume_with_more_epochs_follows_the_new_schedule(small_data: Path, tmp_path: Path) -> None:
     """A finished cosine run resumed with a larger max_epochs continues on the new curve, not at the old minimum."""
     from medunet.config import OptimConfig
     from medunet.training.optim import lr_factor
 
     run = tmp_path / "run"
     common = [*TINY, "--set", "augmentation.samples_per_volume=1", "--set", "model.features=[4,8,16]", "--set", "train.val_every=9"]
-    assert main(["-q", "train", str(dataset), "-o", str(run), *common, "--set", "train.max_epochs=1"]) == 0
-    assert main(["-q", "train", str(dataset), "-o", str(run), "--resume", "--set", "train.max_epochs=4"]) == 0
+    assert main(["-q", "train", str(small_data), "-o", str(run), *common, "--set", "train.max_epochs=1"]) == 0
+    assert main(["-q", "train", str(small_data), "-o", str(run), "--resume", "--set", "train.max_epochs=4"]) == 0
     saved = torch.load(run / "last.pt", weights_only=True)["config"]["optim"]
     cfg = OptimConfig(**{k: v for k, v in saved.items() if k in ("lr", "min_lr", "scheduler", "warmup_epochs", "poly_power")})
     lrs = [float(r["lr"]) for r in read_metrics(run)]

@@ -10,42 +10,22 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import Dataset
 
 from medunet.cli import main
-from medunet.config import ClassPostprocessing, PostprocessingConfig, load_config
+from medunet.config import ClassPostprocessing, PostprocessingConfig
 from medunet.errors import CheckpointError
 from medunet.inference.segmenter import Segmenter
-from medunet.io.datalist import load_datalist
 from medunet.io.geometry import spacing_of
 from medunet.model.checkpoint import fold_checkpoints, load_checkpoint, save_checkpoint
 from medunet.model.sliding import inference_dtype, predict_probabilities
 from medunet.postprocessing.operations import postprocess_labels
-from medunet.synthetic import write_dataset
-from medunet.training.splits import datalist_folds, fold_dir
-from medunet.training.trainer import train
-
-PRESETS = Path(__file__).resolve().parents[1] / "configs"
-TINY = (
-    "data.target_spacing=[2.0,2.0,2.5]",
-    "augmentation.patch_size=[32,32,32]",
-    "augmentation.samples_per_volume=1",
-    "model.features=[4,8,16]",
-    "inference.sw_batch_size=2",
-    "train.max_epochs=1",
-    "train.device=cpu",
-    "inference.device=cpu",
-)
 
 
 @pytest.fixture(scope="module")
-def folds_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Two real one-epoch fold models in a cross-validation folder (no postprocessing.json yet)."""
-    datalist = write_dataset(tmp_path_factory.mktemp("ensdata"), num_train=4, num_test=1, shape=(32, 32, 24), num_classes=2)
-    root = tmp_path_factory.mktemp("ens") / "cv"
-    config = load_config(PRESETS / "ct.yaml", TINY)
-    for fold in datalist_folds(load_datalist(datalist), root, folds=2, seed=0):
-        train(datalist, fold_dir(root, fold.index), config, progress=False, fold=fold)
-    return root, datalist
+def folds_run(crossval_root: Path, dataset: Dataset) -> tuple[Path, Path]:
+    """The session's 2-fold ``medunet crossval`` folder (tests/conftest.py) and its datalist: trained fold models as users get them."""
+    return crossval_root, dataset.datalist
 
 
 def test_ensemble_probabilities_are_the_mean_of_the_folds(folds_run: tuple[Path, Path]) -> None:
@@ -66,7 +46,9 @@ def test_ensemble_probabilities_are_the_mean_of_the_folds(folds_run: tuple[Path,
 
 
 def test_infer_with_folds_selects_and_lands_on_the_input_grid(folds_run: tuple[Path, Path], tmp_path: Path) -> None:
-    root, datalist = folds_run
+    # without crossval's postprocessing.json, which applies to the folder, not to a fold opened on its own
+    root, datalist = tmp_path / "cv", folds_run[1]
+    shutil.copytree(folds_run[0], root, ignore=shutil.ignore_patterns("cache", "postprocessing.json"))
     runs = {"all": ["-m", str(root)], "fold1": ["-m", str(root), "--folds", "1"], "single": ["-m", str(root / "fold_1")]}
     for name, args in runs.items():
         assert main(["-q", "infer", *args, "-i", str(datalist), "-o", str(tmp_path / name), "--device", "cpu"]) == 0
@@ -87,13 +69,14 @@ def test_mismatched_folds_are_refused(folds_run: tuple[Path, Path], tmp_path: Pa
     shutil.copytree(folds_run[0], root, ignore=shutil.ignore_patterns("cache"))
     path = root / "fold_1" / "best.pt"
     state = load_checkpoint(path)
+    spacing = state.config["data"]["target_spacing"]
     state.config["data"]["target_spacing"] = [1.0, 1.0, 1.0]
     save_checkpoint(state, path)
     with pytest.raises(CheckpointError, match="data.target_spacing"):
         Segmenter.from_checkpoint(root)
     assert len(Segmenter.from_checkpoint(root, folds=[0]).models) == 1  # a matching subset still loads
-    state.config["data"]["target_spacing"] = [2.0, 2.0, 2.5]
-    state.class_names = ["background", "spleen"]
+    state.config["data"]["target_spacing"] = spacing
+    state.class_names = ["background", "spleen", "vessel"]
     save_checkpoint(state, path)
     with pytest.raises(CheckpointError, match="classes"):
         Segmenter.from_checkpoint(root)
@@ -103,23 +86,27 @@ def test_mismatched_folds_are_refused(folds_run: tuple[Path, Path], tmp_path: Pa
 
 def test_postprocessing_json_is_applied_at_inference_and_explicit_settings_win(folds_run: tuple[Path, Path], tmp_path: Path) -> None:
     root = tmp_path / "cv"
-    shutil.copytree(folds_run[0], root, ignore=shutil.ignore_patterns("cache"))
+    shutil.copytree(folds_run[0], root, ignore=shutil.ignore_patterns("cache", "postprocessing.json"))
     datalist = folds_run[1]
     image_path = datalist.parent / json.loads(datalist.read_text())["test"][0]["image"]
     off = ("postprocessing.default={}", "postprocessing.classes={}")
     raw = np.asarray(Segmenter.from_checkpoint(root, overrides=off).predict(image_path).dataobj)
+    assert (raw == 2).any()
 
-    chosen = {"keep_largest": True, "fill_holes": True, "min_size_mm3": 0.0}
-    (root / "postprocessing.json").write_text(json.dumps({"postprocessing": {"classes": {"organ": chosen}}}))
+    # a trained model may leave nothing for keep-largest to remove, so the vessel rule (drop components under
+    # 1 litre) is one that must change the mask: proof that the file is applied, not just parsed
+    chosen = {"organ": {"keep_largest": True, "fill_holes": True, "min_size_mm3": 0.0}, "vessel": {"min_size_mm3": 1e6}}
+    (root / "postprocessing.json").write_text(json.dumps({"postprocessing": {"classes": chosen}}))
     segmenter = Segmenter.from_checkpoint(root)
-    assert segmenter.config.postprocessing.classes["organ"] == ClassPostprocessing(keep_largest=True, fill_holes=True)
+    rules = {"organ": ClassPostprocessing(keep_largest=True, fill_holes=True), "vessel": ClassPostprocessing(min_size_mm3=1e6)}
+    assert segmenter.config.postprocessing.classes == rules
     applied = np.asarray(segmenter.predict(image_path).dataobj)
     expected = postprocess_labels(
-        raw, spacing=spacing_of(nib.load(image_path).affine), class_names={0: "background", 1: "organ"},
-        config=PostprocessingConfig(classes={"organ": ClassPostprocessing(keep_largest=True, fill_holes=True)}),
+        raw, spacing=spacing_of(nib.load(image_path).affine), class_names={0: "background", 1: "organ", 2: "vessel"},
+        config=PostprocessingConfig(classes=rules),
     )
     np.testing.assert_array_equal(applied, expected)
-    assert not np.array_equal(applied, raw), "a one-epoch model should leave stray components for keep-largest to remove"
+    assert not (applied == 2).any(), "the vessel rule removes every vessel component"
 
     explicit = Segmenter.from_checkpoint(root, overrides=["postprocessing.classes.organ.min_size_mm3=1"])
     assert explicit.config.postprocessing.classes["organ"] == ClassPostprocessing(min_size_mm3=1.0)

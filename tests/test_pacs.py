@@ -26,23 +26,11 @@ import requests
 
 from medunet.cli import main
 from medunet.errors import PacsError
-from medunet.synthetic import grid_affine, make_phantom, write_dataset, write_dicom_series
+from medunet.synthetic import grid_affine, make_phantom, write_dicom_series
 from medunet.workflows.pacs import PASSWORD_ENV, USER_ENV, DicomWebPacs, PacsConnection
 
 USER, PASSWORD = "medunet-test", "pw-CANARY-7f3a"  # the password must never show up in any output
 NO_MODEL = Path("no-such-run")  # connection and login are checked before the model is loaded
-TINY_TRAINING = [
-    "--set", "data.target_spacing=[3.0,3.0,5.0]",
-    "--set", "augmentation.patch_size=[16,16,16]",
-    "--set", "model.features=[4,8,16]",
-    "--set", "train.max_epochs=2",
-    "--set", "train.val_every=2",
-    "--set", "augmentation.samples_per_volume=1",
-    "--set", "inference.sw_batch_size=2",
-    "--device", "cpu",
-]
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -152,12 +140,9 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real (2-epoch) training on tiny phantoms: a checkpoint exactly as users get one."""
-    folder = tmp_path_factory.mktemp("model")
-    datalist = write_dataset(folder / "data", num_train=4, num_test=0, shape=(32, 32, 24), num_classes=3)
-    assert main(["-q", "train", str(datalist), "-o", str(folder / "run"), *TINY_TRAINING]) == 0
-    return folder / "run"
+def model(trained_run: Path) -> Path:
+    """The session's trained model (tests/conftest.py: ``medunet train -c configs/ct.yaml``), read-only."""
+    return trained_run
 
 
 def ct_series(folder: Path, seed: int) -> tuple[Path, str]:
@@ -195,7 +180,7 @@ def assert_no_secret(text: str) -> None:
     assert base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode() not in text
 
 
-@pytest.mark.slow  # trains a tiny model (module fixture)
+@pytest.mark.slow  # the session's trained model
 @needs_orthanc
 def test_round_trip_stores_a_seg_identical_to_a_local_run(
     orthanc: Orthanc, model: Path, stored_series: tuple[Path, str], login: None, tmp_path: Path,
@@ -245,7 +230,7 @@ def test_wrong_password_is_a_clear_error_and_stores_nothing(
     assert orthanc.instances() == before
 
 
-@pytest.mark.slow  # trains a tiny model (module fixture)
+@pytest.mark.slow  # the session's trained model
 @needs_orthanc
 def test_unknown_study_or_series_and_a_broken_series_store_nothing(
     orthanc: Orthanc, model: Path, stored_series: tuple[Path, str], login: None, tmp_path: Path,
@@ -303,7 +288,7 @@ def test_credentials_belong_in_the_environment_not_the_url(monkeypatch: pytest.M
     assert_no_secret(repr(connection) + repr(DicomWebPacs(connection)))
 
 
-@pytest.mark.slow  # trains a tiny model (module fixture)
+@pytest.mark.slow  # the session's trained model
 def test_infer_writes_a_seg_and_a_nifti_that_agree(model: Path, tmp_path: Path) -> None:
     folder, _ = ct_series(tmp_path / "ct_case", seed=13)
     both, nifti_only = tmp_path / "both", tmp_path / "nifti"
@@ -320,7 +305,7 @@ def test_infer_writes_a_seg_and_a_nifti_that_agree(model: Path, tmp_path: Path) 
     assert main([*args, "-o", str(seg_only), "--output-format", "dicom-seg"]) == 1  # exists: kept without --overwrite
 
 
-@pytest.mark.slow  # trains a tiny model (module fixture)
+@pytest.mark.slow  # the session's trained model
 def test_dicom_seg_output_needs_dicom_input(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     image, _ = make_phantom((24, 24, 16), seed=1)
     nifti = tmp_path / "scan.nii.gz"

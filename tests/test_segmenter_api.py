@@ -19,12 +19,14 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import Dataset
 from scipy import ndimage
 from torch import nn
 
 from medunet.cli import EXIT_ERROR, main
 from medunet.config import load_config
 from medunet.errors import DataError, MedunetError, OutputExistsError
+from medunet.evaluation import dice_per_class
 from medunet.inference.segmenter import Segmenter
 from medunet.io.image import DicomSource
 from medunet.runtime import cpu_has_native_bf16
@@ -324,3 +326,22 @@ def test_cli_trains_on_dicom_folders_and_segments_a_chosen_series(tmp_path: Path
     for text in texts:
         for value in CANARIES.values():
             assert value not in text and value.replace("^", " ") not in text
+
+
+# --------------------------------------------------------------------------- a model a user trained
+
+
+def test_trained_model_through_the_api_equals_medunet_infer(trained_run: Path, trained_predictions: Path, dataset: Dataset) -> None:
+    """Segmenter.from_checkpoint on the session's trained run (tests/conftest.py): the CLI's masks, on the input grid, Dice >= 0.8."""
+    segmenter = Segmenter.from_checkpoint(trained_run, device="cpu")
+    assert segmenter.class_names == ["background", "organ", "vessel"]
+    for name, image_path, label_path in dataset.test_cases:
+        image = nib.load(image_path)
+        mask = segmenter.predict(image_path)
+        assert mask.shape == image.shape
+        np.testing.assert_allclose(mask.affine, image.affine, atol=1e-5)
+        predicted = np.asarray(mask.dataobj)
+        np.testing.assert_array_equal(predicted, np.asarray(nib.load(trained_predictions / f"{name}.nii.gz").dataobj))
+        assert dice_per_class(predicted, np.asarray(nib.load(label_path).dataobj), 3).min() > 0.8, name
+        # an in-memory (array, affine) pair gives the file's mask
+        np.testing.assert_array_equal(np.asarray(segmenter.predict((np.asarray(image.dataobj), image.affine)).dataobj), predicted)
