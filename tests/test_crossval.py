@@ -196,3 +196,26 @@ def test_crossval_checks_the_data_before_any_fold_trains(tmp_path: Path, capsys:
     err = capsys.readouterr().err
     assert "9 (1 voxels)" in err and "--skip-check" in err
     assert not list(root.glob("fold_*"))  # nothing trained
+
+
+@pytest.mark.slow
+def test_an_interrupted_fold_resumes_and_the_crf_candidate_pass_lands_on_every_grid(small_data: Path, tmp_path: Path) -> None:
+    """Fold 0 stopped after one epoch (`train --fold`), then `crossval` with the CRF search on (tiny, 2 epochs)."""
+    root = tmp_path / "cv"
+    assert main(["-q", "train", str(small_data), "-o", str(root), "--fold", "0", "--folds", "2", *TINY,
+                 "--set", "train.max_epochs=1"]) == 0
+    assert main(["-q", "crossval", str(small_data), "-o", str(root), *TINY, "--set", "train.max_epochs=2",
+                 "--set", "postprocessing.crf.search=true"]) == 0
+    with open(root / "fold_0" / "metrics.csv") as handle:  # fold 0 resumed after its first epoch
+        assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [1, 2]
+    for name, image_path in training_cases(small_data).items():  # the dense CRF's candidate masks: same cases, same grids
+        image, refined = nib.load(image_path), nib.load(root / "oof_crf" / f"{name}.nii.gz")
+        assert refined.shape == image.shape
+        np.testing.assert_allclose(refined.affine, image.affine, atol=1e-5)
+    decision = json.loads((root / "postprocessing.json").read_text())
+    (crf,) = [c for c in decision["candidates"] if c["operation"] == "dense_crf"]
+    assert decision["postprocessing"]["crf"]["enabled"] is crf["chosen"]
+    assert crf["chosen"] is (crf["mean_dice"] > decision["mean_dice_before"] and
+                             all(crf["class_dice"][n] >= decision["dice_before"][n] - 1e-6 for n in decision["dice_before"]))
+    assert decision["mean_dice_after"] >= decision["mean_dice_before"]
+    assert json.loads((root / "qc.json").read_text())["source"].startswith("calibrated on 4 out-of-fold cases")
