@@ -123,13 +123,17 @@ def trained_predictions(trained_run: Path, dataset: Dataset, tmp_path_factory: p
 
 @pytest.fixture(scope="session")
 def planned_run(dataset: Dataset, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``medunet plan`` then ``medunet train -c plan.yaml``, the network made small (features, epochs) as for the plain run."""
+    """``medunet plan`` then ``medunet train -c plan.yaml``, the network made small (features, epochs) as for the plain run.
+
+    The plan keeps its depth (4 levels here) and starts at 8 features: at 4 (4-8-16-32) the 96 steps never
+    learned the vessel (test Dice organ 0.94, vessel 0.00), at 8 they reach 0.96 / 0.98.
+    """
     root = tmp_path_factory.mktemp("shared_planned")
     plan = root / "plan.yaml"
     cli("plan", str(dataset.datalist), "-o", str(plan))
     size = [o for o in SIZE if not o.startswith(("data.target_spacing", "augmentation.patch_size", "model.features"))]
     levels = len(yaml.safe_load(plan.read_text())["model"]["strides"])  # the plan's strides fix the number of levels
-    features = [4 * 2**k for k in range(levels)]
+    features = [8 * 2**k for k in range(levels)]
     cli("train", str(dataset.datalist), "-o", str(root / "run"), "-c", str(plan), "--device", "cpu",
         *sets([*size, f"model.features={features}".replace(" ", ""), "augmentation.patch_size=[32,32,24]"]))
     return root / "run"
