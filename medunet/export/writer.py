@@ -147,7 +147,7 @@ def export_model(source: str | Path, out: str | Path, formats: Sequence[str], *,
         (tmp / CARD_MARKDOWN).write_text(card_markdown(card))
         card["files"][CARD_MARKDOWN] = sha256_file(tmp / CARD_MARKDOWN)
         (tmp / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
-    log.info("exported %s (%s) to %s", source, ", ".join(formats), out)
+    log.debug("exported %s (%s) to %s", source, ", ".join(formats), out)
     return out
 
 
