@@ -38,7 +38,7 @@ from medunet.inference.segmenter import Segmenter
 from medunet.model.checkpoint import load_checkpoint, save_checkpoint
 from medunet.model.networks import build_network
 from medunet.model.package import read_package, sha256_file
-from medunet.synthetic import as_stored, grid_affine, make_phantom, save_nifti
+from medunet.synthetic import as_stored, grid_affine, make_phantom, save_nifti, write_dataset
 
 FP32 = ["inference.precision=fp32"]
 #: Storage orders of the phantoms: RAS, LPS, permuted axes, and an oblique LPS grid.
@@ -199,6 +199,40 @@ def test_the_bundle_keeps_the_largest_component_as_medunet_does(trained_run: Pat
 def test_bundle_branches_give_medunets_masks(trained_run: Path, scans: Path, tmp_path: Path, overrides: list[str]) -> None:
     """Each bundle branch (z-score normalisation, label inversion) equals `medunet infer` of the checkpoint with that setting."""
     _bundle_equals_infer(trained_run, overrides, scans, tmp_path, ["ras", "oblique"])
+
+
+def test_the_bundle_of_a_planned_run_clips_and_z_scores_as_medunet_does(planned_run: Path, scans: Path, tmp_path: Path) -> None:
+    """`medunet plan` picks ct_clip_zscore (the window, then the foreground mean and std) and its own crop rule."""
+    assert load_checkpoint(planned_run).config["data"]["normalization"] == "ct_clip_zscore"
+    _bundle_equals_infer(planned_run, [], scans, tmp_path, ["lps", "oblique"])
+
+
+@pytest.fixture(scope="module")
+def mri_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A single-sequence MRI model (``-c configs/mri.yaml``: per-case z-score over nonzero voxels) and MRI scans to run it on."""
+    root = tmp_path_factory.mktemp("export_mri")
+    datalist = write_dataset(root / "data", num_train=8, num_test=0, shape=(40, 40, 32), num_classes=3, modality="MRI", seed=3)
+    size = ["data.target_spacing=[2.0,2.0,2.5]", "augmentation.patch_size=[32,32,24]", "model.features=[4,8,16]",
+            "train.max_epochs=4", "train.iterations_per_epoch=12", "train.val_every=4", "optim.lr=0.02",
+            "optim.warmup_epochs=1", "inference.sw_batch_size=2"]
+    run = root / "run"
+    assert main(["-q", "train", str(datalist), "-o", str(run), "-c", str(Path(__file__).resolve().parents[1] / "configs" / "mri.yaml"),
+                 "--device", "cpu", *sets(size)]) == 0
+    scans = root / "scans"
+    for i, (name, (axcodes, tilt)) in enumerate(STORAGE.items()):
+        image, _ = make_phantom((40, 40, 32), seed=300 + i, num_classes=3, modality="MRI")
+        ras_affine = grid_affine(PHANTOM_SPACING, axcodes="RAS")
+        save_nifti(as_stored(image, axcodes), grid_affine(PHANTOM_SPACING, axcodes=axcodes, oblique_deg=tilt, origin=ras_affine[:3, 3]),
+                   scans / f"{name}.nii.gz")
+    return run, scans
+
+
+@pytest.mark.parametrize("nonzero", [True, False], ids=["nonzero", "whole_volume"])
+def test_the_bundle_of_an_mri_model_z_scores_as_medunet_does(mri_run: tuple[Path, Path], tmp_path: Path, nonzero: bool) -> None:
+    run, scans = mri_run
+    assert load_checkpoint(run).config["data"]["normalization"] == "zscore"
+    masks = _bundle_equals_infer(run, [f"data.zscore_nonzero={str(nonzero).lower()}"], scans, tmp_path, ["ras", "permuted", "oblique"])
+    assert all(np.isin(m, (1, 2)).any() for m in masks.values())  # the model segments something: the comparison is not of empty masks
 
 
 def test_a_fold_ensemble_exports_every_fold(crossval_root: Path, tmp_path: Path) -> None:
