@@ -310,3 +310,21 @@ def test_older_checkpoints_stored_the_reference_as_fingerprint(trained_run: Path
     stored["fingerprint"] = stored.pop("qc_reference")
     torch.save(stored, tmp_path / "old.pt")
     assert reference_of(load_checkpoint(tmp_path / "old.pt").qc_reference) == reference_of(load_checkpoint(trained_run).qc_reference)
+
+
+def test_a_fold_ensemble_reports_its_members_agreement_and_flags_a_broken_fold(crossval_root: Path, dataset: Dataset,
+                                                                              tmp_path: Path) -> None:
+    """The shared 2-fold ensemble agrees with itself on a clean case; with fold 1's weights scrambled it must say so."""
+    image = dataset.test_cases[0][1]
+    _, healthy = Segmenter.from_checkpoint(crossval_root, device="cpu").predict_with_qc(image)
+    assert healthy.signals["uncertainty"]["member_dice"] > 0.8 and "ensemble_disagreement" not in healthy.fired
+
+    root = copy_run(crossval_root, tmp_path / "cv")
+    broken = load_checkpoint(root / "fold_1" / "best.pt")
+    generator = torch.Generator().manual_seed(0)
+    broken.model = {k: v + v.float().std().nan_to_num(0.1) * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+                    for k, v in broken.model.items()}  # a fold whose weights were damaged: noise as large as the weights
+    save_checkpoint(broken, root / "fold_1" / "best.pt")
+    _, record = Segmenter.from_checkpoint(root, device="cpu").predict_with_qc(image)
+    assert record.signals["uncertainty"]["member_dice"] < 0.8
+    assert "ensemble_disagreement" in record.fired and record.flag == "review", record.reasons
