@@ -196,22 +196,33 @@ def test_temperature_sharpens_an_under_confident_model_to_its_true_dice() -> Non
     assert thresholds.achieved["mean_abs_error"] < 0.02 < thresholds.achieved["mean_abs_error_uncalibrated"]
 
 
-def test_a_class_the_model_never_predicts_does_not_distort_the_temperature() -> None:
+def test_a_class_the_model_never_predicts_distorts_neither_temperature_nor_threshold() -> None:
     """An organ segmented well (Dice 0.9) and a lesion the model never predicts (Dice 0 where present).
 
     The expected Dice covers the mask's classes only, so the temperature must be fitted to the organ's
-    0.9; fitting it to the case's minimum (0) softened every score and flagged lesion-free cases.
+    0.9; fitting it to the case's minimum (0) softened every score and flagged 35 of 40 lesion-free
+    cases. The lesion cases are bad, but the score cannot see why: the review threshold must not be
+    fitted between their scores and the lesion-free ones' (a chance spread of 0.01 here), which flagged
+    9 of 40 new lesion-free cases.
     """
     names = ["background", "organ", "lesion"]
-    curve = [{"1": round(float(np.clip(0.9 + 0.3 * np.log(t), 0.0, 1.0)), 4)} for t in TEMPERATURES]  # 0.9 at T = 1
     nearest_one = min(TEMPERATURES, key=lambda t: abs(np.log(t)))
-    signals = {"uncertainty": {"expected_dice": curve[TEMPERATURES.index(nearest_one)], "expected_dice_min": 0.9, "absent": ["2"],
-                               "expected_dice_curve": curve}}
-    records = [decide(signals, _reference({"2": 0.3}, names), names)] * 6
-    per_class = [[0.9, 0.0], [0.9, 0.0], [0.9, 0.0], [0.9, float("nan")], [0.9, float("nan")], [0.9, float("nan")]]
-    thresholds = calibrate(records, per_class, reference=_reference({"2": 0.3}, names), class_names=names, source="test cases")
+    reference = _reference({"2": 0.3}, names)
+
+    def record(organ_dice: float) -> QCRecord:
+        curve = [{"1": round(float(np.clip(organ_dice + 0.3 * np.log(t), 0.0, 1.0)), 4)} for t in TEMPERATURES]
+        at_one = curve[TEMPERATURES.index(nearest_one)]
+        return decide({"uncertainty": {"expected_dice": at_one, "expected_dice_min": at_one["1"], "absent": ["2"],
+                                       "expected_dice_curve": curve}}, reference, names)
+
+    organ = [0.89, 0.895, 0.9, 0.905, 0.91, 0.915]
+    records = [record(d) for d in organ]
+    per_class = [[d, 0.0] for d in organ[:3]] + [[d, float("nan")] for d in organ[3:]]  # the lesion cases score lowest
+    thresholds = calibrate(records, per_class, reference=reference, class_names=names, source="test cases")
     assert thresholds.temperature == nearest_one
     assert thresholds.achieved["mean_abs_error"] < 0.03  # the grid step near T = 1
+    assert thresholds.achieved["bad_cases"] == 3 and thresholds.achieved["bad_unseen"] == 3
+    assert thresholds.score_review < min(r.score for r in records) - 0.05  # a new lesion-free case at 0.89 stays ok
 
 
 def _record(expected: float) -> QCRecord:

@@ -154,6 +154,9 @@ def calibrate(records: Sequence[QCRecord], per_class_dice: Sequence[Sequence[flo
     3. the review threshold separates bad cases from good ones (:func:`choose_score_threshold`); with no bad
        case it is the bad-case cut (median Dice - :data:`BAD_MARGIN`) less the fit's error (at least
        :data:`MIN_MARGIN`), lowered below every case's score, and it stays within [0.05, 0.95].
+       A case bad only through a class its mask lacks, with no check firing, is left out of this
+       choice (``achieved["bad_unseen"]`` counts them): the score cannot see such a miss, and
+       separating it from good cases by chance spread of the score flags good cases later.
 
     Bad cases, the threshold and the ranking use each case's :func:`case_dice`, missed classes included.
 
@@ -174,9 +177,12 @@ def calibrate(records: Sequence[QCRecord], per_class_dice: Sequence[Sequence[flo
     clean = np.asarray([not set(r.fired) - {"low_confidence"} for r in rescored])
     residual = scores[clean] - targets[clean] if clean.any() else np.zeros(1)
     margin = max(MIN_MARGIN, 2.0 * float(np.sqrt(np.mean(residual ** 2))))
-    threshold = choose_score_threshold(scores.tolist(), bad, cut - margin)
+    unseen = bad & (targets >= cut) & clean  # bad only through a class the mask lacks, and no check fired
+    seen = ~unseen
+    threshold = choose_score_threshold(scores[seen].tolist(), bad[seen], cut - margin)
     threshold = round(float(np.clip(threshold, 0.05, 0.95)), 4)
     achieved = trade_off(rescored, dice, threshold) | {
+        "bad_unseen": int(unseen.sum()),
         "temperature": temperature,
         "mean_abs_error_uncalibrated": round(float(np.mean(np.abs(np.asarray(before) - targets))), 4),
         "mean_abs_error": round(float(np.mean(np.abs(scores - targets))), 4),

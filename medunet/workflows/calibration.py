@@ -104,6 +104,10 @@ def log_calibration(thresholds: Thresholds) -> None:
     """One line: what the calibration chose and how well the score then ranks and flags the cases."""
     a = thresholds.achieved
     log.info("QC %s: temperature %.3g (expected vs true Dice off by %.3f, was %.3f), review below %.3f flags %d of %d bad "
-             "and %d good cases (Spearman %s)", thresholds.source, thresholds.temperature, a["mean_abs_error"],
+             "and %d good cases (Spearman %s, AUROC %s)", thresholds.source, thresholds.temperature, a["mean_abs_error"],
              a["mean_abs_error_uncalibrated"], thresholds.score_review, a["bad_flagged"], a["bad_cases"], a["good_flagged"],
-             a["spearman"])
+             a["spearman"], a["auroc"])
+    if a.get("bad_unseen"):
+        log.warning("QC cannot see why %d of the bad calibration cases are bad: a class missing from their masks, no check "
+                    "firing (the model misses that class; QC flags a missing class only when nearly every training case has it)",
+                    a["bad_unseen"])

@@ -157,6 +157,7 @@ def calibrate_qc(records: dict[str, dict[str, QCRecord]], choice: Postprocessing
     from medunet.postprocessing.operations import postprocess_labels
     from medunet.qc.calibrate import calibrate
     from medunet.qc.signals import mask_signals
+    from medunet.workflows.calibration import log_calibration
 
     kept_crf = choice.crf is not None and choice.crf.enabled
     chosen = records["crf" if kept_crf else "plain"]
@@ -181,10 +182,7 @@ def calibrate_qc(records: dict[str, dict[str, QCRecord]], choice: Postprocessing
     thresholds = calibrate([chosen[n] for n in names], targets, reference=reference, class_names=class_names,
                            source="out-of-fold cases" + (" (dense CRF)" if kept_crf else ""))
     save_thresholds(thresholds, root / QC_FILE)
-    achieved = thresholds.achieved
-    log.info("QC calibrated on %d out-of-fold cases: temperature %.3g, review below score %.3f flags %d of %d bad and %d good "
-             "cases (Spearman %s, AUROC %s)", achieved["cases"], thresholds.temperature, thresholds.score_review,
-             achieved["bad_flagged"], achieved["bad_cases"], achieved["good_flagged"], achieved["spearman"], achieved["auroc"])
+    log_calibration(thresholds)
     return thresholds
 
 
