@@ -28,7 +28,7 @@ not bad; goal at most 5 %), Spearman of score against true Dice (the lowest over
 :func:`medunet.qc.calibrate.bad_cases`), bad and good cases flagged, the temperature and threshold,
 and which checks fired on each corrupted kind.
 
-    python scripts/bench/qc_calibration.py --workdir /tmp/qccal --json /tmp/qccal/qc_calibration.json   # ~1 h on 2 busy cores
+    python scripts/bench/qc_calibration.py --workdir /tmp/qccal --json /tmp/qccal/qc_calibration.json   # ~25 min on 2 busy cores
     python scripts/bench/qc_calibration.py --workdir /tmp/qccal --skip-train   # reuse the trained models in --workdir
     python scripts/bench/qc_calibration.py --quick   # about a minute: a 1-epoch demo, tiny planned and lesion runs, 3 cases a set
 """
