@@ -54,14 +54,21 @@ def _qc_ranking(result: dict[str, Any]) -> bool:
 
 
 def _qc_calibration(result: dict[str, Any]) -> bool:
-    """Both sides of every model measured (rates and statistics in range), and every corrupted kind flagged for review."""
+    """Both sides of every model measured (rates and statistics in range), graded sets from severity 0 to 1, every corrupted kind flagged."""
     from medunet.synthetic import CORRUPTIONS
 
     def in_range(s: dict[str, Any]) -> bool:
-        return 0.0 <= s["false_alarm_rate"] <= 1.0 and all(s[k] is None or -1.0 <= s[k] <= 1.0 for k in ("spearman", "auroc"))
+        counts = s["bad_flagged"] <= s["bad_cases"] and s["good_flagged"] <= s["cases"] - s["bad_cases"]
+        return counts and 0.0 <= s["false_alarm_rate"] <= 1.0 and 0.0 <= s["good_flagged_rate"] <= 1.0 and all(
+            s[k] is None or -1.0 <= s[k] <= 1.0 for k in ("spearman", "auroc"))
 
-    sets = {"demo": ("clean",), "planned": ("clean",), "absent_class": ("lesion_free", "lesion")}
+    def graded(s: dict[str, Any]) -> bool:
+        severity = [c["severity"] for c in s["per_case"]]
+        return s["cases"] == len(severity) >= 3 and min(severity) == 0.0 and max(severity) == 1.0
+
+    sets = {"demo": ("clean", "graded"), "planned": ("clean", "graded"), "absent_class": ("lesion_free", "lesion")}
     measured = all(in_range(result[m][side][name]) for m, names in sets.items() for side in ("calibrated", "defaults") for name in names)
+    measured &= all(graded(result[m][side]["graded"]) for m in ("demo", "planned") for side in ("calibrated", "defaults"))
     flagged = all(result[m][side]["corrupted"]["per_kind"][kind]["flag"] == "review"
                   for m in ("demo", "planned") for side in ("calibrated", "defaults") for kind in CORRUPTIONS)
     return measured and flagged and set(result["absent_class"]["old_rule"]) == {"calibrated", "defaults"}

@@ -7,22 +7,30 @@ temperature 1), so before and after are measured on the same masks.
 
 1. **demo**: ``medunet demo``'s model (:func:`medunet.workflows.demo.run_demo`, its defaults), then
    ``--cases`` clean phantoms of the demo's kind (64 x 64 x 40, organ + vessel, RAS and LPS files, new
-   seeds) and every kind of :data:`medunet.synthetic.CORRUPTIONS`.
+   seeds), a graded set and every kind of :data:`medunet.synthetic.CORRUPTIONS`.
 2. **planned**: ``medunet plan`` then ``medunet train -c plan.yaml`` (a small network, a short schedule) on
-   a harder task: the demo's phantoms with 2.5x the noise; ``--cases`` clean cases and the corruptions.
+   a harder task: the demo's phantoms with 2.5x the noise; ``--cases`` clean cases, a graded set and the
+   corruptions.
 3. **absent_class**: organ + lesion, the lesion (a small bright sphere inside the organ) in half the
    training cases; lesion-free and lesion-containing clean cases. For each case the rule QC had before
    (an absent class's expected Dice taken as 0 once its summed probability exceeds one voxel, which
    zeroes the score) is recomputed from the network's probabilities (``Segmenter.probabilities``).
 
-Per side: false alarms (clean cases flagged ``review``; goal at most 5 %), Spearman of score against
-true Dice (the lowest over classes, :func:`medunet.qc.calibrate.case_dice`), AUROC for "bad" (Dice
-below the median - 0.1, :func:`medunet.qc.calibrate.bad_cases`), the temperature and threshold, and
-which checks fired on each corrupted kind.
+A **graded** set (``--graded-cases``, :func:`graded_phantom`) holds the model's kind of phantom with
+severity spread evenly from 0 to 1: the organs' contrast lowered (geometrically, to :data:`GRADED`'s
+floor) and the noise raised (to 1.8x, below QC's noise check), the label unchanged, so the true Dice
+runs from the model's best to poor and the score's ranking (Spearman, AUROC) is measured on real bad
+cases, with bad and good cases flagged.
 
-    python scripts/bench/qc_calibration.py --workdir /tmp/qccal --json /tmp/qccal/qc_calibration.json   # ~1 h on 2 busy cores
+Per side: false alarms (clean cases flagged ``review``, or on a graded set the cases flagged that are
+not bad; goal at most 5 %), Spearman of score against true Dice (the lowest over classes,
+:func:`medunet.qc.calibrate.case_dice`), AUROC for "bad" (Dice below the median - 0.1,
+:func:`medunet.qc.calibrate.bad_cases`), bad and good cases flagged, the temperature and threshold,
+and which checks fired on each corrupted kind.
+
+    python scripts/bench/qc_calibration.py --workdir /tmp/qccal --json /tmp/qccal/qc_calibration.json   # ~25 min on 2 busy cores
     python scripts/bench/qc_calibration.py --workdir /tmp/qccal --skip-train   # reuse the trained models in --workdir
-    python scripts/bench/qc_calibration.py --quick   # seconds: a 1-epoch demo, tiny planned and lesion runs, 3 cases each
+    python scripts/bench/qc_calibration.py --quick   # about a minute: a 1-epoch demo, tiny planned and lesion runs, 3 cases a set
 """
 
 from __future__ import annotations
@@ -60,6 +68,11 @@ HARD_NOISE = 2.5
 #: Lesion: this many HU brighter than the organ, radius in mm.
 LESION_HU = 90.0
 LESION_RADIUS_MM = 6.0
+#: Graded sets: at severity 1 the organs keep this share of their contrast to the tissue around them, and
+#: the voxel noise is this many times the model's training noise (below QC's noise check at 2.5x). The
+#: planned model's noisier task loses its organs at higher contrast, so its range stops earlier; both were
+#: chosen (on 21 probe cases of the earlier models) so that the true Dice runs from about 0.95 to about 0.
+GRADED = {"graded": (0.1, 1.8), "graded_hard": (0.3, 1.8)}
 #: Seeds of the evaluated cases (training data uses 0..999 and 1000+).
 EVAL_SEED = 50_000
 #: What a user would change from the plan to train in minutes on a small CPU: size only (as tests/conftest.py).
@@ -108,6 +121,25 @@ def lesion_phantom(shape: Sequence[int], *, seed: int, lesion: bool) -> tuple[np
     return image, label
 
 
+def graded_phantom(shape: Sequence[int], *, seed: int, severity: float, noise: float, contrast: float,
+                   noise_gain: float) -> tuple[np.ndarray, np.ndarray]:
+    """make_phantom's case with its organs' contrast lowered and its noise raised by ``severity`` (0..1); the label is unchanged.
+
+    The organs (classes 1 and 2) move towards the tissue around them, keeping ``contrast ** severity`` of
+    their contrast (even steps in log, 1 down to ``contrast``), and the noise grows from ``noise`` to
+    ``noise * noise_gain`` (the same noise field, scaled): the anatomy, and so the label, stays what it
+    was, only harder to see.
+    """
+    flat, label = make_phantom(shape, seed=seed, num_classes=3, noise=0.0)
+    scale = noise * (1.0 + severity * (noise_gain - 1.0))
+    noisy, _ = make_phantom(shape, seed=seed, num_classes=3, noise=scale)
+    tissue = float(np.median(flat[(label == 0) & (flat > -500.0)]))
+    organs = label > 0
+    image = flat.copy()
+    image[organs] = tissue + contrast ** severity * (flat[organs] - tissue)
+    return (image + (noisy - flat)).astype(np.float32), label
+
+
 def training_data(folder: Path, kind: str, shape: Sequence[int], train: int, validation: int) -> Path:
     """The training datalist of the planned (``hard``) or the ``lesion`` model, with its own validation list."""
     entries = []
@@ -121,11 +153,20 @@ def training_data(folder: Path, kind: str, shape: Sequence[int], train: int, val
     return _datalist(folder, names, training=entries[:train], validation=entries[train:])
 
 
+def severity_of(index: int, count: int) -> float:
+    """The severity of a graded set's case ``index`` of ``count``: evenly from 0 to 1."""
+    return round(index / max(count - 1, 1), 4)
+
+
 def clean_cases(folder: Path, kind: str, shape: Sequence[int], count: int, *, seed: int) -> Path:
-    """``count`` new labelled clean phantoms as a datalist's "test" list (what ``medunet infer`` segments)."""
+    """``count`` new labelled phantoms as a datalist's "test" list (what ``medunet infer`` segments): clean, or a graded set."""
     entries = []
     for i in range(count):
-        if kind == "lesion_free":
+        if kind in GRADED:  # severity spread evenly from 0 to 1
+            contrast, gain = GRADED[kind]
+            image, label = graded_phantom(shape, seed=seed + i, severity=severity_of(i, count), noise=HARD_NOISE if kind == "graded_hard" else 1.0,
+                                          contrast=contrast, noise_gain=gain)
+        elif kind == "lesion_free":
             image, label = lesion_phantom(shape, seed=seed + i, lesion=False)
         elif kind == "lesion":
             image, label = lesion_phantom(shape, seed=seed + i, lesion=True)
@@ -179,12 +220,22 @@ def true_dice(datalist: Path, records: dict[str, dict[str, Any]], num_classes: i
     return out
 
 
+def severities(datalist: Path) -> dict[str, float]:
+    """Each case of a graded datalist's severity, from its place in the list (as clean_cases made it)."""
+    entries = json.loads(datalist.read_text())["test"]
+    return {Path(e["image"]).name.removesuffix(".nii.gz"): severity_of(i, len(entries)) for i, e in enumerate(entries)}
+
+
 def _finite(value: float) -> float | None:
     return None if value != value else round(float(value), 4)
 
 
-def side_summary(records: dict[str, dict[str, Any]], dice: dict[str, list[float]]) -> dict[str, Any]:
-    """False alarms, ranking quality and the per-case table of one side (calibrated or defaults) on clean cases."""
+def side_summary(records: dict[str, dict[str, Any]], dice: dict[str, list[float]], severity: dict[str, float] | None = None) -> dict[str, Any]:
+    """Flags, ranking quality and the per-case table of one side (calibrated or defaults) on one set of labelled cases.
+
+    ``false_alarms`` counts every case flagged (on a clean set all are false alarms); ``good_flagged``
+    only those that are not bad (:func:`~medunet.qc.calibrate.bad_cases`), the false alarms of a graded set.
+    """
     names = sorted(dice)
     scores = [records[n]["score"] for n in names]
     targets = [case_dice(dice[n]) for n in names]
@@ -204,10 +255,14 @@ def side_summary(records: dict[str, dict[str, Any]], dice: dict[str, list[float]
         "bad_dice_below": round(cut, 4),
         "bad_cases": int(bad.sum()),
         "bad_flagged": int(sum(f for f, b in zip(flagged, bad) if b)),
+        "good_flagged": int(sum(f for f, b in zip(flagged, bad) if not b)),
+        "good_flagged_rate": round(sum(f for f, b in zip(flagged, bad) if not b) / max(int((~bad).sum()), 1), 4),
+        "min_true_dice": round(float(np.min(targets)), 4),
+        "max_true_dice": round(float(np.max(targets)), 4),
         "mean_true_dice": round(float(np.mean(targets)), 4),
         "mean_score": round(float(np.mean(scores)), 4),
         "mean_abs_error": round(float(np.mean(np.abs(np.asarray(scores) - np.asarray(targets)))), 4),
-        "per_case": [{"case": n, "dice": round(t, 4), "dice_per_class": [round(d, 4) for d in dice[n]], "score": records[n]["score"],
+        "per_case": [{"case": n, **({"severity": severity[n]} if severity else {}), "dice": round(t, 4), "dice_per_class": [round(d, 4) for d in dice[n]], "score": records[n]["score"],
                       "flag": records[n]["flag"], "fired": records[n]["fired"]} for n, t in zip(names, targets)],
     }
 
@@ -234,7 +289,7 @@ def evaluate_model(run: Path, folder: Path, sets: dict[str, Path], corrupted: Pa
         out[side] = {}
         for name, datalist in sets.items():
             records = infer(model, datalist, folder / f"preds-{side}-{name}")
-            out[side][name] = side_summary(records, true_dice(datalist, records, len(class_names)))
+            out[side][name] = side_summary(records, true_dice(datalist, records, len(class_names)), severities(datalist) if name == "graded" else None)
         if corrupted is not None:
             out[side]["corrupted"] = corrupted_summary(infer(model, corrupted, folder / f"preds-{side}-corrupted"))
     return out
@@ -302,8 +357,11 @@ def planned_model(folder: Path, datalist: Path, epochs: int, iterations: int, pa
 
 
 def table(result: dict[str, Any]) -> str:
+    """The clean sets' table (false alarms, ranking on a narrow spread, corruptions) of the parts that ran."""
     rows = []
     for model, sets in (("demo", ("clean",)), ("planned", ("clean",)), ("absent_class", ("lesion_free", "lesion"))):
+        if model not in result:
+            continue
         m = result[model]
         cal = m["calibration"]
         for side in ("calibrated", "defaults"):
@@ -320,10 +378,27 @@ def table(result: dict[str, Any]) -> str:
     return markdown_table(header, rows)
 
 
+def graded_table(result: dict[str, Any]) -> str:
+    """The graded sets' table: ranking against true Dice, bad and good cases flagged."""
+    rows = []
+    for model in ("demo", "planned"):
+        if model not in result:
+            continue
+        for side in ("calibrated", "defaults"):
+            s = result[model][side]["graded"]
+            good = s["cases"] - s["bad_cases"]
+            rows.append([model, side, s["cases"], f"{s['min_true_dice']:.2f}-{s['max_true_dice']:.2f}", s["spearman"], s["auroc"],
+                         f"{s['bad_cases']} (< {s['bad_dice_below']:.2f})", f"{s['bad_flagged']}/{s['bad_cases']}",
+                         f"{s['good_flagged']}/{good} ({s['good_flagged_rate']:.0%})"])
+    header = ["model", "QC", "graded cases", "true Dice", "Spearman", "AUROC", "bad (Dice below)", "bad flagged", "good flagged"]
+    return markdown_table(header, rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = bench_parser(__doc__, f"a 1-epoch demo, planned and lesion runs of 1 step on {QUICK_SHAPE}, 3 clean cases per set")
     parser.add_argument("--workdir", type=Path, help="folder for data, runs and predictions (default: temporary)")
     parser.add_argument("--cases", type=int, default=40, help="clean cases per model (and lesion-free cases)")
+    parser.add_argument("--graded-cases", type=int, default=40, help="cases of each graded set (demo and planned models)")
     parser.add_argument("--lesion-cases", type=int, default=16, help="lesion-containing cases for the absent-class model")
     parser.add_argument("--epochs", type=int, default=10, help="epochs of the planned and lesion models")
     parser.add_argument("--iterations", type=int, default=16, help="steps per epoch of the planned and lesion models")
@@ -338,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     demo_shape, shape, patch = DEMO_SHAPE, TASK_SHAPE, "[32,32,24]"
     if args.quick:
-        args.cases, args.lesion_cases, args.epochs, args.iterations, args.train, args.validation = 3, 2, 1, 1, 4, 2
+        args.cases, args.graded_cases, args.lesion_cases, args.epochs, args.iterations, args.train, args.validation = 3, 3, 2, 1, 1, 4, 2
         shape, patch = QUICK_SHAPE, "[24,24,24]"
     parts = set(args.only or ("demo", "planned", "absent_class"))
     started = time.perf_counter()
@@ -346,7 +421,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "date": time.strftime("%Y-%m-%d"),
         "load_average_start": load_average(),
-        "settings": {"cases": args.cases, "lesion_cases": args.lesion_cases, "epochs": args.epochs, "iterations": args.iterations,
+        "settings": {"cases": args.cases, "graded_cases": args.graded_cases, "graded": GRADED, "lesion_cases": args.lesion_cases, "epochs": args.epochs, "iterations": args.iterations,
                      "train": args.train, "validation": args.validation, "hard_noise": HARD_NOISE, "quick": args.quick},
     }
     with workdir("qccal") as tmp:
@@ -354,7 +429,8 @@ def main(argv: list[str] | None = None) -> None:
         if "demo" in parts:
             tick = time.perf_counter()
             run = demo_model(root / "demo", quick=args.quick, skip_train=args.skip_train)
-            sets = {"clean": clean_cases(root / "demo-eval", "demo", demo_shape, args.cases, seed=EVAL_SEED)}
+            sets = {"clean": clean_cases(root / "demo-eval", "demo", demo_shape, args.cases, seed=EVAL_SEED),
+                    "graded": clean_cases(root / "demo-eval" / "graded", "graded", demo_shape, args.graded_cases, seed=EVAL_SEED + 4000)}
             corrupted = corrupted_cases(root / "demo-eval" / "corrupted", demo_shape, num_classes=3)
             result["demo"] = evaluate_model(run, root / "demo-eval", sets, corrupted, ("background", "organ", "vessel"))
             result["demo"]["seconds"] = round(time.perf_counter() - tick, 1)
@@ -362,7 +438,8 @@ def main(argv: list[str] | None = None) -> None:
             tick = time.perf_counter()
             datalist = training_data(root / "planned-data", "hard", shape, args.train, args.validation)
             run = planned_model(root / "planned", datalist, args.epochs, args.iterations, patch, skip_train=args.skip_train)
-            sets = {"clean": clean_cases(root / "planned-eval", "hard", shape, args.cases, seed=EVAL_SEED + 1000)}
+            sets = {"clean": clean_cases(root / "planned-eval", "hard", shape, args.cases, seed=EVAL_SEED + 1000),
+                    "graded": clean_cases(root / "planned-eval" / "graded", "graded_hard", shape, args.graded_cases, seed=EVAL_SEED + 5000)}
             corrupted = corrupted_cases(root / "planned-eval" / "corrupted", shape, num_classes=3)
             result["planned"] = evaluate_model(run, root / "planned-eval", sets, corrupted, ("background", "organ", "vessel"))
             result["planned"]["seconds"] = round(time.perf_counter() - tick, 1)
@@ -384,8 +461,9 @@ def main(argv: list[str] | None = None) -> None:
         result["seconds"] = round(time.perf_counter() - started, 1)
         result["load_average_end"] = load_average()
     write_json(args.json, result)
-    if parts == {"demo", "planned", "absent_class"}:
-        print(table(result))
+    print(table(result))
+    if parts & {"demo", "planned"}:
+        print(graded_table(result))
     print(json.dumps({k: v for k, v in result.items() if k not in ("demo", "planned", "absent_class")}, indent=1))
     print(f"load average after the run {load_average()}")
 
