@@ -244,7 +244,7 @@ class Trainer:
         )
         self._prepare_data(dist.shard(train_cases, even=True), dist.shard(val_cases, even=False))
         self._build_model()
-        self.state = TrainState(optimizer={}, scheduler={}, rng={})
+        self.state = TrainState(optimizer={}, scheduler={}, rng={}, best_metric=tc.selection_metric)
         self.start_epoch = 0
         self.metrics = MetricsLog(run_dir, self.class_names[1:], write=dist.is_main())
         self.snapshots = LearningSnapshots(run_dir, self.val_ds, self.class_names) if tc.snapshots and dist.is_main() else None
@@ -312,8 +312,8 @@ class Trainer:
         self.start_epoch, self.state = saved.epoch, saved.train_state
         self.metrics = MetricsLog(self.run_dir, self.class_names[1:], rows=self.state.history[: self.start_epoch], write=dist.is_main())
         self.metrics.write_csv()
-        log.info("resuming after epoch %d (best mean %s %.4f at epoch %d)", self.start_epoch, self.config.train.selection_metric,
-                 self.state.best_dice, self.state.best_epoch)
+        log.info("resuming after epoch %d (best mean %s %.4f at epoch %d)", self.start_epoch, self.state.best_metric,
+                 self.state.best_score, self.state.best_epoch)
 
     def _continue_steps(self, epochs_done: int, saved_scheduler: dict[str, Any]) -> None:
         """Count the steps a resumed run has done and put its scheduler on them (epochs or steps).
@@ -411,7 +411,7 @@ class Trainer:
     def _validate_epoch(self, row: dict[str, Any]) -> tuple[dict[str, float], bool]:
         """Validate, add the scores to ``row``, update the best score; returns the per-class Dice and whether it improved.
 
-        ``train.selection_metric`` (mean Dice or IoU) decides what is best; ``state.best_dice`` holds its best value.
+        ``train.selection_metric`` (mean Dice or IoU) decides what is best; ``state.best_score`` holds its best value.
         """
         started = time_budget.clock()
         scores = validate(self.model, self.val_ds, self.config, num_classes=self.num_classes, device=self.device, amp=self.amp,
@@ -423,9 +423,9 @@ class Trainer:
         row.update({dice_column(n): d for n, d in class_dice.items()})
         row.update({iou_column(n): float(v) for n, v in zip(self.class_names[1:], iou)})
         selected = scores.mean(self.config.train.selection_metric)
-        improved = selected > self.state.best_dice
+        improved = selected > self.state.best_score
         if improved:
-            self.state.best_dice, self.state.best_epoch, self.state.stale_validations = selected, row["epoch"], 0
+            self.state.best_score, self.state.best_epoch, self.state.stale_validations = selected, row["epoch"], 0
             self.state.best_class_dice = class_dice
         else:
             self.state.stale_validations += 1
