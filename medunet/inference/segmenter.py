@@ -375,7 +375,7 @@ class Segmenter:
         except Exception as exc:  # MONAI wraps transform errors; surface our typed one
             cause = unwrap_error(exc)
             if isinstance(cause, MedunetError):
-                raise cause from None
+                raise cause from cause.__cause__  # its own cause kept, MONAI's wrapper dropped
             raise
         timings["preprocess"] = time.perf_counter() - tick - timings.get("qc_input", 0.0)
         return PreparedCase(data=data, reference=reference, case=case, input_signals=signals)

@@ -259,10 +259,10 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         if "weights only" in str(exc).lower() and "unsupported global" in str(exc).lower():
             raise CheckpointError(
                 f"checkpoint {path} holds objects that are not plain weights and config; refusing to load it"
-            ) from None
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({type(exc).__name__})") from None
+            ) from exc
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({type(exc).__name__})") from exc
     except Exception as exc:  # torch's unpickler raises many types on junk input; all mean "unusable file"
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {exc})") from exc
     if not isinstance(stored, dict):
         raise CheckpointError(f"{path} is not a medunet checkpoint (missing everything)")
     return Checkpoint.from_dict(stored, source=str(path))

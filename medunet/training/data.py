@@ -59,7 +59,7 @@ def make_dataset(
         cause = unwrap_error(exc)
         if cause is exc:
             raise
-        raise cause from None
+        raise cause from cause.__cause__  # its own cause kept, MONAI's wrapper dropped
 
 
 def augmentation_device(config: Config, train_device: torch.device) -> torch.device | None:

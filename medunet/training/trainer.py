@@ -402,7 +402,7 @@ class Trainer:
         except RuntimeError as exc:  # a transform error inside the loader arrives wrapped by MONAI
             cause = unwrap_error(exc)
             if cause is not exc and isinstance(cause, MedunetError):
-                raise cause from None
+                raise cause from cause.__cause__  # its own cause kept, MONAI's wrapper dropped
             raise
         finally:
             bar.close()
