@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from medunet import __version__
+from medunet._version import __version__
 from medunet.errors import DataError
 from medunet.model.checkpoint import Checkpoint
 from medunet.model.package import QC_FILE, SCHEMA_VERSION

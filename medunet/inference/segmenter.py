@@ -276,7 +276,7 @@ class Segmenter:
         """The JSON-ready run report of one call: versions, device, model, classes, seconds per stage, outputs, QC record."""
         import monai
 
-        from medunet import __version__
+        from medunet._version import __version__
 
         kinds = ["dicom" if isinstance(s, DicomSource) or (isinstance(s, (str, Path)) and Path(s).is_dir()) else
                  "nifti" if isinstance(s, (str, Path)) else "in-memory" for s in inputs]

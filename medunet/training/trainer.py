@@ -29,7 +29,7 @@ from monai.networks.utils import one_hot
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm.auto import tqdm
 
-from medunet import __version__
+from medunet._version import __version__
 from medunet.config import Config, config_to_dict, save_config
 from medunet.errors import MedunetError, TrainingError, unwrap_error
 from medunet.io.datalist import load_datalist

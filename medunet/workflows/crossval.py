@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from medunet import __version__
+from medunet._version import __version__
 from medunet.config import Config, save_config
 from medunet.io.atomic import atomic_write_text
 from medunet.io.datalist import Case, load_datalist
