@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("_version",),
     ("errors",),
     ("io",),
-    ("config", "runtime"),
+    ("config", "runtime", "net"),
     ("synthetic", "visualize"),
     ("transforms", "postprocessing"),
     ("model",),

@@ -110,7 +110,7 @@ COMMANDS = {
     "demo": (["demo", "--out", "{t}/demo"], "medunet.workflows.demo.run_demo"),
     "dicom ls": (["dicom", "ls", "{t}/series"], "medunet.io.dicom.list_series"),
     "pacs": (["pacs", "--url", "http://127.0.0.1:9/dicom-web", "-m", "{t}/run", "--study", "1.2.3"],
-             "medunet.workflows.pacs.DicomWebPacs"),
+             "medunet.net.dicomweb.DicomWebPacs"),
 }
 
 
