@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
-
-from medunet.config import Config, load_config  # noqa: E402
-from medunet.errors import MedunetError  # noqa: E402
+from medunet._version import __version__
+from medunet.config import Config, load_config
+from medunet.errors import MedunetError
 
 
 def __getattr__(name: str) -> Any:  # lazy: importing medunet stays light until inference is needed

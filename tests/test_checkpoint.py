@@ -40,7 +40,7 @@ def make_state(epoch: int = 3, rng: dict[str, Any] | None = None) -> Checkpoint:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(1, 1, 5, 5, 5)).mean().backward()
     optimizer.step()
-    state = TrainState(optimizer=optimizer.state_dict(), scheduler={}, rng=rng or {}, best_dice=0.5, best_epoch=2,
+    state = TrainState(optimizer=optimizer.state_dict(), scheduler={}, rng=rng or {}, best_score=0.5, best_epoch=2,
                        history=[{"epoch": 0, "loss": 0.9, "dice": None}])
     return Checkpoint(model=model.state_dict(), config=config_to_dict(Config()), class_names=["background", "liver"],
                       in_channels=1, epoch=epoch, train_state=state)
@@ -74,7 +74,7 @@ def test_round_trip(tmp_path: Path) -> None:
     assert loaded.in_channels == 1
     assert loaded.train_state is not None and state.train_state is not None
     assert loaded.train_state.history == state.train_state.history
-    assert (loaded.train_state.best_dice, loaded.train_state.best_epoch) == (0.5, 2)
+    assert (loaded.train_state.best_score, loaded.train_state.best_metric, loaded.train_state.best_epoch) == (0.5, "dice", 2)
     assert config_from_dict(loaded.config) == Config()
     assert loaded.model.keys() == state.model.keys()
     for key, value in state.model.items():
@@ -85,6 +85,31 @@ def test_round_trip(tmp_path: Path) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     optimizer.load_state_dict(loaded.train_state.optimizer)
     torch.testing.assert_close(model[0].weight, state.model["0.weight"])
+
+
+@pytest.mark.parametrize("selection", ["dice", "iou"])
+def test_an_old_train_state_with_best_dice_still_loads(tmp_path: Path, selection: str) -> None:
+    """Before ``best_score``/``best_metric`` a last.pt stored the best score as ``best_dice``, IoU under IoU selection."""
+    checkpoint = make_state(epoch=3)
+    checkpoint.config["train"]["selection_metric"] = selection
+    stored = checkpoint.to_dict()
+    stored["best_dice"] = stored.pop("best_score")
+    del stored["best_metric"]
+    torch.save(stored, tmp_path / "last.pt")
+    state = load_checkpoint(tmp_path / "last.pt").train_state
+    assert state is not None
+    assert (state.best_score, state.best_metric, state.best_epoch) == (0.5, selection, 2)  # what the old run selected by
+    resaved = save_checkpoint(load_checkpoint(tmp_path / "last.pt"), tmp_path / "again.pt")
+    assert {"best_score", "best_metric"} <= set(torch.load(resaved, weights_only=True)) and "best_dice" not in torch.load(resaved, weights_only=True)
+
+
+def test_best_mean_dice_is_dice_under_either_selection() -> None:
+    history = [{"epoch": 1, "val_dice_mean": 0.6, "val_iou_mean": 0.43}, {"epoch": 2, "train_loss": 0.5}]
+    state = TrainState(optimizer={}, scheduler={}, rng={}, best_score=0.43, best_metric="iou", best_epoch=1, history=history)
+    assert state.best_mean_dice() == 0.6
+    assert TrainState(optimizer={}, scheduler={}, rng={}, best_score=0.7, best_epoch=4).best_mean_dice() == 0.7  # no row: the Dice score
+    assert TrainState(optimizer={}, scheduler={}, rng={}, best_score=0.43, best_metric="iou", best_epoch=4).best_mean_dice() == 0.0
+    assert TrainState(optimizer={}, scheduler={}, rng={}).best_mean_dice() == 0.0  # before any validation
 
 
 def test_a_model_only_checkpoint_loads_without_train_state(tmp_path: Path) -> None:

@@ -169,6 +169,8 @@ def test_garbage_with_nifti_name_refused(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="cannot read NIfTI header") as info:
         load_volume(path)
     assert str(path) in str(info.value)
+    cause = info.value.__cause__  # nibabel's own error stays attached, for --debug's traceback
+    assert cause is not None and f"({type(cause).__name__}" in str(info.value)
 
 
 @pytest.mark.parametrize("name", ["scan.mha", "scan.nrrd", "scan.nii.zip", "scan"])

@@ -26,8 +26,8 @@ import requests
 
 from medunet.cli import main
 from medunet.errors import PacsError
+from medunet.net.dicomweb import PASSWORD_ENV, USER_ENV, DicomWebPacs, PacsConnection
 from medunet.synthetic import grid_affine, make_phantom, write_dicom_series
-from medunet.workflows.pacs import PASSWORD_ENV, USER_ENV, DicomWebPacs, PacsConnection
 
 USER, PASSWORD = "medunet-test", "pw-CANARY-7f3a"  # the password must never show up in any output
 NO_MODEL = Path("no-such-run")  # connection and login are checked before the model is loaded

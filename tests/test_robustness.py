@@ -8,6 +8,7 @@ segmentation quality, only that outputs are written on the input grid and failur
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -109,7 +110,7 @@ COMMANDS = {
     "demo": (["demo", "--out", "{t}/demo"], "medunet.workflows.demo.run_demo"),
     "dicom ls": (["dicom", "ls", "{t}/series"], "medunet.io.dicom.list_series"),
     "pacs": (["pacs", "--url", "http://127.0.0.1:9/dicom-web", "-m", "{t}/run", "--study", "1.2.3"],
-             "medunet.workflows.pacs.DicomWebPacs"),
+             "medunet.net.dicomweb.DicomWebPacs"),
 }
 
 
@@ -150,6 +151,39 @@ def test_with_debug_an_unexpected_error_propagates(command: str, tmp_path: Path,
     _break(monkeypatch, target)
     with pytest.raises(RuntimeError, match="boom"):
         main(["--debug", *[a.format(t=tmp_path) for a in args]])
+
+
+def _truncated_checkpoint(path: Path) -> Path:
+    """A checkpoint cut short: torch raises its own RuntimeError (a zip archive without its directory) on loading it."""
+    import torch
+
+    torch.save({"model": {"w": torch.zeros(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:200])
+    return path
+
+
+def test_a_bad_input_is_one_line_and_with_debug_a_traceback_down_to_the_original_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A typed error keeps the library error it came from as its cause: the one line is unchanged, ``--debug`` shows both."""
+    from medunet.errors import CheckpointError
+
+    bad = _truncated_checkpoint(tmp_path / "model.pt")
+    args = ["export", str(bad), "-o", str(tmp_path / "pkg")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "direct cause" not in err
+    (line,) = [line for line in err.splitlines() if line.strip()]
+    assert line.startswith(f"medunet: error: checkpoint {bad} is corrupt or truncated (RuntimeError: PytorchStreamReader")
+    with pytest.raises(CheckpointError) as raised:
+        main(["--debug", *args])
+    assert isinstance(raised.value.__cause__, RuntimeError)
+    # what a user sees: the interpreter prints the traceback of both, the original first
+    done = subprocess.run([sys.executable, "-m", "medunet", "--debug", *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    original, _, ours = done.stderr.partition("The above exception was the direct cause of the following exception:")
+    assert "Traceback" in original and "RuntimeError: PytorchStreamReader" in original and "torch" in original
+    assert "medunet.errors.CheckpointError: checkpoint" in ours and "load_checkpoint" in ours
 
 
 def test_an_unexpected_os_error_names_its_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -164,7 +164,7 @@ class CheckReport:
 
     def to_json(self) -> dict[str, Any]:
         """The JSON report (see docs/check.md for its fields)."""
-        from medunet import __version__
+        from medunet._version import __version__
 
         return {
             "format": REPORT_FORMAT,

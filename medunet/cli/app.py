@@ -14,7 +14,7 @@ from typing import TextIO
 
 import click
 
-from medunet import __version__
+from medunet._version import __version__
 from medunet.errors import REPORTED_ON_RANK_0, MedunetError, describe_unexpected, unwrap_error
 
 log = logging.getLogger("medunet")

@@ -46,7 +46,8 @@ def pacs(url: str, model_path: Path, study_uid: str, series_uid: str | None, tim
     unless the SEG was completely produced.
     """
     from medunet.inference.segmenter import Segmenter
-    from medunet.workflows.pacs import DicomWebPacs, PacsConnection, segment_from_pacs
+    from medunet.net.dicomweb import DicomWebPacs, PacsConnection
+    from medunet.workflows.pacs import segment_from_pacs
 
     server = DicomWebPacs(PacsConnection.from_environment(url, timeout=timeout, retries=retries))
     server.check()  # unreachable or refused before the model is loaded

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from medunet import __version__
+from medunet._version import __version__
 from medunet.errors import DataError
 from medunet.model.checkpoint import Checkpoint
 from medunet.model.package import QC_FILE, SCHEMA_VERSION
@@ -61,7 +61,8 @@ def _validation(folds: dict[int | None, Checkpoint], source: Path) -> dict[str, 
         state = checkpoint.train_state
         key = "model" if fold is None else f"fold_{fold}"
         per_network[key] = {"epochs": checkpoint.epoch} | ({
-            "best_epoch": state.best_epoch, "mean_dice": round(state.best_dice, 4),
+            "best_epoch": state.best_epoch, "mean_dice": round(state.best_mean_dice(), 4),
+            "selection_metric": state.best_metric,
             "class_dice": {k: round(v, 4) for k, v in state.best_class_dice.items()},
         } if state is not None and state.best_epoch > 0 else {"note": "no validation recorded in the checkpoint"})
     result: dict[str, Any] = {"held_out_validation": per_network,

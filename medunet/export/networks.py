@@ -74,7 +74,7 @@ def export_onnx(network: nn.Module, path: Path, *, in_channels: int, window: Seq
         model = onnx.load_from_string(buffer.getvalue())
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:  # the exporter raises many types (unsupported operators, tracing failures)
-        raise ExportError(f"the network cannot be exported to ONNX ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})") from None
+        raise ExportError(f"the network cannot be exported to ONNX ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})") from exc
     path.write_bytes(buffer.getvalue())
     return _compare_onnx(network, path, _window(in_channels, probe, seed=1))
 
@@ -110,7 +110,7 @@ def export_torchscript(network: nn.Module, path: Path, *, in_channels: int, wind
             x = _window(in_channels, probe, seed=1)
             difference = float((loaded(x) - network(x)).abs().max())
     except Exception as exc:  # tracing raises many types
-        raise ExportError(f"the network cannot be exported to TorchScript ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})") from None
+        raise ExportError(f"the network cannot be exported to TorchScript ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})") from exc
     if difference > 1e-4:
         raise ExportError(f"the traced TorchScript network's logits differ from torch's by {difference:.3g}; not writing the package")
     return difference

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from medunet import __version__
+from medunet._version import __version__
 from medunet.config import Config, config_to_dict
 from medunet.errors import ExportError, OutputExistsError
 from medunet.export import bundle

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
-from medunet import __version__
+from medunet._version import __version__
 from medunet.errors import CaseError, ConfigError, DataError, MedunetError, OutputExistsError, describe_unexpected, unwrap_error
 from medunet.inference.pipeline import Job, Stage, run_jobs
 from medunet.inference.segmenter import CaseResult, Segmenter

@@ -276,7 +276,7 @@ class Segmenter:
         """The JSON-ready run report of one call: versions, device, model, classes, seconds per stage, outputs, QC record."""
         import monai
 
-        from medunet import __version__
+        from medunet._version import __version__
 
         kinds = ["dicom" if isinstance(s, DicomSource) or (isinstance(s, (str, Path)) and Path(s).is_dir()) else
                  "nifti" if isinstance(s, (str, Path)) else "in-memory" for s in inputs]
@@ -375,7 +375,7 @@ class Segmenter:
         except Exception as exc:  # MONAI wraps transform errors; surface our typed one
             cause = unwrap_error(exc)
             if isinstance(cause, MedunetError):
-                raise cause from None
+                raise cause from cause.__cause__  # its own cause kept, MONAI's wrapper dropped
             raise
         timings["preprocess"] = time.perf_counter() - tick - timings.get("qc_input", 0.0)
         return PreparedCase(data=data, reference=reference, case=case, input_signals=signals)

@@ -162,7 +162,7 @@ def _value(ds: Any, keyword: str) -> Any:
     try:
         value = ds.get(keyword)
     except Exception as exc:  # pydicom converts lazily; a damaged element raises on access (many types)
-        raise _BadTag(keyword, f"cannot be decoded ({type(exc).__name__})") from None
+        raise _BadTag(keyword, f"cannot be decoded ({type(exc).__name__})") from exc
     return None if value is None or value == "" else value
 
 
@@ -235,9 +235,9 @@ def _read_header(path: Path, *, case: str | None) -> SliceHeader | None:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         return _parse_slice(path, ds)
     except _BadTag as exc:
-        raise DataError(f"{exc}; the header is corrupt", case=case, path=str(path)) from None
+        raise DataError(f"{exc}; the header is corrupt", case=case, path=str(path)) from exc
     except Exception as exc:  # pydicom raises many types for damaged files; all mean "unreadable"
-        raise parse_error("cannot read DICOM header", exc, case=case, path=str(path)) from None
+        raise parse_error("cannot read DICOM header", exc, case=case, path=str(path)) from exc
 
 
 Members = list[SliceHeader]
@@ -382,7 +382,7 @@ def _decode(header: SliceHeader, *, case: str | None) -> tuple[np.ndarray, Any]:
     try:
         ds = pydicom.dcmread(path)
     except Exception as exc:  # pydicom raises many types for damaged files; all mean "unreadable"
-        raise parse_error("cannot read DICOM file", exc, case=case, path=str(path)) from None
+        raise parse_error("cannot read DICOM file", exc, case=case, path=str(path)) from exc
     syntax = ds.file_meta.get("TransferSyntaxUID")
     try:
         pixels = np.asarray(ds.pixel_array)
@@ -393,7 +393,7 @@ def _decode(header: SliceHeader, *, case: str | None) -> tuple[np.ndarray, Any]:
             "for the supported transfer syntaxes, or decompress the series first",
             case=case,
             path=str(path),
-        ) from None
+        ) from exc
     if pixels.ndim != 2 or pixels.shape != (header.rows, header.columns):
         raise DataError(
             f"pixel data is {pixels.shape}, the header says one {header.rows} x {header.columns} frame", case=case, path=str(path)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medunet import __version__
+from medunet._version import __version__
 from medunet.errors import ConfigError, GeometryError, OutputExistsError
 from medunet.io.atomic import atomic_path
 

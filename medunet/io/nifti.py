@@ -56,7 +56,7 @@ def _open_nifti(path: Path, *, case: str | None, check_grid: bool) -> nib.Nifti1
     except DataError:
         raise
     except Exception as exc:  # nibabel raises many types for corrupt headers; all mean "unreadable"
-        raise parse_error("cannot read NIfTI header", exc, case=case, path=str(path)) from None
+        raise parse_error("cannot read NIfTI header", exc, case=case, path=str(path)) from exc
     for name, (matrix, code) in transforms.items():
         if check_grid and code and matrix is not None and _degenerate(matrix):
             raise DataError(
@@ -150,7 +150,7 @@ def voxel_array(image: nib.Nifti1Image, *, scaled: bool = True, case: str | None
     except MemoryError:
         raise
     except Exception as exc:  # nibabel/numpy/zlib raise many types for damaged data; all mean "unreadable"
-        raise parse_error("cannot read voxel data: the data block is truncated or corrupt", exc, case=case, path=path) from None
+        raise parse_error("cannot read voxel data: the data block is truncated or corrupt", exc, case=case, path=path) from exc
 
 
 def _check_fits(data: np.ndarray, dtype: np.dtype, *, case: str | None, path: str | None) -> None:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from medunet import __version__
+from medunet._version import __version__
 from medunet.errors import ConfigError, OutputExistsError
 from medunet.io.atomic import atomic_path
 from medunet.io.dicom_seg import MANUFACTURER, class_name_map, long_string, source_frames

@@ -32,7 +32,9 @@ log = logging.getLogger("medunet")
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "model", "config", "labels", "in_channels", "epoch")
-_TRAIN_STATE_KEYS = ("optimizer", "scheduler", "rng", "best_dice", "best_epoch", "stale_validations", "history")
+_TRAIN_STATE_KEYS = ("optimizer", "scheduler", "rng", "best_epoch", "stale_validations", "history")
+#: Where the best score is stored; ``best_dice`` in earlier checkpoints, where it held the IoU under IoU selection.
+_BEST_SCORE_KEYS = ("best_score", "best_dice")
 
 
 @dataclass
@@ -47,16 +49,29 @@ class TrainState:
     """Every random generator's state (:func:`capture_rng`)."""
     scaler: dict[str, Any] | None = None
     """The fp16 gradient scaler's state; None when it was disabled."""
-    best_dice: float = -1.0
-    """Best mean validation score so far (-1 before the first validation)."""
+    best_score: float = -1.0
+    """Best mean validation score so far, in ``best_metric`` (-1 before the first validation)."""
+    best_metric: str = "dice"
+    """What ``best_score`` measures: the run's ``train.selection_metric`` (``"dice"`` or ``"iou"``)."""
     best_epoch: int = 0
-    """Epoch (1-based) of ``best_dice``; 0 before the first validation."""
+    """Epoch (1-based) of ``best_score``; 0 before the first validation."""
     stale_validations: int = 0
     """Validations since the last improvement (drives early stopping)."""
     best_class_dice: dict[str, float] = field(default_factory=dict)
     """Per-class validation score at ``best_epoch``, by class name."""
     history: list[dict[str, Any]] = field(default_factory=list)
     """One ``metrics.csv`` row per completed epoch."""
+
+    def best_mean_dice(self) -> float:
+        """Mean validation Dice at ``best_epoch`` whatever the selection metric (0 before the first validation).
+
+        From the epoch's ``history`` row; ``best_score`` itself when that row is missing and the score is Dice.
+        """
+        row = next((r for r in self.history if r.get("epoch") == self.best_epoch), {})
+        dice = row.get("val_dice_mean")
+        if isinstance(dice, (int, float)):
+            return float(dice)
+        return max(self.best_score, 0.0) if self.best_metric == "dice" and self.best_epoch > 0 else 0.0
 
 
 @dataclass
@@ -114,8 +129,8 @@ class Checkpoint:
         if self.train_state is not None:
             ts = self.train_state
             stored.update(
-                optimizer=ts.optimizer, scheduler=ts.scheduler, scaler=ts.scaler, rng=ts.rng, best_dice=float(ts.best_dice),
-                best_epoch=int(ts.best_epoch), stale_validations=int(ts.stale_validations),
+                optimizer=ts.optimizer, scheduler=ts.scheduler, scaler=ts.scaler, rng=ts.rng, best_score=float(ts.best_score),
+                best_metric=str(ts.best_metric), best_epoch=int(ts.best_epoch), stale_validations=int(ts.stale_validations),
                 best_class_dice=dict(ts.best_class_dice), history=list(ts.history),
             )
         return stored
@@ -140,10 +155,11 @@ class Checkpoint:
         except (KeyError, TypeError):
             raise CheckpointError(f"{source}: its class labels are not numbered 0..{len(labels) - 1}") from None
         train_state = None
-        if all(k in stored for k in _TRAIN_STATE_KEYS):
+        best_key = next((k for k in _BEST_SCORE_KEYS if k in stored), None)
+        if best_key is not None and all(k in stored for k in _TRAIN_STATE_KEYS):
             train_state = TrainState(
                 optimizer=stored["optimizer"], scheduler=stored["scheduler"], rng=stored["rng"], scaler=stored.get("scaler"),
-                best_dice=float(stored["best_dice"]), best_epoch=int(stored["best_epoch"]),
+                best_score=float(stored[best_key]), best_metric=_best_metric(stored), best_epoch=int(stored["best_epoch"]),
                 stale_validations=int(stored["stale_validations"]),
                 best_class_dice={str(k): float(v) for k, v in stored.get("best_class_dice", {}).items()},
                 history=list(stored["history"]),
@@ -154,6 +170,14 @@ class Checkpoint:
             qc_reference=stored.get("qc_reference", stored.get("fingerprint")),  # "fingerprint": its name before 0.2
             medunet_version=str(stored.get("medunet_version", "")), train_state=train_state, format=int(stored["format"]),
         )
+
+
+def _best_metric(stored: Mapping[str, Any]) -> str:
+    """The stored ``best_metric``; for a checkpoint older than it, the selection metric of its config (Dice before IoU selection)."""
+    if "best_metric" in stored:
+        return str(stored["best_metric"])
+    train = stored["config"].get("train") if isinstance(stored["config"], Mapping) else None
+    return str(train.get("selection_metric", "dice")) if isinstance(train, Mapping) else "dice"
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> Path:
@@ -235,10 +259,10 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         if "weights only" in str(exc).lower() and "unsupported global" in str(exc).lower():
             raise CheckpointError(
                 f"checkpoint {path} holds objects that are not plain weights and config; refusing to load it"
-            ) from None
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({type(exc).__name__})") from None
+            ) from exc
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({type(exc).__name__})") from exc
     except Exception as exc:  # torch's unpickler raises many types on junk input; all mean "unusable file"
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {exc})") from exc
     if not isinstance(stored, dict):
         raise CheckpointError(f"{path} is not a medunet checkpoint (missing everything)")
     return Checkpoint.from_dict(stored, source=str(path))

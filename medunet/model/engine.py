@@ -82,7 +82,7 @@ class OnnxRuntimeEngine(nn.Module):
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=ort_providers(device),
                                                 provider_options=provider_options)
         except Exception as exc:  # onnxruntime raises its own exception types for invalid graphs
-            raise PackageError(f"onnxruntime cannot load {path} ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+            raise PackageError(f"onnxruntime cannot load {path} ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
         self.input_name = self.session.get_inputs()[0].name
         self.out_channels = out_channels
         self.path = Path(path)
@@ -102,5 +102,5 @@ def load_torchscript(path: str | Path, *, device: torch.device) -> nn.Module:
     try:
         module = torch.jit.load(str(path), map_location=device)
     except Exception as exc:  # torch raises RuntimeError and others for a bad archive
-        raise PackageError(f"cannot load TorchScript network {path} ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        raise PackageError(f"cannot load TorchScript network {path} ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
     return module.eval()

@@ -38,7 +38,7 @@ from typing import Any
 import cc3d
 import numpy as np
 
-from medunet import __version__
+from medunet._version import __version__
 from medunet.config import ClassPostprocessing, CrfConfig, PostprocessingConfig, config_from_dict, config_to_dict
 from medunet.errors import CheckpointError, ConfigError, DataError
 from medunet.io.atomic import atomic_write_text

@@ -16,7 +16,7 @@ import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset, ThreadDataLoader, list_data_collate
 from monai.transforms import Compose
 
-from medunet import __version__
+from medunet._version import __version__
 from medunet.config import Config, DataConfig, config_to_dict, non_preprocessing_fields
 from medunet.errors import ConfigError, unwrap_error
 from medunet.io.datalist import Case
@@ -59,7 +59,7 @@ def make_dataset(
         cause = unwrap_error(exc)
         if cause is exc:
             raise
-        raise cause from None
+        raise cause from cause.__cause__  # its own cause kept, MONAI's wrapper dropped
 
 
 def augmentation_device(config: Config, train_device: torch.device) -> torch.device | None:

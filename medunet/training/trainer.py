@@ -20,16 +20,16 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
-from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm.auto import tqdm
 
-from medunet import __version__
+from medunet._version import __version__
 from medunet.config import Config, config_to_dict, save_config
 from medunet.errors import MedunetError, TrainingError, unwrap_error
 from medunet.io.datalist import load_datalist
@@ -40,11 +40,11 @@ from medunet.qc.reference import training_reference
 from medunet.runtime import amp_dtype, autocast, derived_seed, seed_everything
 from medunet.training import budget as time_budget
 from medunet.training import distributed as dist
-from medunet.training.budget import TimeBudget
+from medunet.training.budget import BudgetedRun
 from medunet.training.cases import resolve_labels, split_for_run
 from medunet.training.data import batch_cases, preprocessing_key, training_loader, validation_dataset
 from medunet.training.losses import DeepSupervisionLoss
-from medunet.training.optim import build_optimizer, build_scheduler, continue_schedule, step_schedule
+from medunet.training.optim import build_optimizer, build_scheduler, continue_schedule
 from medunet.training.records import MetricsLog, dice_column, iou_column
 from medunet.training.snapshots import LearningSnapshots
 from medunet.training.splits import Fold
@@ -221,11 +221,9 @@ class Trainer:
         self.config, self.run_dir, self.progress = config, run_dir, progress
         tc = config.train
         self.started = time_budget.clock()
-        self.budget = TimeBudget(tc.max_minutes, started=self.started) if tc.max_minutes else None
+        self.budget = BudgetedRun(tc, config.optim, started=self.started) if tc.max_minutes else None
         self.steps_done = 0  # optimisation steps so far (a time-budgeted run's schedule counts in steps)
-        self.stop_now = False  # set when the time budget ends the run before its planned steps
         self.last_lr = config.optim.lr
-        self._planned, self._plan_total = False, 0  # the budget's first estimate is made; its step total
         self.device = dist.device_for(tc.device)
         self.amp = amp_dtype(tc.amp, self.device)
         if dist.is_main():
@@ -246,7 +244,7 @@ class Trainer:
         )
         self._prepare_data(dist.shard(train_cases, even=True), dist.shard(val_cases, even=False))
         self._build_model()
-        self.state = TrainState(optimizer={}, scheduler={}, rng={})
+        self.state = TrainState(optimizer={}, scheduler={}, rng={}, best_metric=tc.selection_metric)
         self.start_epoch = 0
         self.metrics = MetricsLog(run_dir, self.class_names[1:], write=dist.is_main())
         self.snapshots = LearningSnapshots(run_dir, self.val_ds, self.class_names) if tc.snapshots and dist.is_main() else None
@@ -288,8 +286,10 @@ class Trainer:
         self.model: SegmentationNetwork = model
         self.loss_fn = DeepSupervisionLoss(config, self.num_classes).to(self.device)
         self.optimizer = build_optimizer(config.optim, model)
-        self.scheduler = build_scheduler(config.optim, self.optimizer, tc.max_epochs,
-                                         steps_per_epoch=self.steps_per_epoch if self.budget else None)
+        if self.budget is not None:  # the schedule counts in steps, laid over those the budget finds fit
+            self.scheduler = self.budget.build_scheduler(self.optimizer, self.steps_per_epoch)
+        else:
+            self.scheduler = build_scheduler(config.optim, self.optimizer, tc.max_epochs)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.trained: torch.nn.Module = dist.wrap(model, self.device)  # DDP under torchrun; ``model`` stays the plain network
         if tc.compile:
@@ -312,34 +312,20 @@ class Trainer:
         self.start_epoch, self.state = saved.epoch, saved.train_state
         self.metrics = MetricsLog(self.run_dir, self.class_names[1:], rows=self.state.history[: self.start_epoch], write=dist.is_main())
         self.metrics.write_csv()
-        log.info("resuming after epoch %d (best mean %s %.4f at epoch %d)", self.start_epoch, self.config.train.selection_metric,
-                 self.state.best_dice, self.state.best_epoch)
+        log.info("resuming after epoch %d (best mean %s %.4f at epoch %d)", self.start_epoch, self.state.best_metric,
+                 self.state.best_score, self.state.best_epoch)
 
     def _continue_steps(self, epochs_done: int, saved_scheduler: dict[str, Any]) -> None:
         """Count the steps a resumed run has done and put its scheduler on them (epochs or steps).
 
-        A time-budgeted run resumed with a budget gets a fresh budget: its schedule continues from the
-        progress it had made and is laid over the steps the new budget allows.
+        Resumed with a time budget, the budget does it (:meth:`BudgetedRun.resume`: a fresh budget).
         """
-        schedule = step_schedule(self.scheduler)
-        saved_in_steps = isinstance((saved_scheduler.get("lr_lambdas") or [None])[0], dict) and "total_steps" in saved_scheduler["lr_lambdas"][0]
-        if schedule is None:
-            self.steps_done = epochs_done * self.steps_per_epoch
-            if not isinstance(self.scheduler, ReduceLROnPlateau):
-                self.scheduler.last_epoch = epochs_done  # the same number unless the saved run was time-budgeted
+        if self.budget is not None:
+            self.steps_done = self.budget.resume(epochs_done, saved_scheduler)
             return
-        self.steps_done = self.scheduler.last_epoch if saved_in_steps else epochs_done * self.steps_per_epoch
-        if not saved_in_steps:  # a run counted in epochs continued under a budget: a fresh decay from the peak
-            schedule.anchor_step, schedule.anchor_progress = max(self.steps_done, schedule.warmup_steps), 0.0
-        self.scheduler.last_epoch = self.steps_done
-        self._apply_lr()
-
-    def _apply_lr(self) -> None:
-        """Set the optimizer's lr to what the (re-laid) step schedule gives for the next step."""
-        self.scheduler.base_lrs = [self.config.optim.lr] * len(self.optimizer.param_groups)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.config.optim.lr * cast(LambdaLR, self.scheduler).lr_lambdas[0](self.steps_done)  # only reached with a StepSchedule
-        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        self.steps_done = epochs_done * self.steps_per_epoch
+        if not isinstance(self.scheduler, ReduceLROnPlateau):
+            self.scheduler.last_epoch = epochs_done  # the same number unless the saved run was time-budgeted
 
     def checkpoint(self, epoch: int) -> Checkpoint:
         """The run as it stands after ``epoch`` epochs (what ``last.pt`` holds)."""
@@ -394,9 +380,8 @@ class Trainer:
         seed_everything(epoch_seed)
         self.train_ds.transform.set_random_state(seed=epoch_seed)
         self.generator.manual_seed(epoch_seed)
-        iterations = self.steps_per_epoch
-        if self.budget is not None:  # the budget's last epoch may be cut short
-            iterations = max(1, min(iterations, self._planned_steps() - self.steps_done))
+        # the budget's last epoch may be cut short
+        iterations = self.budget.epoch_steps(self.steps_done) if self.budget is not None else self.steps_per_epoch
         desc = f"epoch {epoch + 1}/{tc.max_epochs}"
         self.trained.train()
         losses: list[float] = []
@@ -412,12 +397,12 @@ class Trainer:
                 tock = time_budget.clock()
                 self.step_seconds.append(tock - tick)
                 tick = tock
-                if self.budget is not None and self._budget_step():
+                if self.budget is not None and self.budget.step_done(self.steps_done, self.step_seconds[-1]):
                     break
         except RuntimeError as exc:  # a transform error inside the loader arrives wrapped by MONAI
             cause = unwrap_error(exc)
             if cause is not exc and isinstance(cause, MedunetError):
-                raise cause from None
+                raise cause from cause.__cause__  # its own cause kept, MONAI's wrapper dropped
             raise
         finally:
             bar.close()
@@ -426,7 +411,7 @@ class Trainer:
     def _validate_epoch(self, row: dict[str, Any]) -> tuple[dict[str, float], bool]:
         """Validate, add the scores to ``row``, update the best score; returns the per-class Dice and whether it improved.
 
-        ``train.selection_metric`` (mean Dice or IoU) decides what is best; ``state.best_dice`` holds its best value.
+        ``train.selection_metric`` (mean Dice or IoU) decides what is best; ``state.best_score`` holds its best value.
         """
         started = time_budget.clock()
         scores = validate(self.model, self.val_ds, self.config, num_classes=self.num_classes, device=self.device, amp=self.amp,
@@ -438,9 +423,9 @@ class Trainer:
         row.update({dice_column(n): d for n, d in class_dice.items()})
         row.update({iou_column(n): float(v) for n, v in zip(self.class_names[1:], iou)})
         selected = scores.mean(self.config.train.selection_metric)
-        improved = selected > self.state.best_dice
+        improved = selected > self.state.best_score
         if improved:
-            self.state.best_dice, self.state.best_epoch, self.state.stale_validations = selected, row["epoch"], 0
+            self.state.best_score, self.state.best_epoch, self.state.stale_validations = selected, row["epoch"], 0
             self.state.best_class_dice = class_dice
         else:
             self.state.stale_validations += 1
@@ -464,7 +449,7 @@ class Trainer:
         losses = self.train_epoch(epoch)
         row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": dist.all_reduce_mean(float(np.mean(losses))), "lr": self.last_lr,
                                "step_seconds": float(np.mean(self.step_seconds))}
-        last = epoch + 1 == tc.max_epochs or (self.budget is not None and self._budget_spent())
+        last = epoch + 1 == tc.max_epochs or (self.budget is not None and self.budget.epoch_is_last(self.steps_done))
         validated = (epoch + 1) % tc.val_every == 0 or last or (self.budget is not None and epoch == self.start_epoch)
         class_dice, improved = self._validate_epoch(row) if validated else (None, False)
         if not isinstance(self.scheduler, ReduceLROnPlateau) and self.budget is None:
@@ -477,71 +462,11 @@ class Trainer:
             if improved:
                 save_checkpoint(saved, self.run_dir / "best.pt")
         if self.budget is not None:
-            self._measure_epoch(time_budget.clock() - started, validated)
-            if not last:  # lay the next epochs' steps with this epoch's validation and checkpoint times known
-                self._replan()
+            self.budget.epoch_done(self.steps_done, seconds=time_budget.clock() - started, step_seconds=self.step_seconds,
+                                   validation_seconds=self.validation_seconds, validated=validated, last=last)
         record = EpochRecord(epoch + 1, tc.max_epochs, row, validated, improved, class_dice)
         log.info(_epoch_message(record))
         return record
-
-    # ----------------------------------------------------------------- time budget
-
-    def _planned_steps(self) -> int:
-        """Steps the run will make in all: what the budget's latest plan allows, at most train.max_epochs epochs.
-
-        The plan's own total, not the schedule's: a schedule always keeps one step ahead of where it is laid
-        (``StepSchedule.relay``), so once no further step fits, the schedule's total would still ask for one more
-        and the run would go on in one-step epochs until the out-of-time safety net stopped it.
-        """
-        if self._planned:
-            return self._plan_total
-        schedule = step_schedule(self.scheduler)
-        planned = schedule.total_steps if schedule is not None else self.config.train.max_epochs * self.steps_per_epoch
-        return min(planned, self.config.train.max_epochs * self.steps_per_epoch)
-
-    def _budget_step(self) -> bool:
-        """After a budgeted step: time it, step the schedule, plan once warmed up; True ends the epoch here."""
-        assert self.budget is not None
-        self.budget.step_seconds.append(self.step_seconds[-1])
-        if not isinstance(self.scheduler, ReduceLROnPlateau):
-            self.scheduler.step()
-        if not self._planned and self.budget.ready():
-            self._replan()
-        if not dist.all_true(not self.budget.out_of_time()):
-            if not self.stop_now:
-                log.warning("time budget nearly spent after %d steps: stopping training to validate and save within it", self.steps_done)
-            self.stop_now = True
-        return self.stop_now or self.steps_done >= self._planned_steps()
-
-    def _budget_spent(self) -> bool:
-        """Re-estimate from this epoch's timings; True when no further step fits (this epoch is the last)."""
-        self._replan()
-        return self.stop_now or self.steps_done >= self._planned_steps()
-
-    def _replan(self) -> None:
-        """Estimate how many steps fit in the rest of the budget and lay the schedule over them (rank 0 decides)."""
-        assert self.budget is not None
-        tc = self.config.train
-        plan = dist.broadcast(self.budget.plan(self.steps_done, self.steps_per_epoch, tc.val_every))
-        total = min(plan.total_steps, tc.max_epochs * self.steps_per_epoch)
-        schedule = step_schedule(self.scheduler)
-        if schedule is not None:
-            schedule.relay(self.steps_done, total)
-            self._apply_lr()
-        self._plan_total = total
-        first, self._planned = not self._planned, True
-        (log.info if first else log.debug)(
-            "time budget %.3g min: ~%d steps (%.1f epochs of %d, %.2f s per step) fit; re-estimated after every epoch",
-            self.budget.minutes, total, total / self.steps_per_epoch, self.steps_per_epoch, plan.seconds_per_step,
-        )
-
-    def _measure_epoch(self, seconds: float, validated: bool) -> None:
-        """Feed the epoch's validation and overhead times (checkpoints, records) to the budget."""
-        assert self.budget is not None
-        if validated:
-            self.budget.validation_seconds = self.validation_seconds
-        overhead = seconds - sum(self.step_seconds) - self.validation_seconds
-        self.budget.epoch_overhead_seconds = max(self.budget.epoch_overhead_seconds, overhead)
 
     # ----------------------------------------------------------------- the whole run
 
@@ -564,7 +489,7 @@ class Trainer:
                 if any([bool(callback(record)) for callback in hooks]):  # every callback sees every epoch
                     log.info("stopping after epoch %d, as a callback asked", record.epoch)
                     break
-                if self.budget is not None and (self.stop_now or self.steps_done >= self._planned_steps()):
+                if self.budget is not None and self.budget.finished(self.steps_done):
                     break
             self._finish(tracker)
             ended = "FINISHED"

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from medunet import __version__
+from medunet._version import __version__
 from medunet.config import Config, save_config
 from medunet.io.atomic import atomic_write_text
 from medunet.io.datalist import Case, load_datalist
@@ -95,7 +95,7 @@ def train_folds(datalist_path: Path, root: Path, config: Config, folds: list[Fol
             saved = load_checkpoint(last)
             if fold_finished(saved, config):
                 log.info("fold %d: finished (epoch %s), skipping", fold.index, saved.epoch)
-                best[fold.index] = max(saved.train_state.best_dice, 0.0) if saved.train_state else 0.0
+                best[fold.index] = saved.train_state.best_mean_dice() if saved.train_state else 0.0
                 continue
             log.info("fold %d: resuming after epoch %s", fold.index, saved.epoch)
         else:
