@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +28,20 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Invertd
 
-from medunet.config import Config, DataConfig, apply_overrides, config_from_dict, non_preprocessing_fields
-from medunet.errors import CheckpointError, DataError, MedunetError, OutputExistsError, unwrap_error
+from medunet.config import Config
+from medunet.errors import DataError, MedunetError, OutputExistsError, unwrap_error
 from medunet.io.atomic import atomic_write_text
 from medunet.io.geometry import require_same_grid, spacing_of
 from medunet.io.image import ArrayWithAffine, DicomSource, Source, as_source_list, read_image, source_name
 from medunet.io.nifti import ImageSource, label_dtype, mask_image, write_mask
-from medunet.model.checkpoint import Checkpoint, fold_checkpoints, load_checkpoint, resolve_checkpoint
-from medunet.model.networks import build_network
-from medunet.model.package import Package, choose_engine, is_package, load_networks, read_package
+from medunet.model.loader import LoadedModel, load_model
 from medunet.model.sliding import inference_dtype, predict_probabilities
 from medunet.postprocessing.crf import dense_crf
 from medunet.postprocessing.operations import postprocess_labels
-from medunet.postprocessing.search import validated_postprocessing
 from medunet.qc.calibrate import TEMPERATURES
-from medunet.qc.decide import QC_FILE, QCRecord, Thresholds, decide, load_thresholds
-from medunet.qc.reference import QCReference, is_ct, reference_of
+from medunet.qc.decide import QCRecord, Thresholds, decide
+from medunet.qc.reference import QCReference, is_ct
 from medunet.qc.signals import entropy_map, expected_dice_curve, input_signals, mask_signals, uncertainty_signals
-from medunet.runtime import select_device
 from medunet.transforms import IMAGE, preprocessing
 
 log = logging.getLogger("medunet")
@@ -145,70 +141,32 @@ class Segmenter:
     def from_checkpoint(
         cls, path: str | Path, *, device: str = "auto", overrides: Sequence[str] = (), folds: Sequence[int] | None = None
     ) -> Segmenter:
-        """Load a checkpoint, a run folder's best.pt, or a cross-validation folder's fold ensemble, safely.
+        """Load a checkpoint, a run folder's best.pt, a cross-validation folder's fold ensemble or an exported package, safely.
 
         A folder holding ``fold_<k>/`` runs loads every fold (or those in ``folds``) and averages their
         probabilities. A ``postprocessing.json`` in the folder (chosen by ``medunet crossval``) replaces
         the checkpoint's post-processing unless ``overrides`` set ``postprocessing.*`` themselves.
+        An exported package (``medunet export``) loads too: its networks run on ``inference.engine``.
+        See :func:`medunet.model.loader.load_model`.
 
         Args:
-            path: a run folder, a cross-validation folder or a checkpoint file.
+            path: a run folder, a cross-validation folder, a checkpoint file or a package folder.
             device: auto, cpu, cuda or cuda:N.
             overrides: dotted config overrides, e.g. ``["inference.overlap=0.25"]``.
             folds: fold indices to ensemble (default: all folds found).
-
-        An exported package (``medunet export``) loads too: its networks run on ``inference.engine``.
 
         Raises:
             CheckpointError: unreadable checkpoint, missing fold, or folds that disagree on classes, channels or preprocessing.
             PackageError: a package that is incomplete, changed since export, or of an unknown schema.
         """
-        if is_package(path):
-            return cls._from_package(Path(path), device=device, overrides=overrides, folds=folds)
-        by_fold = fold_checkpoints(path, folds)
-        checkpoints = list(by_fold.values()) or [resolve_checkpoint(path)]
-        loaded = [load_checkpoint(c) for c in checkpoints]
-        check_ensemble(loaded, [str(c) for c in checkpoints])
-        class_names = loaded[0].class_names
-        values = loaded[0].config
-        chosen = validated_postprocessing(Path(path), class_names, overrides)
-        if chosen is not None:
-            values = {**values, "postprocessing": chosen}
-        config = config_from_dict(apply_overrides(values, overrides))
-        if config.inference.engine == "onnxruntime":
-            raise CheckpointError(f"the onnxruntime engine runs an exported package; export first: medunet export {path} -o OUT --format onnx")
-        torch_device = select_device(device if device != "auto" else config.inference.device)
-        models = []
-        for checkpoint, saved in zip(checkpoints, loaded):
-            model = build_network(config.model, in_channels=saved.in_channels, out_channels=len(class_names))
-            model.load_state_dict(saved.model)
-            models.append(model)
-            log.debug("loaded %s (epoch %s)", checkpoint, saved.epoch)
-        source = f"{path} (folds {', '.join(map(str, by_fold))})" if by_fold else str(checkpoints[0])
-        if len(models) > 1:
-            log.info("ensemble of %d folds (%s), averaging probabilities", len(models), ", ".join(map(str, by_fold)))
-        reference = reference_of(loaded[0].qc_reference)
-        if reference is None:
-            log.info("%s has no training reference (trained before QC existed): QC uses the model's uncertainty only", source)
-        return cls(models, config, class_names=class_names, in_channels=loaded[0].in_channels, device=torch_device, source=source,
-                   qc_reference=reference, qc_thresholds=_qc_thresholds(Path(path) if by_fold else checkpoints[0].parent))
+        return cls.from_loaded(load_model(path, device=device, overrides=overrides, folds=folds))
 
     @classmethod
-    def _from_package(cls, path: Path, *, device: str, overrides: Sequence[str], folds: Sequence[int] | None) -> Segmenter:
-        """A Segmenter on a verified exported package: the same config, preprocessing and inversion, another engine."""
-        package = read_package(path, overrides=overrides, folds=folds)
-        engine = choose_engine(package, package.config.inference.engine)
-        config = package.config
-        if engine == "onnxruntime":  # the ONNX graph computes in float32 whatever inference.precision says
-            config = replace(config, inference=replace(config.inference, precision="fp32"))
-        torch_device = select_device(device if device != "auto" else config.inference.device)
-        networks = load_networks(package, engine, torch_device)
-        source = f"{path} (exported package, {engine}, {len(networks)} network(s))"
-        reference, thresholds = _package_qc(package)
-        if reference is None:
-            log.info("%s has no training reference (trained before QC existed): QC uses the model's uncertainty only", source)
-        return cls(networks, config, class_names=package.class_names, in_channels=package.in_channels, device=torch_device, source=source,
-                   qc_reference=reference, qc_thresholds=thresholds)
+    def from_loaded(cls, loaded: LoadedModel) -> Segmenter:
+        """A Segmenter on a model :func:`~medunet.model.loader.load_model` loaded."""
+        return cls(loaded.networks, loaded.config, class_names=loaded.class_names, in_channels=loaded.in_channels,
+                   device=loaded.device, source=loaded.source, qc_reference=loaded.qc_reference,
+                   qc_thresholds=loaded.qc_thresholds)
 
     def predict(self, image: InputImage | Sequence[InputImage], *, case: str | None = None) -> nib.Nifti1Image:
         """Segment one volume.
@@ -483,26 +441,6 @@ class Segmenter:
         return labels, inverted
 
 
-def _package_qc(package: Package) -> tuple[QCReference | None, Thresholds | None]:
-    """The QC reference and calibration a package shipped (its ``qc.json``): QC then flags as the checkpoint's did."""
-    reference = reference_of(package.qc_reference)
-    thresholds = None
-    if package.qc_thresholds is not None:
-        thresholds = Thresholds.from_json(package.qc_thresholds, source=str(package.root / str(package.pipeline.get("qc"))))
-        log.info("QC thresholds from %s (%s)", package.root, thresholds.source)
-    return reference, thresholds
-
-
-def _qc_thresholds(path: Path) -> Thresholds | None:
-    """The QC calibration of a run or cross-validation folder (``<folder>/qc.json``), or None for the defaults."""
-    file = path / QC_FILE
-    if not path.is_dir() or not file.is_file():
-        return None
-    thresholds = load_thresholds(file)
-    log.info("QC thresholds from %s (%s)", file, thresholds.source)
-    return thresholds
-
-
 #: Bytes of inverted class maps held at once on the input grid: the probabilities are inverted a group of classes at a
 #: time, keeping a running argmax, so memory does not grow with the number of classes (one float32 class map of a
 #: 512x512x300 CT is 315 MB; groups of 3 classes fit).
@@ -513,32 +451,3 @@ def classes_per_inversion(num_classes: int, voxels: int, budget: int | None = No
     """How many float32 class maps of ``voxels`` voxels to invert at once within ``budget`` bytes (at least 1)."""
     budget = INVERT_BUDGET_BYTES if budget is None else budget
     return max(1, min(num_classes, budget // max(4 * voxels, 1)))
-
-
-#: Config sections that must agree between the folds of an ensemble: they fix the preprocessing and the network.
-_ENSEMBLE_SECTIONS = ("data", "model")
-_ENSEMBLE_IGNORED = non_preprocessing_fields(DataConfig)  # caching, split and path settings may differ between folds
-
-
-def check_ensemble(checkpoints: Sequence[Checkpoint], sources: Sequence[str]) -> None:
-    """Refuse to average models that disagree on classes, input channels, preprocessing or architecture.
-
-    Raises:
-        CheckpointError: naming the two checkpoints and what differs.
-    """
-    first = checkpoints[0]
-    for other, source in zip(checkpoints[1:], sources[1:]):
-        differences = []
-        if other.class_names != first.class_names:
-            differences.append(f"classes {other.class_names} vs {first.class_names}")
-        if other.in_channels != first.in_channels:
-            differences.append(f"input channels {other.in_channels} vs {first.in_channels}")
-        for section in _ENSEMBLE_SECTIONS:
-            a, b = other.config.get(section, {}), first.config.get(section, {})
-            differences += [f"{section}.{k} {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                            if k not in _ENSEMBLE_IGNORED and a.get(k) != b.get(k)]
-        if differences:
-            raise CheckpointError(
-                f"cannot ensemble {source} with {sources[0]}: they differ in {'; '.join(differences[:3])}; "
-                "choose matching folds with --folds"
-            )

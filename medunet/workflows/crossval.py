@@ -42,16 +42,21 @@ from medunet.config import Config, save_config
 from medunet.io.atomic import atomic_write_text
 from medunet.io.datalist import Case, load_datalist
 from medunet.model.checkpoint import Checkpoint, load_checkpoint
-from medunet.postprocessing.search import (
+from medunet.model.layout import (
+    CONFIG_FILE,
+    CROSSVAL_FILE,
+    LAST_CHECKPOINT,
+    OOF_CRF_DIR,
+    OOF_DIR,
+    OOF_EVAL_DIR,
     POSTPROCESSING_FILE,
-    PostprocessingChoice,
-    load_search_cases,
-    save_choice,
-    search_postprocessing,
+    QC_FILE,
+    fold_dir,
 )
-from medunet.qc.decide import QC_FILE, QCRecord, Thresholds, save_thresholds
+from medunet.postprocessing.search import PostprocessingChoice, load_search_cases, save_choice, search_postprocessing
+from medunet.qc.decide import QCRecord, Thresholds, save_thresholds
 from medunet.qc.reference import QCReference, reference_of
-from medunet.training.splits import Fold, datalist_folds, fold_dir
+from medunet.training.splits import Fold, datalist_folds
 
 log = logging.getLogger("medunet")
 
@@ -89,7 +94,7 @@ def train_folds(datalist_path: Path, root: Path, config: Config, folds: list[Fol
     best: dict[int, float] = {}
     for fold in folds:
         run_dir = fold_dir(root, fold.index)
-        last = run_dir / "last.pt"
+        last = run_dir / LAST_CHECKPOINT
         resume = last.is_file()
         if resume:
             saved = load_checkpoint(last)
@@ -120,7 +125,7 @@ def predict_out_of_fold(
     from medunet.inference.segmenter import Segmenter
     from medunet.io.nifti import write_mask
 
-    oof_dir, crf_dir = root / "oof", root / "oof_crf"
+    oof_dir, crf_dir = root / OOF_DIR, root / OOF_CRF_DIR
     total = sum(len(f.val) for f in folds)
     records: dict[str, dict[str, QCRecord]] = {"plain": {}, "crf": {}}
     with tqdm(total=total, desc="out-of-fold", unit="case", disable=not progress) as bar:
@@ -160,7 +165,7 @@ def calibrate_qc(records: dict[str, dict[str, QCRecord]], choice: Postprocessing
 
     kept_crf = choice.crf is not None and choice.crf.enabled
     chosen = records["crf" if kept_crf else "plain"]
-    folder = root / ("oof_crf" if kept_crf else "oof")
+    folder = root / (OOF_CRF_DIR if kept_crf else OOF_DIR)
     post = config_from_dict({"postprocessing": choice.to_json()["postprocessing"]}).postprocessing
     names, targets = [], []
     for case in cases:
@@ -220,7 +225,7 @@ def run_crossval(
         datalist, root, folds=folds, seed=config.data.split_seed,
         splits_file=Path(splits_file) if splits_file else None, disjoint_validation=True,
     )
-    save_config(config, root / "config.yaml")
+    save_config(config, root / CONFIG_FILE)
     fold_dice = train_folds(datalist_path, root, config, fold_list, progress=progress)
 
     cases = {c.name: c for c in datalist.training}
@@ -229,7 +234,7 @@ def run_crossval(
     oof_dir, crf_dir, qc_records = predict_out_of_fold(root, fold_list, cases, device=device, progress=progress,
                                                        try_crf=config.postprocessing.crf.search)
     labels = resolve_labels(datalist, config)
-    evaluation = evaluate(oof_dir, oof_cases, labels, root / "oof_eval",
+    evaluation = evaluate(oof_dir, oof_cases, labels, root / OOF_EVAL_DIR,
                           nsd_tolerance_mm=config.evaluation.nsd_tolerance_mm, progress=progress)
 
     log.info("choosing post-processing on the out-of-fold predictions")
@@ -251,5 +256,5 @@ def run_crossval(
         "oof_dice_postprocessed": choice.dice_after,
         "qc": {"score_review": qc.score_review, **qc.achieved} if qc is not None else None,
     }
-    atomic_write_text(root / "crossval.json", json.dumps(summary, indent=2) + "\n")
-    return CrossvalResult(root, fold_dice, oof_dir, root / "oof_eval", evaluation.summary, choice, evaluation.report)
+    atomic_write_text(root / CROSSVAL_FILE, json.dumps(summary, indent=2) + "\n")
+    return CrossvalResult(root, fold_dice, oof_dir, root / OOF_EVAL_DIR, evaluation.summary, choice, evaluation.report)
