@@ -36,9 +36,11 @@ TOP = "__init__"
 
 #: Inside these units the modules are layered too, bottom to top, with the same rule (a module imports only modules of
 #: earlier rows of its unit; siblings in a row never import each other). Every module of the unit must be listed.
-#: ``model``: the layout (file names) at the bottom, the loader on top.
+#: ``model``: the layout (file names) at the bottom, the loader on top. ``inference``: the stages and their typed hand-offs,
+#: the writers of every output format on them, the Segmenter (a facade over both), the batch runner on top.
 INSIDE: dict[str, list[tuple[str, ...]]] = {
     "model": [("layout",), ("engine", "networks", "sliding", "checkpoint"), ("package",), ("loader",)],
+    "inference": [("pipeline", "statistics", "stages"), ("outputs",), ("segmenter",), ("batch", "dicom_seg")],
 }
 #: The one module that spells the run-folder and package file names (see :func:`test_only_the_layout_spells_file_names`).
 LAYOUT = "medunet.model.layout"
