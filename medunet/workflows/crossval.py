@@ -19,9 +19,10 @@ Restarting the same command skips finished folds, resumes an interrupted one fro
 ``last.pt`` and redoes the prediction, evaluation and search (they are cheap next to training).
 The out-of-fold masks are predicted without any post-processing so the search starts from
 the network's own output. The dense CRF works on probabilities before their inversion to the
-input grid, so it cannot be replayed on saved masks: each case is also predicted with it
-(``oof_crf/``; read, preprocessed and predicted again) and the search keeps it only
-if those masks score better. QC is calibrated after that choice, on the kept pass's records and
+input grid, so it cannot be replayed on saved masks: each case's network probabilities (in
+preprocessed space) are finished twice, once as they are (``oof/``) and once refined by the CRF
+(``oof_crf/``), each inverted from the same prepared case; the network runs once per case. The
+search keeps the CRF only if its masks score better. QC is calibrated after that choice, on the kept pass's records and
 its post-processed masks. One gap remains: inference from the folder averages the folds, which the
 out-of-fold cases cannot (each fold's own model predicts them), so the ensemble's probabilities are
 calibrated as the single folds'.
@@ -117,31 +118,36 @@ def predict_out_of_fold(
     (no post-processing) and, with ``try_crf``, ``root/oof_crf/<case>.nii.gz`` (only the dense CRF, with the run's
     ``postprocessing.crf`` settings; None is returned for it otherwise).
 
-    Also returns each case's QC record per pass (``"plain"``, ``"crf"``), made for calibration (default thresholds,
-    the expected Dice curve): the CRF changes the probabilities QC reads, so each pass has its own.
+    The network runs once per case: its probabilities stay in preprocessed space and are finished (inverted, and
+    for the CRF candidate refined first) once per pass, each from the same prepared case. Also returns each case's
+    QC record per pass (``"plain"``, ``"crf"``), made for calibration (default thresholds, the expected Dice curve):
+    the CRF changes the probabilities QC reads, so each pass has its own.
     """
     from tqdm.auto import tqdm
 
+    from medunet.inference.outputs import write_outputs
     from medunet.inference.segmenter import Segmenter
-    from medunet.io.nifti import write_mask
+    from medunet.inference.stages import refine
 
     oof_dir, crf_dir = root / OOF_DIR, root / OOF_CRF_DIR
     total = sum(len(f.val) for f in folds)
     records: dict[str, dict[str, QCRecord]] = {"plain": {}, "crf": {}}
     with tqdm(total=total, desc="out-of-fold", unit="case", disable=not progress) as bar:
         for fold in folds:
-            plain = Segmenter.from_checkpoint(fold_dir(root, fold.index), device=device, overrides=NO_POSTPROCESSING)
-            plain.qc_thresholds = Thresholds()  # calibration starts from the defaults, whatever a previous run stored
-            post = plain.config.postprocessing
-            with_crf = replace(plain.config, postprocessing=replace(post, crf=replace(post.crf, enabled=True)))
-            refined = Segmenter(plain.models, with_crf, class_names=plain.class_names, in_channels=plain.in_channels,
-                                device=plain.device, source=plain.source, qc_reference=plain.qc_reference)
+            segmenter = Segmenter.from_checkpoint(fold_dir(root, fold.index), device=device, overrides=NO_POSTPROCESSING)
+            segmenter.qc_thresholds = Thresholds()  # calibration starts from the defaults, whatever a previous run stored
+            crf = replace(segmenter.config.postprocessing.crf, enabled=True)
             for name in fold.val:
-                for key, segmenter, folder in (("plain", plain, oof_dir), ("crf", refined, crf_dir))[:2 if try_crf else 1]:
-                    prepared = segmenter.prepare(list(cases[name].image), case=name)  # inversion consumes a prepared case's record
-                    prediction = segmenter.predict_case(prepared, qc=True, calibration=True)
-                    write_mask(prediction.labels, prepared.reference, folder / f"{name}.nii.gz", num_classes=plain.num_classes,
-                               overwrite=True)
+                prepared = segmenter.prepare(list(cases[name].image), case=name)
+                # The network runs once; both passes finish its probabilities, inverted through this segmenter's own chain:
+                # MONAI's inverse checks the transform instances that recorded the case, which is why a second Segmenter's
+                # chain (the CRF pass's, before) failed in Cropd.inverse on a case the first had prepared.
+                output = segmenter.network_output(prepared, members=True)
+                for key, folder in (("plain", oof_dir), ("crf", crf_dir))[:2 if try_crf else 1]:
+                    probabilities = refine(output, prepared, crf, timings={}) if key == "crf" else output
+                    prediction = segmenter.finish(prepared, probabilities, qc=True, calibration=True)
+                    write_outputs(segmenter.segmented(prepared, prediction), {"nifti": folder / f"{name}.nii.gz"},
+                                  class_names=segmenter.class_names, model_name=segmenter.model_name, overwrite=True)
                     assert prediction.qc is not None
                     records[key][name] = prediction.qc
                 bar.update()
