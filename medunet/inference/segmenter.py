@@ -326,6 +326,7 @@ def predict_dicom_seg(
     output = Path(output)
     if output.exists() and not overwrite:  # before the (slow) prediction
         raise OutputExistsError(f"output {output} already exists; pass --overwrite to replace it")
+    require_source_slices(series, ["dicom-seg"], case=case)
     stages_out = segmenter.segment(series.image, case=case, qc=False)
     result = SegmentedCase(case, stages_out.prediction, stages_out.reference, series)
     write_outputs(result, {"dicom-seg": output}, class_names=segmenter.class_names, model_name=model_name or segmenter.model_name,
