@@ -228,8 +228,11 @@ class Segmenter:
         return self._network.probabilities(image, member_labels)
 
     def network_output(self, prepared: PreparedCase, *, members: bool = False, timings: dict[str, float] | None = None) -> NetworkOutput:
-        """The network stage on a prepared case: probabilities in preprocessed space (``members``: each fold's labels too)."""
-        return self._network(prepared, members=members, timings={} if timings is None else timings)
+        """The network stage on a prepared case: probabilities in preprocessed space (``members``: each fold's labels too).
+
+        It runs :meth:`probabilities` of this instance, so a wrapper set on it (to record or alter them) takes effect.
+        """
+        return self._network(prepared, members=members, timings={} if timings is None else timings, probabilities=self.probabilities)
 
     def predict_case(
         self, prepared: PreparedCase, *, timings: dict[str, float] | None = None, qc: bool | None = None, uncertainty_map: bool = False,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -204,13 +204,18 @@ class Network:
             total += run(network)
         return total / len(self.networks) if len(self.networks) > 1 else total
 
-    def __call__(self, prepared: PreparedCase, *, members: bool, timings: dict[str, float]) -> NetworkOutput:
-        """The probabilities of a prepared case; ``members`` also keeps each ensemble member's labels."""
+    def __call__(self, prepared: PreparedCase, *, members: bool, timings: dict[str, float],
+                 probabilities: Callable[..., torch.Tensor] | None = None) -> NetworkOutput:
+        """The probabilities of a prepared case; ``members`` also keeps each ensemble member's labels.
+
+        ``probabilities`` replaces :meth:`probabilities` (same signature), e.g. a caller's wrapper that records them.
+        """
+        run = self.probabilities if probabilities is None else probabilities
         labels: list[torch.Tensor] = []
         tick = time.perf_counter()
         with self.lock:
             timings["wait_for_model"] = time.perf_counter() - tick
-            probs = self.probabilities(torch.as_tensor(prepared.data[IMAGE])[None], member_labels=labels if members else None)[0]
+            probs = run(torch.as_tensor(prepared.data[IMAGE])[None], member_labels=labels if members else None)[0]
         timings["network"] = time.perf_counter() - tick - timings["wait_for_model"]
         return NetworkOutput(probs, tuple(m[0] for m in labels))
 
