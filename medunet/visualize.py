@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.artist import Artist
@@ -23,6 +24,9 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from medunet.io.atomic import atomic_path
+
+if TYPE_CHECKING:
+    import nibabel as nib
 
 _DPI = 100
 _ALPHA = 0.4
@@ -229,21 +233,41 @@ def save_overlay_files(
         return np.asarray(nib.as_closest_canonical(nib.load(str(path))).dataobj).astype(dtype)
 
     from medunet.io.image import read_image  # a NIfTI file or a DICOM series folder
-    from medunet.io.nifti import read_voxels
 
     source = read_image(image_path)  # read as the Segmenter reads it: 3D (trailing singleton axes dropped), checked
-    image = nib.as_closest_canonical(nib.Nifti1Image(read_voxels(source, case=None, path=str(image_path)), source.affine))
+    image, spacing = _canonical_image(source, str(image_path))
+    save_overlay(image, canonical(prediction_path, np.int64), out_png,
+                 reference=canonical(reference_path, np.int64) if reference_path is not None else None,
+                 spacing=spacing, title=title, window=window, class_names=class_names)
+
+
+def save_mask_overlay(
+    image: nib.Nifti1Image,
+    labels: np.ndarray,
+    out_png: Path,
+    *,
+    name: str = "<image>",
+    title: str = "",
+    window: tuple[float, float] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> None:
+    """:func:`save_overlay_files` for an image and a label array on its grid held in memory (``name`` names it in errors)."""
+    import nibabel as nib
+
+    volume, spacing = _canonical_image(image, name)
+    mask = np.asarray(nib.as_closest_canonical(nib.Nifti1Image(np.asarray(labels), image.affine)).dataobj).astype(np.int64)
+    save_overlay(volume, mask, out_png, spacing=spacing, title=title, window=window, class_names=class_names)
+
+
+def _canonical_image(source: nib.Nifti1Image, name: str) -> tuple[np.ndarray, tuple[float, ...]]:
+    """An image's voxels (float32) in RAS, and its spacing in that order."""
+    import nibabel as nib
+
+    from medunet.io.nifti import read_voxels
+
+    image = nib.as_closest_canonical(nib.Nifti1Image(read_voxels(source, case=None, path=name), source.affine))
     spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
-    save_overlay(
-        np.asarray(image.dataobj, dtype=np.float32),
-        canonical(prediction_path, np.int64),
-        out_png,
-        reference=canonical(reference_path, np.int64) if reference_path is not None else None,
-        spacing=spacing,
-        title=title,
-        window=window,
-        class_names=class_names,
-    )
+    return np.asarray(image.dataobj, dtype=np.float32), spacing
 
 
 def save_contour_overlay(

@@ -386,8 +386,8 @@ def test_cache_key_and_ensemble_check_ignore_only_the_settings_that_do_not_chang
     # and folds may differ in the others without being refused as an ensemble.
     import dataclasses
 
-    from medunet.inference.segmenter import check_ensemble
     from medunet.model.checkpoint import Checkpoint
+    from medunet.model.loader import check_ensemble
     from medunet.training.data import preprocessing_key
 
     changed = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,7 +15,9 @@ import pydicom
 import pytest
 
 from medunet import __version__
+from medunet.cli import EXIT_QC_REVIEW, main
 from medunet.errors import GeometryError, OutputExistsError
+from medunet.inference.outputs import DICOM_OUTPUT_SUFFIXES
 from medunet.io.dicom import read_series
 from medunet.io.dicom_seg import write_dicom_seg
 from medunet.io.nifti import write_mask
@@ -196,3 +199,38 @@ def test_dciodvfy_finds_no_errors(tmp_path: Path, omit_empty: bool) -> None:
     errors = [line for line in lines if line.startswith("Error")]
     assert not errors, "\n".join(errors)
     assert "Segmentation" in lines  # it recognised the IOD it checked
+
+
+@pytest.mark.slow  # the session's trained model (tests/conftest.py)
+@pytest.mark.parametrize("formats", ["dicom-seg", "rtstruct"])
+def test_dicom_outputs_come_from_the_same_stages_with_a_qc_record_per_case(trained_run: Path, tmp_path: Path, formats: str) -> None:
+    """`medunet infer --output-format dicom-seg` / `rtstruct`: every case's report record carries QC (the one a NIfTI run gives),
+    --qc-fail, --stats and --preview work without a NIfTI output, and the SEG decodes to the NIfTI run's mask and validates."""
+    inputs = tmp_path / "series"
+    for i, axcodes in enumerate(("LPS", "RAS")):
+        image, _ = make_phantom((48, 48, 32), seed=40 + i, num_classes=3)
+        write_dicom_series(image, grid_affine((1.5, 1.5, 2.5), axcodes=axcodes, origin=(12.0, -30.0, 45.0)), inputs / f"case_{i}")
+    args = ["-q", "infer", "-m", str(trained_run), "-i", str(inputs), "--device", "cpu"]
+    nifti, dicom = tmp_path / "nifti", tmp_path / "dicom"
+    assert main([*args, "-o", str(nifti), "--stats", str(nifti / "stats.csv")]) == 0
+    code = main([*args, "-o", str(dicom), "--output-format", formats, "--qc-fail", "--stats", str(dicom / "stats.csv"), "--preview"])
+    report = json.loads((dicom / "inference_report.json").read_text())
+    records = {c["case"]: c["qc"] for c in report["cases"]}
+    assert sorted(records) == ["case_0", "case_1"] and all(r is not None and r["flag"] in ("ok", "review") for r in records.values())
+    assert report["qc"]["without_qc"] == 0 and report["qc_calibration"]
+    assert code == (EXIT_QC_REVIEW if report["qc"]["review"] else 0)  # --qc-fail acts on DICOM outputs too
+    expected = {c["case"]: c["qc"] for c in json.loads((nifti / "inference_report.json").read_text())["cases"]}
+    assert records == expected  # one prediction and one QC record per case, whatever the output format
+    assert (dicom / "stats.csv").read_text() == (nifti / "stats.csv").read_text()  # statistics of the mask in memory
+    suffix = DICOM_OUTPUT_SUFFIXES[formats]
+    assert sorted(p.name for p in dicom.iterdir()) == sorted(
+        ["inference_report.json", "stats.csv", *(f"case_{i}{s}" for i in range(2) for s in (suffix, "_preview.png"))])
+    for name in records:
+        if formats == "dicom-seg":
+            mask_path = nifti / f"{name}.nii.gz"
+            assert np.array_equal(decoded_on(dicom / f"{name}.seg.dcm", mask_path), np.asarray(nib.load(mask_path).dataobj))
+        if shutil.which("dciodvfy") is not None:
+            run = subprocess.run(["dciodvfy", str(dicom / f"{name}{suffix}")], capture_output=True, text=True, timeout=60)
+            lines = (run.stdout + run.stderr).splitlines()
+            assert not [line for line in lines if line.startswith("Error")], "\n".join(lines)
+            assert ("Segmentation" if formats == "dicom-seg" else "RTStructureSet") in lines

@@ -28,7 +28,7 @@ from conftest import NUM_TRAIN, Dataset, copy_run, sets
 from scipy import ndimage
 from torch import nn
 
-import medunet.inference.segmenter as segmenter_module
+import medunet.inference.stages as stages_module
 from medunet.cli import main
 from medunet.config import config_from_dict
 from medunet.errors import ExportError, PackageError
@@ -398,13 +398,13 @@ def test_an_onnx_package_keeps_and_runs_the_crf(crf_root: Path, dataset: Dataset
     ops = [s["op"] for s in json.loads((package / "pipeline.json").read_text())["steps"]]
     assert ops[ops.index("softmax") + 1] == "dense_crf" and ops.index("dense_crf") < ops.index("invert")  # the documented contract
     calls: list[int] = []
-    crf = segmenter_module.dense_crf
+    crf = stages_module.dense_crf
 
     def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
         calls.append(1)
         return crf(*args, **kwargs)
 
-    monkeypatch.setattr(segmenter_module, "dense_crf", counted)
+    monkeypatch.setattr(stages_module, "dense_crf", counted)
     images = tmp_path / "in"
     images.mkdir()
     name, image, _ = dataset.test_cases[0]

@@ -79,17 +79,17 @@ def test_stitch_device_setting_is_checked_and_host_stitching_gives_the_same_prob
 
 
 def test_inverting_a_few_classes_at_a_time_gives_the_same_labels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import medunet.inference.segmenter as segmenter_module
+    import medunet.inference.stages as stages_module
 
-    assert segmenter_module.classes_per_inversion(14, 512 * 512 * 300) == 3  # 3 x 315 MB within the 1 GiB budget
-    assert segmenter_module.classes_per_inversion(2, 64**3) == 2 and segmenter_module.classes_per_inversion(5, 10**12) == 1
+    assert stages_module.classes_per_inversion(14, 512 * 512 * 300) == 3  # 3 x 315 MB within the 1 GiB budget
+    assert stages_module.classes_per_inversion(2, 64**3) == 2 and stages_module.classes_per_inversion(5, 10**12) == 1
     torch.manual_seed(1)
     config = load_config(None, OVERRIDES)
     model = build_network(config.model, in_channels=1, out_channels=4)
     seg = Segmenter(model, config, class_names=["background", "a", "b", "c"], in_channels=1, device=CPU)
     (path,) = write_cases(tmp_path, 1)
     whole = np.asarray(seg.predict(path).dataobj)
-    monkeypatch.setattr(segmenter_module, "INVERT_BUDGET_BYTES", 1)  # one class map at a time
+    monkeypatch.setattr(stages_module, "INVERT_BUDGET_BYTES", 1)  # one class map at a time
     one_by_one = np.asarray(seg.predict(path).dataobj)
     assert len(np.unique(whole)) >= 3  # the running argmax really has to pick between groups
     assert np.array_equal(whole, one_by_one)

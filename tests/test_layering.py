@@ -8,6 +8,7 @@ docs/architecture.md; change both together.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -22,9 +23,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("io",),
     ("config", "runtime", "net"),
     ("synthetic", "visualize"),
-    ("transforms", "postprocessing"),
+    ("transforms", "postprocessing", "qc"),
     ("model",),
-    ("check", "planning", "qc"),
+    ("check", "planning"),
     ("training", "inference"),
     ("evaluation", "export"),
     ("workflows",),
@@ -33,6 +34,22 @@ LAYERS: list[tuple[str, ...]] = [
 ]
 #: ``medunet/__init__.py`` is the public API: it may re-export from any layer.
 TOP = "__init__"
+
+#: Inside these units the modules are layered too, bottom to top, with the same rule (a module imports only modules of
+#: earlier rows of its unit; siblings in a row never import each other). Every module of the unit must be listed.
+#: ``model``: the layout (file names) at the bottom, the loader on top. ``inference``: the stages and their typed hand-offs,
+#: the writers of every output format on them, the Segmenter (a facade over both), the batch runner on top.
+INSIDE: dict[str, list[tuple[str, ...]]] = {
+    "model": [("layout",), ("engine", "networks", "sliding", "checkpoint"), ("package",), ("loader",)],
+    "inference": [("pipeline", "statistics", "stages"), ("outputs",), ("segmenter",), ("batch", "dicom_seg")],
+}
+#: The one module that spells the run-folder and package file names (see :func:`test_only_the_layout_spells_file_names`).
+LAYOUT = "medunet.model.layout"
+#: Names of the files and folders medunet writes for a model (constants of LAYOUT).
+LAYOUT_NAMES = ("best.pt", "last.pt", "qc.json", "postprocessing.json", "splits.json", "split.json", "crossval.json",
+                "config.yaml", "pipeline.json", "model_card.json", "MODEL_CARD.md")
+#: Modules still spelling them, to switch to the layout's constants: the trainer (its own refactoring is under way).
+LAYOUT_PENDING = {"medunet/training/trainer.py"}
 
 
 def _unit(module: str) -> str:
@@ -100,6 +117,51 @@ def test_lower_layers_never_import_higher_ones() -> None:
                 how = "a sibling" if rank[target] == rank[source] else "a higher layer"
                 violations.append(f"{module} ({source}) imports {target_module} ({target}), {how}")
     assert not violations, "\n".join(violations)
+
+
+def test_modules_inside_a_unit_follow_its_order() -> None:
+    graph = _graph()
+    violations = []
+    for unit, rows in INSIDE.items():
+        rank = {f"medunet.{unit}.{name}": row for row, names in enumerate(rows) for name in names}
+        present = {m for m in graph if _unit(m) == unit and m != f"medunet.{unit}"}
+        unlisted = sorted(present - set(rank))
+        assert not unlisted, f"add {unlisted} to INSIDE[{unit!r}] (and to docs/architecture.md)"
+        for module in sorted(present):
+            for target in sorted(graph[module]):
+                if target in rank and target != module and rank[target] >= rank[module]:
+                    how = "a sibling" if rank[target] == rank[module] else "a higher module"
+                    violations.append(f"{module} imports {target}, {how} in {unit}")
+    assert not violations, "\n".join(violations)
+
+
+def test_the_layout_imports_nothing_of_medunet() -> None:
+    """The file names sit below everything that reads or writes the files, so every layer from ``model`` up can use them."""
+    assert _imports(PACKAGE / "model" / "layout.py") == set()
+
+
+def _code_strings(tree: ast.AST) -> list[tuple[int, str]]:
+    """String constants of code: not docstrings, not a click option's ``help=`` text (prose for users)."""
+    prose: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            prose.add(id(node.value))
+        if isinstance(node, ast.keyword) and node.arg == "help":
+            prose.update(id(n) for n in ast.walk(node.value))
+    return [(n.lineno, n.value) for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in prose]
+
+
+def test_only_the_layout_spells_file_names() -> None:
+    """``best.pt``, ``qc.json``, ``fold_<k>``... are spelled in medunet/model/layout.py only; code uses its constants."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE.parent).as_posix()
+        if _module_name(path) == LAYOUT or relative in LAYOUT_PENDING:
+            continue
+        for line, text in _code_strings(ast.parse(path.read_text(), filename=str(path))):
+            if any(name in text for name in LAYOUT_NAMES) or re.search(r"(^|[/ (])fold_(<k>|\d|$)", text):
+                found.append(f"{relative}:{line}: {text[:60]!r}")
+    assert not found, "use the constants of medunet.model.layout:\n" + "\n".join(found)
 
 
 def test_no_import_cycles_between_modules() -> None:

@@ -150,10 +150,10 @@ def test_dense_crf_is_kept_only_when_its_out_of_fold_masks_score_better(tmp_path
         search_postprocessing(plain, NAMES, crf_cases=better[:2], crf=settings)
 
     save_choice(kept, tmp_path / "postprocessing.json")
-    section = validated_postprocessing(tmp_path, list(NAMES.values()), [])
+    section = validated_postprocessing(tmp_path / "postprocessing.json", list(NAMES.values()), [])
     assert section is not None and section["crf"]["enabled"] is True and section["crf"]["spatial_sigma_mm"] == 2.5
     save_choice(refused, tmp_path / "postprocessing.json")
-    assert validated_postprocessing(tmp_path, list(NAMES.values()), [])["crf"]["enabled"] is False
+    assert validated_postprocessing(tmp_path / "postprocessing.json", list(NAMES.values()), [])["crf"]["enabled"] is False
 
 
 def test_thresholds_come_from_the_smallest_reference_component() -> None:
@@ -191,10 +191,10 @@ def test_json_round_trip_and_loading_rules(tmp_path: Path) -> None:
     assert {c["operation"] for c in saved["candidates"]} >= {"keep_largest", "fill_holes"}
     assert load_choice(path, ["background", "liver"])["classes"]["liver"]["keep_largest"] is True
 
-    section = validated_postprocessing(tmp_path, ["background", "liver"], [])
+    section = validated_postprocessing(tmp_path / "postprocessing.json", ["background", "liver"], [])
     assert section is not None and section["classes"]["liver"]["keep_largest"] is True
-    assert validated_postprocessing(tmp_path, ["background", "liver"], ["postprocessing.classes.liver.fill_holes=true"]) is None
-    assert validated_postprocessing(tmp_path / "elsewhere", ["background", "liver"], []) is None
+    assert validated_postprocessing(tmp_path / "postprocessing.json", ["background", "liver"], ["postprocessing.classes.liver.fill_holes=true"]) is None
+    assert validated_postprocessing(tmp_path / "elsewhere" / "postprocessing.json", ["background", "liver"], []) is None
     with pytest.raises(CheckpointError, match="liver"):
         load_choice(path, ["background", "spleen"])
     path.write_text('{"postprocessing": {"classes": {"liver": {"keep_larges": true}}}}')

@@ -20,8 +20,9 @@ from conftest import DATA_SHAPE, Dataset, copy_run
 from medunet.cli import EXIT_QC_REVIEW, main
 from medunet.inference.segmenter import Segmenter
 from medunet.model.checkpoint import load_checkpoint, save_checkpoint
+from medunet.model.layout import QC_FILE
 from medunet.qc.calibrate import TEMPERATURES, auroc, calibrate, spearman
-from medunet.qc.decide import QC_FILE, QCRecord, Thresholds, decide, load_thresholds, save_thresholds
+from medunet.qc.decide import QCRecord, Thresholds, decide, load_thresholds, save_thresholds
 from medunet.qc.reference import KIND, QCReference, reference_of
 from medunet.qc.signals import expected_dice_curve, mask_signals, noise_sigma, uncertainty_signals
 from medunet.synthetic import (

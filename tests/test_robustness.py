@@ -234,13 +234,3 @@ def test_onnxruntime_engine_without_the_onnx_extra_names_it_in_one_line(onnx_pac
     assert not (tmp_path / "out" / "scan.nii.gz").exists()
 
 
-@pytest.mark.parametrize("formats", ["dicom-seg", "rtstruct", "nifti,dicom-seg"])
-def test_qc_fail_with_dicom_outputs_is_refused_up_front(formats: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """QC does not run on the DICOM output path, so --qc-fail could never exit 4 there: refused before any model is loaded."""
-    status = main(["infer", "-m", str(tmp_path / "no-model"), "-i", str(tmp_path / "series"), "-o", str(tmp_path / "out"),
-                   "--output-format", formats, "--qc-fail"])
-    assert status == 2
-    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Error:")]
-    assert f"--qc-fail cannot be combined with --output-format {formats.replace('nifti,', '')}" in line
-    assert "quality control does not run" in line and "--output-format nifti" in line
-    assert not (tmp_path / "out").exists()

@@ -8,6 +8,7 @@ import click
 
 from medunet.cli.app import cli
 from medunet.errors import ConfigError
+from medunet.model.layout import POSTPROCESSING_FILE, SPLITS_FILE
 
 
 @cli.command()
@@ -50,7 +51,7 @@ def crossval(ctx: click.Context, datalist: Path, root: Path, folds: int | None, 
     if launched():  # every process would predict and evaluate too (see docs/distributed.md)
         raise ConfigError("crossval does not run under torchrun; train each fold with "
                           "`torchrun ... -m medunet train DATALIST -o OUT --fold K`, then run `medunet crossval` once without it")
-    if not skip_check and not (root / "splits.json").is_file():  # a new cross-validation: no fold starts on broken data
+    if not skip_check and not (root / SPLITS_FILE).is_file():  # a new cross-validation: no fold starts on broken data
         check_before_training(datalist, config_path=config_path, overrides=overrides, allow_outside_root=allow_outside_root,
                               progress=ctx.obj["progress"], show=lambda text: click.echo(text, err=True))
     config = resolve_crossval_config(datalist, root, config_path=config_path, overrides=overrides, device=device,
@@ -65,7 +66,7 @@ def crossval(ctx: click.Context, datalist: Path, root: Path, folds: int | None, 
         "best validation Dice per fold: " + ", ".join(f"fold {k} {v:.3f}" for k, v in result.fold_dice.items()),
         "out-of-fold Dice (original grids): " + ", ".join(f"{n} {summary[n]['dice']['mean']:.3f}" for n in choice.dice_before)
         + (f"; mean {mean:.3f}" if mean is not None else ""),
-        f"post-processing chosen (mean Dice {choice.mean_before:.4f} -> {choice.mean_after:.4f}), saved in {root / 'postprocessing.json'}:",
+        f"post-processing chosen (mean Dice {choice.mean_before:.4f} -> {choice.mean_after:.4f}), saved in {root / POSTPROCESSING_FILE}:",
         choice.describe(),
         f"out-of-fold masks: {result.oof_dir}; metrics and report: {result.report or result.eval_dir}",
         f"next: medunet infer -m {root} -i SCANS -o PREDS   (ensemble of all folds, chosen post-processing)",

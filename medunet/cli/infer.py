@@ -88,7 +88,7 @@ def infer(ctx: click.Context, model_path: Path, input_path: Path, out_dir: Path,
     from medunet.inference.batch import Shard, collect_inputs, qc_summary, qc_summary_line, segment_all
     from medunet.inference.segmenter import Segmenter
 
-    _check_qc_options(qc_fail=qc_fail, no_qc=no_qc, uncertainty_map=uncertainty_map, output_formats=output_formats)
+    _check_qc_options(qc_fail=qc_fail, no_qc=no_qc, uncertainty_map=uncertainty_map)
     shard = Shard.parse(shard_text) if shard_text is not None else Shard.from_env()
     cases = collect_inputs(input_path, allow_outside_root=allow_outside_root, series_uid=series_uid, allow_resample=allow_resample)
     extra = list(overrides) + (["inference.tta_flips=true"] if tta else []) + ([f"inference.engine={engine}"] if engine else [])
@@ -112,16 +112,10 @@ def infer(ctx: click.Context, model_path: Path, input_path: Path, out_dir: Path,
         ctx.exit(EXIT_QC_REVIEW)
 
 
-def _check_qc_options(*, qc_fail: bool, no_qc: bool, uncertainty_map: bool, output_formats: tuple[str, ...]) -> None:
+def _check_qc_options(*, qc_fail: bool, no_qc: bool, uncertainty_map: bool) -> None:
     """Refuse, before any work, QC flags that could not do what they promise (usage errors, exit status 2)."""
-    from medunet.inference.batch import DICOM_OUTPUT_SUFFIXES
-
     if no_qc and (qc_fail or uncertainty_map):
         raise click.UsageError("--no-qc switches quality control off; it cannot be combined with --qc-fail or --uncertainty-map")
-    dicom = [f for f in output_formats if f in DICOM_OUTPUT_SUFFIXES]
-    if qc_fail and dicom:
-        raise click.UsageError(f"--qc-fail cannot be combined with --output-format {','.join(dicom)}: quality control does not run "
-                               "when writing DICOM outputs yet, so no case could be flagged; drop --qc-fail, or use --output-format nifti")
 
 
 def _rank_device(device: str) -> str:
@@ -148,7 +142,7 @@ def _fold_list(text: str | None) -> list[int] | None:
 
 def _formats(text: str) -> tuple[str, ...]:
     """``"nifti,rtstruct"`` -> ("nifti", "rtstruct"), checked against the known formats."""
-    from medunet.inference.batch import OUTPUT_FORMATS
+    from medunet.inference.outputs import OUTPUT_FORMATS
 
     formats = tuple(dict.fromkeys(part.strip().lower() for part in text.split(",") if part.strip()))
     if not formats or set(formats) - set(OUTPUT_FORMATS):

@@ -55,9 +55,10 @@ def train(ctx: click.Context, datalist: Path, run_dir: Path, config_path: Path |
     The datalist is checked first (as `medunet check` does); errors stop before anything is trained.
     Under torchrun (docs/distributed.md) train.batch_size is per process; rank 0 alone checks, plans and writes.
     """
+    from medunet.model.layout import BEST_CHECKPOINT, LAST_CHECKPOINT, fold_dir
     from medunet.training import distributed
     from medunet.training.run_config import check_before_training, resolve_training_config
-    from medunet.training.splits import fold_dir, fold_for_training
+    from medunet.training.splits import fold_for_training
     from medunet.training.trainer import train as run_training
 
     if fold is None and (folds is not None or splits_file is not None):
@@ -69,7 +70,7 @@ def train(ctx: click.Context, datalist: Path, run_dir: Path, config_path: Path |
         require_tracking(None, trackers)
     root, run_dir = run_dir, (fold_dir(run_dir, fold) if fold is not None else run_dir)
     with distributed.session():  # under torchrun: rank 0 checks, plans and writes splits; the others wait for its result
-        if not resume and not skip_check and not (run_dir / "last.pt").exists():  # (an existing run is refused by the trainer)
+        if not resume and not skip_check and not (run_dir / LAST_CHECKPOINT).exists():  # (an existing run is refused by the trainer)
             distributed.run_on_main(lambda: check_before_training(
                 datalist, config_path=config_path, overrides=overrides, allow_outside_root=allow_outside_root,
                 progress=ctx.obj["progress"], show=lambda text: click.echo(text, err=True)))
@@ -90,7 +91,7 @@ def train(ctx: click.Context, datalist: Path, run_dir: Path, config_path: Path |
     per_class = ", ".join(f"{k} {v:.3f}" for k, v in result.class_dice.items())
     click.echo(
         f"best validation mean Dice {result.best_dice:.4f} (IoU {result.best_iou:.4f}) at epoch {result.best_epoch} ({per_class}); "
-        f"{result.epochs_completed} epochs, {result.minutes:.1f} min; model in {run_dir / 'best.pt'}"
+        f"{result.epochs_completed} epochs, {result.minutes:.1f} min; model in {run_dir / BEST_CHECKPOINT}"
     )
 
 

@@ -25,6 +25,7 @@ import numpy
 import torch
 
 from medunet.config import Config
+from medunet.model.layout import CARD_MARKDOWN, POSTPROCESSING_FILE
 from medunet.transforms import CT_BODY_HU
 
 INFERENCE_CONFIG = "configs/inference.json"
@@ -44,7 +45,7 @@ def bundle_problems(config: Config, *, folds: int, in_channels: int) -> list[str
     post = config.postprocessing
     if post.crf.enabled:
         problems.append("the dense CRF (postprocessing.crf.enabled) has no MONAI transform (export with --set "
-                        "postprocessing.crf.enabled=false, which for a crossval folder also sets aside its postprocessing.json, "
+                        f"postprocessing.crf.enabled=false, which for a crossval folder also sets aside its {POSTPROCESSING_FILE}, "
                         "or export --format onnx, which keeps it)")
     settings = {"default": post.default, **post.classes}
     for name, s in settings.items():
@@ -135,9 +136,9 @@ def metadata(config: Config, class_names: list[str], *, modality: str, version: 
         "required_packages_version": {"nibabel": nibabel.__version__},
         "name": "medunet segmentation",
         "task": f"{modality} segmentation of {', '.join(class_names[1:])}",
-        "description": "3D segmentation exported by medunet; masks are written on each input's grid. See MODEL_CARD.md.",
+        "description": f"3D segmentation exported by medunet; masks are written on each input's grid. See {CARD_MARKDOWN}.",
         "authors": "medunet export",
-        "copyright": "see MODEL_CARD.md",
+        "copyright": f"see {CARD_MARKDOWN}",
         "quality_control": {"file": qc_file, "what": "medunet's QC training reference and calibration (temperature, review "
                             "threshold); applied by `medunet infer -m` on this folder, not by the bundle's inference.json"},
         "network_data_format": {

@@ -22,9 +22,9 @@ from typing import Any
 from medunet._version import __version__
 from medunet.errors import DataError
 from medunet.model.checkpoint import Checkpoint
-from medunet.model.package import QC_FILE, SCHEMA_VERSION
+from medunet.model.layout import CARD_FILE, CARD_MARKDOWN, OOF_EVAL_DIR, POSTPROCESSING_FILE, QC_FILE, SPLIT_FILE, fold_name
+from medunet.model.package import SCHEMA_VERSION
 from medunet.planning.fingerprint import load_fingerprint
-from medunet.postprocessing.search import POSTPROCESSING_FILE
 from medunet.qc.decide import Thresholds
 from medunet.qc.reference import MAX_CASES, QCReference
 from medunet.qc.signals import BODY_QUANTILES
@@ -36,7 +36,7 @@ FINGERPRINT_KEYS = ("num_cases", "modality", "orientation", "channels", "spacing
 NO_FINGERPRINT = ("the run was trained with a config, not planned (medunet plan writes <plan>.fingerprint.json, which "
                   "medunet train -c <plan> keeps as fingerprint.json)")
 NO_REFERENCE = "the checkpoint holds none (the model was trained before QC existed)"
-NO_DATALIST = "the run does not record where its datalist is (split.json names cases only)"
+NO_DATALIST = f"the run does not record where its datalist is ({SPLIT_FILE} names cases only)"
 
 
 def software_versions() -> dict[str, str]:
@@ -59,7 +59,7 @@ def _validation(folds: dict[int | None, Checkpoint], source: Path) -> dict[str, 
     per_network = {}
     for fold, checkpoint in folds.items():
         state = checkpoint.train_state
-        key = "model" if fold is None else f"fold_{fold}"
+        key = "model" if fold is None else fold_name(fold)
         per_network[key] = {"epochs": checkpoint.epoch} | ({
             "best_epoch": state.best_epoch, "mean_dice": round(state.best_mean_dice(), 4),
             "selection_metric": state.best_metric,
@@ -67,7 +67,7 @@ def _validation(folds: dict[int | None, Checkpoint], source: Path) -> dict[str, 
         } if state is not None and state.best_epoch > 0 else {"note": "no validation recorded in the checkpoint"})
     result: dict[str, Any] = {"held_out_validation": per_network,
                               "how": "mean Dice per class on the run's validation cases (sliding window, network space), best epoch"}
-    summary = source / "oof_eval" / "summary.json"
+    summary = source / OOF_EVAL_DIR / "summary.json"
     if summary.is_file():
         scores = json.loads(summary.read_text())
         result["cross_validation_out_of_fold"] = {
@@ -276,7 +276,7 @@ def card_markdown(card: dict[str, Any]) -> str:
     if "cross_validation_out_of_fold" in card["validation"]:
         lines += ["", "Cross-validation, out-of-fold (input grids):", ""] + _table(card["validation"]["cross_validation_out_of_fold"])
     lines += ["", "## Software", ""] + _table(card["software"])
-    lines += ["", "## Files (sha256)", "", "`model_card.json` lists these; `medunet infer -m` refuses a package where one differs.", ""]
-    lines += [f"- `{name}`: `{digest}`" for name, digest in card["files"].items() if name != "MODEL_CARD.md"]
-    lines += ["", "The run's full config is in `model_card.json` (`config`).", ""]
+    lines += ["", "## Files (sha256)", "", f"`{CARD_FILE}` lists these; `medunet infer -m` refuses a package where one differs.", ""]
+    lines += [f"- `{name}`: `{digest}`" for name, digest in card["files"].items() if name != CARD_MARKDOWN]
+    lines += ["", f"The run's full config is in `{CARD_FILE}` (`config`).", ""]
     return "\n".join(lines)

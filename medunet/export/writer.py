@@ -26,19 +26,8 @@ from medunet.export.card import card_json, card_markdown
 from medunet.export.networks import ONNX_OPSET, export_onnx, export_torchscript
 from medunet.inference.segmenter import Segmenter
 from medunet.model.checkpoint import Checkpoint, fold_checkpoints, load_checkpoint, resolve_checkpoint
-from medunet.model.package import (
-    CARD_FILE,
-    CARD_MARKDOWN,
-    INPUT_NAME,
-    OUTPUT_NAME,
-    PIPELINE_FILE,
-    QC_FILE,
-    SCHEMA_VERSION,
-    SECTIONS,
-    describe_steps,
-    is_package,
-    sha256_file,
-)
+from medunet.model.layout import CARD_FILE, CARD_MARKDOWN, PIPELINE_FILE, QC_FILE, is_package
+from medunet.model.package import INPUT_NAME, OUTPUT_NAME, SCHEMA_VERSION, SECTIONS, describe_steps, sha256_file
 
 log = logging.getLogger("medunet")
 

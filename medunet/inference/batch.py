@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -15,16 +16,41 @@ from tqdm.auto import tqdm
 
 from medunet._version import __version__
 from medunet.errors import CaseError, ConfigError, DataError, MedunetError, OutputExistsError, describe_unexpected, unwrap_error
+from medunet.inference.outputs import (
+    DICOM_OUTPUT_SUFFIXES,
+    OUTPUT_FORMATS,
+    require_source_slices,
+    statistics_rows,
+    write_outputs,
+    write_preview,
+    write_uncertainty,
+)
 from medunet.inference.pipeline import Job, Stage, run_jobs
-from medunet.inference.segmenter import CaseResult, Segmenter
+from medunet.inference.segmenter import Segmenter
+from medunet.inference.stages import SegmentedCase
 from medunet.io.atomic import atomic_write_text
 from medunet.io.datalist import NIFTI_SUFFIXES, load_datalist, unique_case_names
-from medunet.io.image import DicomSource
-from medunet.io.nifti import write_float_map, write_mask
+from medunet.io.image import DicomSource, source_name
+from medunet.qc.decide import QCRecord
 
 log = logging.getLogger("medunet")
 
 T = TypeVar("T")
+
+__all__ = ["DICOM_OUTPUT_SUFFIXES", "OUTPUT_FORMATS", "BatchOptions", "BatchStages", "CaseResult", "Shard", "collect_inputs",
+           "qc_summary", "qc_summary_line", "segment_all"]
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """Outcome of one case in a batch run."""
+
+    case: str
+    input: str
+    output: str | None
+    error: str | None = None
+    qc: QCRecord | None = None
+    """The case's quality-control record (:func:`medunet.qc.decide.decide`), when QC ran."""
 
 
 @dataclass(frozen=True)
@@ -178,9 +204,7 @@ def plan_batch(cases: Sequence[tuple[str, Sequence[Path | DicomSource]]], out_di
     stats_csv = shard.path(Path(options.stats_csv)) if options.stats_csv is not None else None
     formats = options.output_formats
     targets = {name: out_dir / f"{name}.nii.gz" for name, _ in mine}
-    dicom_targets = _check_output_formats(formats, mine, out_dir, needs_nifti=options.preview or stats_csv is not None)
-    if options.uncertainty_map and dicom_targets:
-        raise ConfigError("--uncertainty-map is written with NIfTI masks only; drop it or use --output-format nifti")
+    dicom_targets = _check_output_formats(formats, mine, out_dir, needs_nifti=stats_csv is not None and options.skip_existing)
     maps = {name: out_dir / f"{name}_uncertainty.nii.gz" for name, _ in mine} if options.uncertainty_map else {}
     per_case = {name: [*([targets[name]] if "nifti" in formats else []), *dicom_targets.get(name, {}).values(),
                        *([maps[name]] if name in maps else []),
@@ -200,6 +224,11 @@ def plan_batch(cases: Sequence[tuple[str, Sequence[Path | DicomSource]]], out_di
 class BatchStages:
     """The three pipeline stages of one batch (:func:`medunet.inference.pipeline.run_jobs`), sharing its plan.
 
+    ``prepare`` reads and preprocesses a case (:mod:`medunet.inference.stages`), ``predict`` runs the network and every
+    stage after it (CRF, inversion, post-processing, QC), and ``write`` writes every output asked for (NIfTI, DICOM SEG,
+    RTSTRUCT, uncertainty map, preview, statistics) from that one result (:mod:`medunet.inference.outputs`): each
+    case gets its QC record whatever the formats, and nothing written is read back.
+
     Called bare, a stage raises whatever went wrong (the fuzz run drives them so); :func:`run_batch` guards each
     so that an unforeseen exception fails its case only.
     """
@@ -209,44 +238,50 @@ class BatchStages:
         self.stats_rows: list[dict[str, Any]] = []
 
     def prepare(self, job: Job) -> None:
-        if job.name in self.plan.finished or self.plan.dicom_targets:  # DICOM SEG / RTSTRUCT: read, predict and write in predict
+        if job.name in self.plan.finished:
             return
-        job.prepared = self.segmenter.prepare(job.inputs, case=job.name, timings=job.timings)
-        job.reference = job.prepared.reference  # kept for the writer: the pipeline frees `prepared` after the prediction
+        prepared = self.segmenter.prepare(job.inputs, case=job.name, timings=job.timings)
+        dicom = self.plan.dicom_targets.get(job.name)
+        if dicom:  # a resampled series cannot be referenced: refuse it before the network runs
+            require_source_slices(prepared.series, list(dicom), case=job.name)
+        elif prepared.series is not None:  # the slices' headers are only needed to reference them
+            prepared = dataclasses.replace(prepared, series=None)
+        job.prepared = prepared
 
     def predict(self, job: Job) -> None:
-        plan = self.plan
-        if job.name in plan.finished:
+        if job.name in self.plan.finished:
             return
-        if plan.dicom_targets:  # DICOM SEG and/or RTSTRUCT (and NIfTI) from one prediction
-            from medunet.inference.dicom_seg import segment_dicom
-
-            dicom = plan.dicom_targets[job.name]
-            nifti = plan.targets[job.name] if "nifti" in self.options.output_formats else None
-            segment_dicom(self.segmenter, job.inputs[0], seg_output=dicom.get("dicom-seg"), rtstruct_output=dicom.get("rtstruct"),
-                          nifti_output=nifti, overwrite=self.options.replace, case=job.name)
-        else:
-            prediction = self.segmenter.predict_case(job.prepared, timings=job.timings, uncertainty_map=self.options.uncertainty_map)
-            job.labels, job.qc, job.uncertainty = prediction.labels, prediction.qc, prediction.uncertainty
+        prediction = self.segmenter.predict_case(job.prepared, timings=job.timings, uncertainty_map=self.options.uncertainty_map)
+        job.result, job.qc = self.segmenter.segmented(job.prepared, prediction), prediction.qc
 
     def write(self, job: Job) -> None:
         plan, options, segmenter = self.plan, self.options, self.segmenter
-        name, source, target = job.name, job.inputs[0], plan.targets[job.name]
-        if job.labels is not None:
-            write_mask(job.labels, job.reference, target, num_classes=segmenter.num_classes, overwrite=options.replace)
-            if job.uncertainty is not None:
-                write_float_map(job.uncertainty, job.reference, plan.uncertainty_targets[name], overwrite=options.replace,
-                                description="medunet uncertainty (normalised entropy)")
-            job.labels = job.reference = job.uncertainty = None  # a DICOM reference holds its voxels: keep memory flat
-        if options.preview and name not in plan.finished:
-            _write_preview(segmenter, name, source, target, plan.out_dir / f"{name}_preview.png")
+        name, source = job.name, job.inputs[0]
+        targets = self.targets(name)
+        result: SegmentedCase | None = job.result
+        job.result = None  # a DICOM reference holds its voxels: keep memory flat
+        if result is not None:
+            write_outputs(result, targets, class_names=segmenter.class_names, model_name=segmenter.model_name, overwrite=options.replace)
+            if result.prediction.uncertainty is not None:
+                write_uncertainty(result, plan.uncertainty_targets[name], overwrite=options.replace)
+            if options.preview:
+                window = segmenter.config.data.window() if segmenter.config.data.normalization == "ct_window" else None
+                write_preview(result, plan.out_dir / f"{name}_preview.png", title=name, window=window,
+                              class_names=segmenter.class_names, image_name=source_name(source))
         if plan.stats_csv is not None:
-            from medunet.inference.statistics import case_statistics
+            if result is not None:
+                self.stats_rows.extend(statistics_rows(result, segmenter.class_names, case=name, image_name=source_name(source)))
+            else:  # finished in an earlier run: its mask is on disk
+                from medunet.inference.statistics import case_statistics
 
-            self.stats_rows.extend(case_statistics(target, source, segmenter.class_names, case=name))
-        nifti = [target] if "nifti" in options.output_formats else []
+                self.stats_rows.extend(case_statistics(plan.targets[name], source, segmenter.class_names, case=name))
         uncertainty = [plan.uncertainty_targets[name]] if name in plan.uncertainty_targets else []
-        job.outputs = [str(p) for p in (*nifti, *plan.dicom_targets.get(name, {}).values(), *uncertainty)]
+        job.outputs = [str(p) for p in (*targets.values(), *uncertainty)]
+
+    def targets(self, name: str) -> dict[str, Path]:
+        """The mask files of case ``name`` by output format, in the order they are reported (NIfTI first)."""
+        nifti = {"nifti": self.plan.targets[name]} if "nifti" in self.options.output_formats else {}
+        return {**nifti, **self.plan.dicom_targets.get(name, {})}
 
 
 def _one_case(stage: Stage, doing: str) -> Stage:
@@ -381,12 +416,6 @@ def qc_summary_line(summary: dict[str, Any]) -> str:
     return f"QC: {summary['ok']} ok, {summary['review']} to review{f' ({why})' if why else ''}{skipped}"
 
 
-#: Values of ``--output-format`` (comma-separated combinations allowed).
-OUTPUT_FORMATS = ("nifti", "dicom-seg", "rtstruct")
-#: File name suffix of each DICOM output format (``<case><suffix>``).
-DICOM_OUTPUT_SUFFIXES = {"dicom-seg": ".seg.dcm", "rtstruct": ".rtstruct.dcm"}
-
-
 def _check_output_formats(
     formats: Sequence[str], cases: Sequence[tuple[str, Sequence[Any]]], out_dir: Path, *, needs_nifti: bool
 ) -> dict[str, dict[str, Path]]:
@@ -397,8 +426,9 @@ def _check_output_formats(
     unknown = sorted(set(formats) - set(OUTPUT_FORMATS))
     if unknown or not formats:
         raise ConfigError(f"output format must be one or more of {', '.join(OUTPUT_FORMATS)} (comma-separated), got {list(formats)}")
-    if needs_nifti and "nifti" not in formats:
-        raise ConfigError("--preview and --stats read the NIfTI mask; add nifti to --output-format (e.g. nifti,dicom-seg)")
+    if needs_nifti and "nifti" not in formats:  # previews and statistics of new cases come from memory, whatever the formats
+        raise ConfigError("--stats with --skip-existing reads the NIfTI masks of the finished cases; "
+                          "add nifti to --output-format (e.g. nifti,dicom-seg)")
     dicom_formats = [f for f in formats if f in DICOM_OUTPUT_SUFFIXES]
     if not dicom_formats:
         return {}
@@ -409,10 +439,3 @@ def _check_output_formats(
             raise DataError(f"a {' / '.join(dicom_formats)} output needs a DICOM series input (it references the source slices); "
                             "this case is not one: use --output-format nifti", case=name, path=str(paths[0]))
     return {name: {f: out_dir / f"{name}{DICOM_OUTPUT_SUFFIXES[f]}" for f in dicom_formats} for name, _ in cases}
-
-
-def _write_preview(segmenter: Segmenter, name: str, image_path: Path, mask_path: Path, png: Path) -> None:
-    from medunet.visualize import save_overlay_files
-
-    window = segmenter.config.data.window() if segmenter.config.data.normalization == "ct_window" else None
-    save_overlay_files(image_path, mask_path, png, title=name, window=window, class_names=segmenter.class_names)

@@ -33,10 +33,10 @@ class Job:
     name: str
     inputs: list[Any]
     prepared: Any = None
-    reference: Any = None
-    labels: Any = None
+    """The read and preprocessed case (prepare -> predict; freed once predicted)."""
+    result: Any = None
+    """The case through every stage after the network (predict -> write; freed once written)."""
     qc: QCRecord | None = None
-    uncertainty: Any = None
     outputs: list[str] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
@@ -55,7 +55,7 @@ def _run_stage(stage: Stage, job: Job) -> None:
         stage(job)
     except MedunetError as exc:
         job.error = str(exc)
-        job.prepared = job.reference = job.labels = job.uncertainty = None  # free the volumes of a failed case at once
+        job.prepared = job.result = None  # free the volumes of a failed case at once
     finally:
         job.seconds += time.perf_counter() - started
 

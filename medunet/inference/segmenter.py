@@ -1,95 +1,46 @@
 """The Segmenter: load a trained model once, segment many volumes onto their own grids.
 
-    seg = Segmenter.from_checkpoint("runs/liver")        # a run folder or a .pt file
+    seg = Segmenter.from_checkpoint("runs/liver")        # a run folder, a .pt file, a crossval folder or a package
     mask = seg.predict("ct.nii.gz")                       # nibabel image, exactly on the input grid
     seg.predict_file("ct.nii.gz", "preds/ct.nii.gz")      # written atomically
 
-Geometry: the input is preprocessed with the training chain (orientation, spacing,
-crop), predicted with a sliding window, and brought back with MONAI's ``Invertd``.
-The result is then checked against the input's shape and affine, and written with
-the input's own header, so the mask sits on exactly the input's grid whatever its
-orientation, obliquity or anisotropy. A mismatch is an error, never a warning.
+A thin façade: :func:`medunet.model.loader.load_model` loads the model, and each call runs the
+stages of :mod:`medunet.inference.stages` (read, preprocess, network, CRF, invert, post-process,
+QC); the writers of :mod:`medunet.inference.outputs` write any format from the same result.
+
+Geometry: the input is preprocessed with the training chain (orientation, spacing, crop),
+predicted with a sliding window, and brought back with MONAI's ``Invertd``. The result is then
+checked against the input's shape and affine, and written with the input's own header, so the mask
+sits on exactly the input's grid whatever its orientation, obliquity or anisotropy. A mismatch is
+an error, never a warning.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import threading
 import time
-from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
-import numpy as np
 import torch
-from monai.data import MetaTensor
-from monai.transforms import Invertd
 
-from medunet.config import Config, DataConfig, apply_overrides, config_from_dict, non_preprocessing_fields
-from medunet.errors import CheckpointError, DataError, MedunetError, OutputExistsError, unwrap_error
+from medunet.config import Config
+from medunet.errors import OutputExistsError
+from medunet.inference import stages
+from medunet.inference.outputs import DICOM_OUTPUT_SUFFIXES, require_source_slices, write_nifti, write_outputs
+from medunet.inference.stages import InputImage, NetworkOutput, Prediction, PreparedCase, SegmentedCase
 from medunet.io.atomic import atomic_write_text
-from medunet.io.geometry import require_same_grid, spacing_of
-from medunet.io.image import ArrayWithAffine, DicomSource, Source, as_source_list, read_image, source_name
-from medunet.io.nifti import ImageSource, label_dtype, mask_image, write_mask
-from medunet.model.checkpoint import Checkpoint, fold_checkpoints, load_checkpoint, resolve_checkpoint
-from medunet.model.networks import build_network
-from medunet.model.package import Package, choose_engine, is_package, load_networks, read_package
-from medunet.model.sliding import inference_dtype, predict_probabilities
-from medunet.postprocessing.crf import dense_crf
-from medunet.postprocessing.operations import postprocess_labels
-from medunet.postprocessing.search import validated_postprocessing
-from medunet.qc.calibrate import TEMPERATURES
-from medunet.qc.decide import QC_FILE, QCRecord, Thresholds, decide, load_thresholds
-from medunet.qc.reference import QCReference, is_ct, reference_of
-from medunet.qc.signals import entropy_map, expected_dice_curve, input_signals, mask_signals, uncertainty_signals
-from medunet.runtime import select_device
-from medunet.transforms import IMAGE, preprocessing
+from medunet.io.dicom import DicomSeries
+from medunet.io.image import DicomSource, as_source_list, source_name
+from medunet.io.nifti import mask_image
+from medunet.model.layout import model_name as name_of_model
+from medunet.model.loader import LoadedModel, load_model
+from medunet.qc.decide import QCRecord, Thresholds
+from medunet.qc.reference import QCReference, is_ct
 
-log = logging.getLogger("medunet")
-
-PRED = "pred"
-
-#: What :meth:`Segmenter.predict` accepts as one image (or one channel).
-InputImage = Source | ArrayWithAffine
-
-
-@dataclass(frozen=True)
-class CaseResult:
-    """Outcome of one case in a batch run."""
-
-    case: str
-    input: str
-    output: str | None
-    error: str | None = None
-    qc: QCRecord | None = None
-    """The case's quality-control record (:func:`medunet.qc.decide.decide`), when QC ran."""
-
-
-@dataclass(frozen=True)
-class PreparedCase:
-    """A volume read and preprocessed by :meth:`Segmenter.prepare`, waiting for the network."""
-
-    data: dict[str, Any]
-    """The preprocessing chain's output (the image, with the operations needed to invert the prediction)."""
-    reference: nib.Nifti1Image
-    """The input (first channel) image: the grid and header of the mask."""
-    case: str | None = None
-    input_signals: dict[str, Any] | None = None
-    """QC statistics of the raw input (:func:`medunet.qc.signals.input_signals`), when QC is on."""
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """What :meth:`Segmenter.predict_case` gives: labels on the input grid and, if asked, QC and uncertainty."""
-
-    labels: np.ndarray
-    qc: QCRecord | None = None
-    """The QC record (docs/quality-control.md)."""
-    uncertainty: np.ndarray | None = None
-    """Per-voxel normalised entropy (0..1, float32) on the input grid, when asked for."""
+__all__ = ["InputImage", "PreparedCase", "Prediction", "SegmentedCase", "Segmenter", "predict_dicom_seg", "segment_dicom"]
 
 
 class Segmenter:
@@ -110,6 +61,7 @@ class Segmenter:
         source: str = "",
         qc_reference: QCReference | None = None,
         qc_thresholds: Thresholds | None = None,
+        model_name: str | None = None,
     ) -> None:
         self.models = [m.to(device).eval() for m in ([model] if isinstance(model, torch.nn.Module) else model)]
         self.model = self.models[0]  # the network (the first one of a fold ensemble)
@@ -118,11 +70,12 @@ class Segmenter:
         self.in_channels = in_channels
         self.device = device
         self.source = source
-        self._amp = inference_dtype(config, device)  # inference.precision
-        self._preprocess = preprocessing(config, num_classes=self.num_classes, in_channels=in_channels, with_label=False)
-        # Thread-safety model: reading, preprocessing, inversion and post-processing run concurrently; the network
-        # runs under this lock, one call at a time (one forward pass already uses every core / the whole GPU).
-        self._model_lock = threading.Lock()
+        self.model_name = model_name or (name_of_model(source.split(" (folds")[0]) if source else "medunet")
+        """A short model name, recorded in DICOM SEG and RTSTRUCT outputs (the run, folder or package name)."""
+        self._preprocessing = stages.Preprocessing(config, num_classes=self.num_classes, in_channels=in_channels)
+        self._preprocess = self._preprocessing.chain
+        self._network = stages.Network(self.models, config, device=device, num_classes=self.num_classes)
+        self._amp = self._network.amp
         self.qc_reference = qc_reference
         """The training reference QC compares inputs and masks with (None: only the uncertainty checks run)."""
         self.qc_thresholds = qc_thresholds or Thresholds()
@@ -145,70 +98,34 @@ class Segmenter:
     def from_checkpoint(
         cls, path: str | Path, *, device: str = "auto", overrides: Sequence[str] = (), folds: Sequence[int] | None = None
     ) -> Segmenter:
-        """Load a checkpoint, a run folder's best.pt, or a cross-validation folder's fold ensemble, safely.
+        """Load a checkpoint, a run folder's best.pt, a cross-validation folder's fold ensemble or an exported package, safely.
 
         A folder holding ``fold_<k>/`` runs loads every fold (or those in ``folds``) and averages their
         probabilities. A ``postprocessing.json`` in the folder (chosen by ``medunet crossval``) replaces
         the checkpoint's post-processing unless ``overrides`` set ``postprocessing.*`` themselves.
+        An exported package (``medunet export``) loads too: its networks run on ``inference.engine``.
+        See :func:`medunet.model.loader.load_model`.
 
         Args:
-            path: a run folder, a cross-validation folder or a checkpoint file.
+            path: a run folder, a cross-validation folder, a checkpoint file or a package folder.
             device: auto, cpu, cuda or cuda:N.
             overrides: dotted config overrides, e.g. ``["inference.overlap=0.25"]``.
             folds: fold indices to ensemble (default: all folds found).
-
-        An exported package (``medunet export``) loads too: its networks run on ``inference.engine``.
 
         Raises:
             CheckpointError: unreadable checkpoint, missing fold, or folds that disagree on classes, channels or preprocessing.
             PackageError: a package that is incomplete, changed since export, or of an unknown schema.
         """
-        if is_package(path):
-            return cls._from_package(Path(path), device=device, overrides=overrides, folds=folds)
-        by_fold = fold_checkpoints(path, folds)
-        checkpoints = list(by_fold.values()) or [resolve_checkpoint(path)]
-        loaded = [load_checkpoint(c) for c in checkpoints]
-        check_ensemble(loaded, [str(c) for c in checkpoints])
-        class_names = loaded[0].class_names
-        values = loaded[0].config
-        chosen = validated_postprocessing(Path(path), class_names, overrides)
-        if chosen is not None:
-            values = {**values, "postprocessing": chosen}
-        config = config_from_dict(apply_overrides(values, overrides))
-        if config.inference.engine == "onnxruntime":
-            raise CheckpointError(f"the onnxruntime engine runs an exported package; export first: medunet export {path} -o OUT --format onnx")
-        torch_device = select_device(device if device != "auto" else config.inference.device)
-        models = []
-        for checkpoint, saved in zip(checkpoints, loaded):
-            model = build_network(config.model, in_channels=saved.in_channels, out_channels=len(class_names))
-            model.load_state_dict(saved.model)
-            models.append(model)
-            log.debug("loaded %s (epoch %s)", checkpoint, saved.epoch)
-        source = f"{path} (folds {', '.join(map(str, by_fold))})" if by_fold else str(checkpoints[0])
-        if len(models) > 1:
-            log.info("ensemble of %d folds (%s), averaging probabilities", len(models), ", ".join(map(str, by_fold)))
-        reference = reference_of(loaded[0].qc_reference)
-        if reference is None:
-            log.info("%s has no training reference (trained before QC existed): QC uses the model's uncertainty only", source)
-        return cls(models, config, class_names=class_names, in_channels=loaded[0].in_channels, device=torch_device, source=source,
-                   qc_reference=reference, qc_thresholds=_qc_thresholds(Path(path) if by_fold else checkpoints[0].parent))
+        return cls.from_loaded(load_model(path, device=device, overrides=overrides, folds=folds))
 
     @classmethod
-    def _from_package(cls, path: Path, *, device: str, overrides: Sequence[str], folds: Sequence[int] | None) -> Segmenter:
-        """A Segmenter on a verified exported package: the same config, preprocessing and inversion, another engine."""
-        package = read_package(path, overrides=overrides, folds=folds)
-        engine = choose_engine(package, package.config.inference.engine)
-        config = package.config
-        if engine == "onnxruntime":  # the ONNX graph computes in float32 whatever inference.precision says
-            config = replace(config, inference=replace(config.inference, precision="fp32"))
-        torch_device = select_device(device if device != "auto" else config.inference.device)
-        networks = load_networks(package, engine, torch_device)
-        source = f"{path} (exported package, {engine}, {len(networks)} network(s))"
-        reference, thresholds = _package_qc(package)
-        if reference is None:
-            log.info("%s has no training reference (trained before QC existed): QC uses the model's uncertainty only", source)
-        return cls(networks, config, class_names=package.class_names, in_channels=package.in_channels, device=torch_device, source=source,
-                   qc_reference=reference, qc_thresholds=thresholds)
+    def from_loaded(cls, loaded: LoadedModel) -> Segmenter:
+        """A Segmenter on a model :func:`~medunet.model.loader.load_model` loaded."""
+        return cls(loaded.networks, loaded.config, class_names=loaded.class_names, in_channels=loaded.in_channels,
+                   device=loaded.device, source=loaded.source, qc_reference=loaded.qc_reference,
+                   qc_thresholds=loaded.qc_thresholds, model_name=loaded.name)
+
+    # ----------------------------------------------------------------------- whole calls
 
     def predict(self, image: InputImage | Sequence[InputImage], *, case: str | None = None) -> nib.Nifti1Image:
         """Segment one volume.
@@ -227,14 +144,14 @@ class Segmenter:
             DataError: the input is unreadable, ambiguous or not a valid volume.
             GeometryError: the result would not lie exactly on the input grid.
         """
-        prediction, reference = self._segment(image, case=case, timings={}, qc=False)
-        return mask_image(prediction.labels, reference, num_classes=self.num_classes)
+        result = self.segment(image, case=case, qc=False)
+        return mask_image(result.labels, result.reference, num_classes=self.num_classes)
 
     def predict_with_qc(self, image: InputImage | Sequence[InputImage], *, case: str | None = None) -> tuple[nib.Nifti1Image, QCRecord]:
         """:meth:`predict` and the case's QC record (see docs/quality-control.md)."""
-        prediction, reference = self._segment(image, case=case, timings={}, qc=True)
-        assert prediction.qc is not None
-        return mask_image(prediction.labels, reference, num_classes=self.num_classes), prediction.qc
+        result = self.segment(image, case=case, qc=True)
+        assert result.qc is not None
+        return mask_image(result.labels, result.reference, num_classes=self.num_classes), result.qc
 
     def predict_file(
         self,
@@ -261,14 +178,100 @@ class Segmenter:
                 raise OutputExistsError(f"output {target} already exists; pass --overwrite to replace it")
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        prediction, reference = self._segment(image, case=case, timings=timings, qc=report is not None and self.qc_enabled)
+        result = self.segment(image, case=case, timings=timings, qc=report is not None and self.qc_enabled)
         tick = time.perf_counter()
-        written = write_mask(prediction.labels, reference, output, num_classes=self.num_classes, overwrite=overwrite)
+        written = write_nifti(result, output, num_classes=self.num_classes, overwrite=overwrite)
         timings["write"] = time.perf_counter() - tick
         timings["total"] = time.perf_counter() - started
         if report is not None:
-            self.write_run_report(report, outputs=[written], timings=timings, inputs=as_source_list(image), qc=prediction.qc)
+            self.write_run_report(report, outputs=[written], timings=timings, inputs=as_source_list(image), qc=result.qc)
         return written
+
+    def segment(
+        self, image: InputImage | Sequence[InputImage], *, case: str | None = None, qc: bool | None = None,
+        uncertainty_map: bool = False, timings: dict[str, float] | None = None,
+    ) -> SegmentedCase:
+        """Every stage on one volume: what each output format is written from (:mod:`medunet.inference.outputs`).
+
+        ``qc`` defaults to :attr:`qc_enabled`; ``uncertainty_map`` also inverts the per-voxel entropy. Raises as :meth:`predict`.
+        """
+        qc = self.qc_enabled if qc is None else qc
+        timings = {} if timings is None else timings
+        prepared = self._prepare(image, case=case, timings=timings, input_qc=qc)
+        return self.segmented(prepared, self.predict_case(prepared, timings=timings, qc=qc, uncertainty_map=uncertainty_map))
+
+    @staticmethod
+    def segmented(prepared: PreparedCase, prediction: Prediction) -> SegmentedCase:
+        """The hand-off to the writers: a prepared case's prediction with the grid (and DICOM series) it lies on."""
+        return SegmentedCase(prepared.case, prediction, prepared.reference, prepared.series)
+
+    # ----------------------------------------------------------------------- the stages
+
+    def prepare(self, image: InputImage | Sequence[InputImage], *, case: str | None = None,
+                timings: dict[str, float] | None = None) -> PreparedCase:
+        """Read and preprocess one volume, without the network: the part batch mode runs ahead in a background thread.
+
+        Pass the result to :meth:`predict_case`. Raises as :meth:`predict`.
+        """
+        return self._prepare(image, case=case, timings={} if timings is None else timings, input_qc=self.qc_enabled)
+
+    def _prepare(self, image: InputImage | Sequence[InputImage], *, case: str | None, timings: dict[str, float],
+                 input_qc: bool) -> PreparedCase:
+        read = stages.read(image, case=case, timings=timings)
+        return self._preprocessing(read, input_qc=input_qc, ct=self._ct, timings=timings)
+
+    def probabilities(self, image: torch.Tensor, member_labels: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Softmax probabilities (B, K, X, Y, Z) of a preprocessed batch, averaged over the models of a fold ensemble.
+
+        With ``member_labels`` (and several models), each model's own argmax labels (B, X, Y, Z) are appended to it.
+        """
+        return self._network.probabilities(image, member_labels)
+
+    def network_output(self, prepared: PreparedCase, *, members: bool = False, timings: dict[str, float] | None = None) -> NetworkOutput:
+        """The network stage on a prepared case: probabilities in preprocessed space (``members``: each fold's labels too).
+
+        It runs :meth:`probabilities` of this instance, so a wrapper set on it (to record or alter them) takes effect.
+        """
+        return self._network(prepared, members=members, timings={} if timings is None else timings, probabilities=self.probabilities)
+
+    def predict_case(
+        self, prepared: PreparedCase, *, timings: dict[str, float] | None = None, qc: bool | None = None, uncertainty_map: bool = False,
+        calibration: bool = False,
+    ) -> Prediction:
+        """Labels on the input grid of a volume from :meth:`prepare` and, with ``qc`` (default: :attr:`qc_enabled`), its QC record.
+
+        The network, the dense CRF (``postprocessing.crf.enabled``), then :meth:`finish`. QC reads the probabilities the
+        network already computed (no second pass); ``uncertainty_map`` also inverts their per-voxel entropy onto the input
+        grid; ``calibration`` adds the expected Dice at every temperature of :data:`~medunet.qc.calibrate.TEMPERATURES` to
+        the record (what calibration fits).
+        """
+        timings = {} if timings is None else timings
+        qc = self.qc_enabled if qc is None else qc
+        output = self.network_output(prepared, members=qc, timings=timings)
+        output = stages.refine(output, prepared, self.config.postprocessing.crf, timings=timings)
+        return self.finish(prepared, output, timings=timings, qc=qc, uncertainty_map=uncertainty_map, calibration=calibration)
+
+    def finish(
+        self, prepared: PreparedCase, output: NetworkOutput, *, timings: dict[str, float] | None = None, qc: bool | None = None,
+        uncertainty_map: bool = False, calibration: bool = False,
+    ) -> Prediction:
+        """The stages after the network (and CRF): inversion onto the input grid, post-processing and, with ``qc``, QC.
+
+        ``output`` stays valid: one network pass may be finished several ways (e.g. with and without
+        :func:`~medunet.inference.stages.refine`), each inverted from the same prepared case.
+        """
+        timings = {} if timings is None else timings
+        qc = self.qc_enabled if qc is None else qc
+        inverted = stages.invert(self._preprocessing, output, prepared, resample_probabilities=self.config.inference.resample_probabilities,
+                                 num_classes=self.num_classes, uncertainty_map=uncertainty_map, timings=timings)
+        prediction = stages.postprocess(inverted, prepared, self.config.postprocessing, self.class_names, timings=timings)
+        if not qc:
+            timings.pop("qc_uncertainty", None)
+            return prediction
+        return stages.quality_control(prediction, prepared, output, reference=self.qc_reference, thresholds=self.qc_thresholds,
+                                      class_names=self.class_names, calibration=calibration, timings=timings)
+
+    # ----------------------------------------------------------------------- run reports
 
     def run_report(
         self, *, outputs: Sequence[Path], timings: dict[str, float], inputs: Sequence[object] = (), qc: QCRecord | None = None
@@ -305,240 +308,60 @@ class Segmenter:
         atomic_write_text(path, json.dumps(self.run_report(outputs=outputs, timings=timings, inputs=inputs, qc=qc), indent=2))
         return path
 
-    def _segment(
-        self, image: InputImage | Sequence[InputImage], *, case: str | None, timings: dict[str, float], qc: bool
-    ) -> tuple[Prediction, nib.Nifti1Image]:
-        """The prediction on the input grid, and the input (first channel) image whose header it takes."""
-        prepared = self.prepare(image, case=case, timings=timings)
-        return self.predict_case(prepared, timings=timings, qc=qc), prepared.reference
 
-    def prepare(self, image: InputImage | Sequence[InputImage], *, case: str | None = None,
-                timings: dict[str, float] | None = None) -> PreparedCase:
-        """Read and preprocess one volume, without the network: the part batch mode runs ahead in a background thread.
-
-        Pass the result to :meth:`labels_for`. Raises as :meth:`predict`.
-        """
-        timings = {} if timings is None else timings
-        sources = as_source_list(image)
-        if not sources:
-            raise DataError("no image given", case=case)
-        tick = time.perf_counter()
-        # DICOM series and arrays are read once here and handed on in memory; NIfTI paths stay paths (read lazily, named in errors).
-        images = [read_image(s, case=case) for s in sources]
-        inputs = [s if isinstance(s, (str, Path)) and not Path(s).is_dir() else img for s, img in zip(sources, images)]
-        timings["read"] = time.perf_counter() - tick
-        return self._preprocessed(inputs, reference=images[0], case=case, timings=timings)
-
-    @torch.inference_mode()
-    def probabilities(self, image: torch.Tensor, member_labels: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Softmax probabilities (B, K, X, Y, Z) of a preprocessed batch, averaged over the models of a fold ensemble.
-
-        All folds share one preprocessing (checked on loading), so averaging in network space is exact.
-        With ``member_labels`` (and several models), each model's own argmax labels (B, X, Y, Z) are appended to it.
-        """
-        def run(model: torch.nn.Module) -> torch.Tensor:
-            probs = predict_probabilities(model, image, self.config, device=self.device, amp=self._amp, num_classes=self.num_classes)
-            if member_labels is not None and len(self.models) > 1:
-                member_labels.append(probs.max(dim=1).indices.cpu())
-            return probs
-
-        total = run(self.models[0])
-        for model in self.models[1:]:
-            total += run(model)
-        return total / len(self.models) if len(self.models) > 1 else total
-
-    def predict_labels(
-        self,
-        sources: Sequence[ImageSource],
-        *,
-        reference: nib.Nifti1Image,
-        case: str | None = None,
-        timings: dict[str, float] | None = None,
-    ) -> np.ndarray:
-        """Label array on ``reference``'s grid (after inversion and post-processing); seconds per stage go to ``timings``."""
-        timings = {} if timings is None else timings
-        return self.labels_for(self._preprocessed(sources, reference=reference, case=case, timings=timings), timings=timings)
-
-    def _preprocessed(
-        self, sources: Sequence[ImageSource], *, reference: nib.Nifti1Image, case: str | None, timings: dict[str, float]
-    ) -> PreparedCase:
-        tick = time.perf_counter()
-        signals = None
-        try:
-            data: dict[str, Any] = self._preprocess({IMAGE: list(sources), "case": case}, end=1)  # loaded, not yet transformed
-            if self.qc_enabled:  # the raw intensities: normalisation would hide wrong units or another modality
-                qc_tick = time.perf_counter()
-                raw = data[IMAGE]
-                signals = input_signals(np.asarray(raw.detach().cpu()), np.asarray(raw.affine), ct=self._ct)
-                timings["qc_input"] = time.perf_counter() - qc_tick
-            data = self._preprocess(data, start=1)
-        except Exception as exc:  # MONAI wraps transform errors; surface our typed one
-            cause = unwrap_error(exc)
-            if isinstance(cause, MedunetError):
-                raise cause from cause.__cause__  # its own cause kept, MONAI's wrapper dropped
-            raise
-        timings["preprocess"] = time.perf_counter() - tick - timings.get("qc_input", 0.0)
-        return PreparedCase(data=data, reference=reference, case=case, input_signals=signals)
-
-    def labels_for(self, prepared: PreparedCase, *, timings: dict[str, float] | None = None) -> np.ndarray:
-        """Network, inversion and post-processing of a volume from :meth:`prepare`: labels on its input grid."""
-        return self.predict_case(prepared, timings=timings, qc=False).labels
-
-    def predict_case(
-        self, prepared: PreparedCase, *, timings: dict[str, float] | None = None, qc: bool | None = None, uncertainty_map: bool = False,
-        calibration: bool = False,
-    ) -> Prediction:
-        """Labels on the input grid of a volume from :meth:`prepare` and, with ``qc`` (default: :attr:`qc_enabled`), its QC record.
-
-        QC reads the probabilities the network already computed (no second pass); ``uncertainty_map``
-        also inverts their per-voxel entropy onto the input grid; ``calibration`` adds the expected Dice at
-        every temperature of :data:`~medunet.qc.calibrate.TEMPERATURES` to the record (what calibration fits).
-        """
-        timings = {} if timings is None else timings
-        qc = self.qc_enabled if qc is None else qc
-        data, reference, case = dict(prepared.data), prepared.reference, prepared.case
-        pre_image = data[IMAGE]
-        members: list[torch.Tensor] = []
-        tick = time.perf_counter()
-        with self._model_lock:
-            timings["wait_for_model"] = time.perf_counter() - tick
-            probs = self.probabilities(torch.as_tensor(pre_image)[None], member_labels=members if qc else None)[0]
-        timings["network"] = time.perf_counter() - tick - timings["wait_for_model"]
-        if self.config.postprocessing.crf.enabled:  # on the network's grid, before inversion (medunet.postprocessing.crf)
-            tick = time.perf_counter()
-            probs = dense_crf(probs, torch.as_tensor(pre_image), spacing=spacing_of(np.asarray(pre_image.affine)),
-                              config=self.config.postprocessing.crf)
-            timings["crf"] = time.perf_counter() - tick
-        tick = time.perf_counter()
-        uncertainty = (uncertainty_signals(probs, [m[0] for m in members], temperature=self.qc_thresholds.temperature)
-                       if qc else None)  # on the network's device
-        if uncertainty is not None and calibration:
-            uncertainty["expected_dice_curve"] = expected_dice_curve(probs, TEMPERATURES)
-        entropy = self._inverted_entropy(probs.cpu(), data, reference, case) if uncertainty_map else None
-        timings["qc_uncertainty"] = time.perf_counter() - tick
-        tick = time.perf_counter()
-        # Invert either the probabilities (linear; argmax on the input grid) or the hard labels (nearest).
-        if self.config.inference.resample_probabilities:
-            labels_t, inverted = self._invert_probabilities(probs.cpu(), data, voxels=int(np.prod(reference.shape[:3])))
-        else:
-            inverted = self._invert(probs.max(dim=0, keepdim=True).indices.float().cpu(), data, nearest=True)  # max().indices: argmax is ~20x slower on CPU
-            labels_t = torch.as_tensor(inverted)[0].round()
-        labels = labels_t.numpy().astype(label_dtype(self.num_classes))
-        expected = tuple(int(s) for s in reference.shape[:3])
-        require_same_grid(labels.shape, np.asarray(inverted.affine), expected, reference.affine, what="inverted prediction",
-                          against="the input's", case=case, fix="refusing to write a mask off the input grid", tolerance=1e-4)
-        labels = postprocess_labels(
-            labels,
-            spacing=spacing_of(reference.affine),
-            config=self.config.postprocessing,
-            class_names=dict(enumerate(self.class_names)),
-        )
-        timings["invert_postprocess"] = time.perf_counter() - tick
-        record = None
-        if uncertainty is not None:
-            tick = time.perf_counter()
-            signals: dict[str, Any] = {"uncertainty": uncertainty, "mask": mask_signals(labels, spacing_of(reference.affine), self.num_classes)}
-            if prepared.input_signals is not None:
-                signals = {"input": prepared.input_signals, **signals}
-            record = decide(signals, self.qc_reference, self.class_names, self.qc_thresholds)
-            timings["qc"] = time.perf_counter() - tick + timings.pop("qc_input", 0.0) + timings.pop("qc_uncertainty", 0.0)
-        else:
-            timings.pop("qc_uncertainty", None)
-        return Prediction(labels, record, entropy)
-
-    def _inverted_entropy(self, probs: torch.Tensor, data: dict[str, Any], reference: nib.Nifti1Image, case: str | None) -> np.ndarray:
-        """Per-voxel normalised entropy of ``probs`` brought onto the input grid (linear interpolation), float32."""
-        inverted = self._invert(entropy_map(probs), data, nearest=False)
-        values = torch.as_tensor(inverted)[0].clamp(0.0, 1.0).numpy().astype(np.float32)
-        expected = tuple(int(s) for s in reference.shape[:3])
-        require_same_grid(values.shape, np.asarray(inverted.affine), expected, reference.affine, what="inverted uncertainty map",
-                          against="the input's", case=case, fix="refusing to write it off the input grid", tolerance=1e-4)
-        return values
-
-    def _invert(self, values: torch.Tensor, data: dict[str, Any], *, nearest: bool) -> MetaTensor:
-        """Bring a (C, X, Y, Z) prediction in network space back to the input grid with MONAI's ``Invertd``."""
-        pre_image = data[IMAGE]
-        with_pred: dict[Hashable, Any] = {key: value for key, value in data.items()}
-        with_pred[PRED] = MetaTensor(values, meta=dict(pre_image.meta), applied_operations=list(pre_image.applied_operations))
-        return Invertd(keys=PRED, transform=self._preprocess, orig_keys=IMAGE, nearest_interp=nearest)(with_pred)[PRED]
-
-    def _invert_probabilities(self, probs: torch.Tensor, data: dict[str, Any], *, voxels: int) -> tuple[torch.Tensor, MetaTensor]:
-        """Argmax on the input grid of the linearly inverted probabilities, a group of classes at a time.
-
-        Inversion acts on each class map alone, so a running maximum over groups gives the argmax of the
-        whole inversion (ties go to the lower class, as ``max`` does) while holding only one group.
-        """
-        group = classes_per_inversion(probs.shape[0], voxels)
-        best: torch.Tensor | None = None
-        labels = torch.zeros(0, dtype=torch.int64)
-        for start in range(0, probs.shape[0], group):
-            inverted = self._invert(probs[start:start + group], data, nearest=False)
-            top, index = torch.as_tensor(inverted).max(dim=0)
-            if best is None:
-                best, labels = top, index
-            else:
-                better = top > best
-                best = torch.where(better, top, best)
-                labels = torch.where(better, index + start, labels)
-        return labels, inverted
+# --------------------------------------------------------------------------- DICOM in, DICOM out
 
 
-def _package_qc(package: Package) -> tuple[QCReference | None, Thresholds | None]:
-    """The QC reference and calibration a package shipped (its ``qc.json``): QC then flags as the checkpoint's did."""
-    reference = reference_of(package.qc_reference)
-    thresholds = None
-    if package.qc_thresholds is not None:
-        thresholds = Thresholds.from_json(package.qc_thresholds, source=str(package.root / str(package.pipeline.get("qc"))))
-        log.info("QC thresholds from %s (%s)", package.root, thresholds.source)
-    return reference, thresholds
+def predict_dicom_seg(
+    segmenter: Segmenter,
+    series: DicomSeries,
+    output: str | Path,
+    *,
+    model_name: str | None = None,
+    overwrite: bool = False,
+    case: str | None = None,
+) -> nib.Nifti1Image:
+    """Segment a DICOM series already read and write its SEG to ``output``; returns the mask on ``series.image``'s grid.
 
-
-def _qc_thresholds(path: Path) -> Thresholds | None:
-    """The QC calibration of a run or cross-validation folder (``<folder>/qc.json``), or None for the defaults."""
-    file = path / QC_FILE
-    if not path.is_dir() or not file.is_file():
-        return None
-    thresholds = load_thresholds(file)
-    log.info("QC thresholds from %s (%s)", file, thresholds.source)
-    return thresholds
-
-
-#: Bytes of inverted class maps held at once on the input grid: the probabilities are inverted a group of classes at a
-#: time, keeping a running argmax, so memory does not grow with the number of classes (one float32 class map of a
-#: 512x512x300 CT is 315 MB; groups of 3 classes fit).
-INVERT_BUDGET_BYTES = 1 << 30
-
-
-def classes_per_inversion(num_classes: int, voxels: int, budget: int | None = None) -> int:
-    """How many float32 class maps of ``voxels`` voxels to invert at once within ``budget`` bytes (at least 1)."""
-    budget = INVERT_BUDGET_BYTES if budget is None else budget
-    return max(1, min(num_classes, budget // max(4 * voxels, 1)))
-
-
-#: Config sections that must agree between the folds of an ensemble: they fix the preprocessing and the network.
-_ENSEMBLE_SECTIONS = ("data", "model")
-_ENSEMBLE_IGNORED = non_preprocessing_fields(DataConfig)  # caching, split and path settings may differ between folds
-
-
-def check_ensemble(checkpoints: Sequence[Checkpoint], sources: Sequence[str]) -> None:
-    """Refuse to average models that disagree on classes, input channels, preprocessing or architecture.
-
-    Raises:
-        CheckpointError: naming the two checkpoints and what differs.
+    The returned mask is what a NIfTI output of the same case holds, so callers writing both
+    formats predict once.
     """
-    first = checkpoints[0]
-    for other, source in zip(checkpoints[1:], sources[1:]):
-        differences = []
-        if other.class_names != first.class_names:
-            differences.append(f"classes {other.class_names} vs {first.class_names}")
-        if other.in_channels != first.in_channels:
-            differences.append(f"input channels {other.in_channels} vs {first.in_channels}")
-        for section in _ENSEMBLE_SECTIONS:
-            a, b = other.config.get(section, {}), first.config.get(section, {})
-            differences += [f"{section}.{k} {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                            if k not in _ENSEMBLE_IGNORED and a.get(k) != b.get(k)]
-        if differences:
-            raise CheckpointError(
-                f"cannot ensemble {source} with {sources[0]}: they differ in {'; '.join(differences[:3])}; "
-                "choose matching folds with --folds"
-            )
+    output = Path(output)
+    if output.exists() and not overwrite:  # before the (slow) prediction
+        raise OutputExistsError(f"output {output} already exists; pass --overwrite to replace it")
+    require_source_slices(series, ["dicom-seg"], case=case)
+    stages_out = segmenter.segment(series.image, case=case, qc=False)
+    result = SegmentedCase(case, stages_out.prediction, stages_out.reference, series)
+    write_outputs(result, {"dicom-seg": output}, class_names=segmenter.class_names, model_name=model_name or segmenter.model_name,
+                  overwrite=overwrite)
+    return mask_image(result.labels, result.reference, num_classes=segmenter.num_classes)
+
+
+def segment_dicom(
+    segmenter: Segmenter,
+    source: DicomSource | str | Path,
+    *,
+    seg_output: str | Path | None = None,
+    rtstruct_output: str | Path | None = None,
+    nifti_output: str | Path | None = None,
+    overwrite: bool = False,
+    case: str | None = None,
+) -> nib.Nifti1Image:
+    """Read a DICOM series, segment it once, and write the asked outputs: SEG, RT Structure Set, NIfTI.
+
+    The DICOM objects are written first: if one cannot be (e.g. a resampled series), no NIfTI is left.
+    Returns the mask on the series' grid. ``medunet infer --output-format`` runs the same stages and
+    writers case by case (:mod:`medunet.inference.batch`), with QC.
+    """
+    targets = {f: Path(p) for f, p in (("dicom-seg", seg_output), ("rtstruct", rtstruct_output), ("nifti", nifti_output))
+               if p is not None}
+    for output in targets.values():  # before the (slow) read and prediction
+        if output.exists() and not overwrite:
+            raise OutputExistsError(f"output {output} already exists; pass --overwrite to replace it")
+    source = source if isinstance(source, DicomSource) else DicomSource(Path(source))
+    prepared = segmenter._prepare(source, case=case, timings={}, input_qc=False)
+    if set(targets) & set(DICOM_OUTPUT_SUFFIXES):  # before the (slow) prediction
+        require_source_slices(prepared.series, list(targets), case=case)
+    result = segmenter.segmented(prepared, segmenter.predict_case(prepared, qc=False))
+    write_outputs(result, targets, class_names=segmenter.class_names, model_name=segmenter.model_name, overwrite=overwrite)
+    return mask_image(result.labels, result.reference, num_classes=segmenter.num_classes)

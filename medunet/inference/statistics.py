@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 
 from medunet.errors import DataError
@@ -89,6 +90,25 @@ def case_statistics(
         rows = label_statistics(labels, voxels, spacing_of(image.affine), class_names)
     except ValueError as exc:
         raise DataError(f"cannot compute statistics: {exc}", case=case, path=str(mask_path)) from None
+    return [{"case": case, **row} for row in rows]
+
+
+def prediction_statistics(
+    labels: np.ndarray, image: nib.Nifti1Image, class_names: Mapping[int, str] | Sequence[str], *, case: str, name: str
+) -> list[dict[str, Any]]:
+    """:func:`label_statistics` of labels held in memory on ``image``'s grid (a prediction, before or without its file).
+
+    ``name`` names the image in errors. Raises a DataError when the labels are not on the image's grid.
+    """
+    shape = tuple(int(s) for s in image.shape[:3])
+    if tuple(np.shape(labels)) != shape:
+        raise DataError(f"mask of shape {tuple(np.shape(labels))} is not on its image's grid {shape}; statistics need both on one grid",
+                        case=case, path=name)
+    voxels = read_voxels(image, case=case, path=name, dtype=np.float64)
+    try:
+        rows = label_statistics(np.asarray(labels, dtype=np.int64), voxels, spacing_of(image.affine), class_names)
+    except ValueError as exc:
+        raise DataError(f"cannot compute statistics: {exc}", case=case, path=name) from None
     return [{"case": case, **row} for row in rows]
 
 

@@ -16,7 +16,6 @@ import json
 import logging
 import pickle
 import random
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 
 from medunet.errors import CheckpointError
 from medunet.io.atomic import atomic_path
+from medunet.model.layout import BEST_CHECKPOINT, FOLD_DIRS, LAST_CHECKPOINT, SPLITS_FILE, fold_index, run_checkpoint
 
 log = logging.getLogger("medunet")
 
@@ -196,10 +196,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file, or the best (else last) checkpoint of a run folder."""
     path = Path(path)
     if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / name).is_file():
-                return path / name
-        raise CheckpointError(f"run folder {path} has no best.pt or last.pt; has training finished an epoch?")
+        chosen = run_checkpoint(path)
+        if chosen is None:
+            raise CheckpointError(f"run folder {path} has no {BEST_CHECKPOINT} or {LAST_CHECKPOINT}; has training finished an epoch?")
+        return chosen
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     return path
@@ -218,19 +218,20 @@ def fold_checkpoints(path: str | Path, folds: Sequence[int] | None = None) -> di
     found: dict[int, Path] = {}
     if path.is_dir():
         for child in path.iterdir():
-            match = re.fullmatch(r"fold_(\d+)", child.name)
-            if match and child.is_dir():
-                chosen = next((child / n for n in ("best.pt", "last.pt") if (child / n).is_file()), None)
+            index = fold_index(child.name)
+            if index is not None and child.is_dir():
+                chosen = run_checkpoint(child)
                 if chosen is not None:
-                    found[int(match.group(1))] = chosen
+                    found[index] = chosen
     found = dict(sorted(found.items()))
     if folds is None:
-        expected = _fold_count(path / "splits.json")
+        expected = _fold_count(path / SPLITS_FILE)
         if found and expected > len(found):
             log.warning("%s: only folds %s of %d have a checkpoint; the ensemble uses those", path, sorted(found), expected)
         return found
     if not found:
-        raise CheckpointError(f"--folds needs a cross-validation folder holding fold_<k>/best.pt; {path} has none")
+        raise CheckpointError(f"--folds needs a cross-validation folder holding {FOLD_DIRS}/{BEST_CHECKPOINT}; "
+                              f"{path} has none")
     missing = sorted(set(folds) - set(found))
     if missing:
         raise CheckpointError(f"{path} has no checkpoint for fold(s) {missing}; available folds: {sorted(found)}")

@@ -36,14 +36,12 @@ from torch import nn
 from medunet.config import Config, apply_overrides, config_from_dict
 from medunet.errors import ConfigError, PackageError
 from medunet.model.engine import OnnxRuntimeEngine, import_onnx_extra, load_torchscript, onnxruntime_available
+from medunet.model.layout import CARD_FILE, PIPELINE_FILE
 from medunet.transforms import CT_BODY_HU
 
 SCHEMA_VERSION = 1
-PIPELINE_FILE = "pipeline.json"
-CARD_FILE = "model_card.json"
-CARD_MARKDOWN = "MODEL_CARD.md"
-#: The package's quality control: ``{"format", "reference": QCReference JSON or null, "thresholds": Thresholds JSON}``.
-QC_FILE = "qc.json"
+# The package's file names are in medunet.model.layout; its quality control file (QC_FILE) holds
+# ``{"format", "reference": QCReference JSON or null, "thresholds": Thresholds JSON}``.
 #: Config sections a package carries (the rest of the training config lives in the model card only).
 SECTIONS = ("data", "model", "inference", "postprocessing")
 #: Network file format -> the engine that runs it.
@@ -80,11 +78,6 @@ class Package:
     def formats(self) -> list[str]:
         """Network formats present, in a fixed order."""
         return [f for f in FORMAT_ENGINE if any(n.format == f for n in self.networks)]
-
-
-def is_package(path: str | Path) -> bool:
-    """Whether ``path`` is an exported package folder (it holds a pipeline.json)."""
-    return Path(path).is_dir() and (Path(path) / PIPELINE_FILE).is_file()
 
 
 def sha256_file(path: Path) -> str:

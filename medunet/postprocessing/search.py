@@ -49,7 +49,6 @@ from medunet.postprocessing.operations import DEFAULT_CONNECTIVITY, postprocess_
 
 log = logging.getLogger("medunet")
 
-POSTPROCESSING_FILE = "postprocessing.json"
 FORMAT_VERSION = 1
 
 #: Small-component thresholds tried, as fractions of the smallest reference component of the class.
@@ -342,14 +341,14 @@ def load_choice(path: Path, class_names: Sequence[str]) -> dict[str, Any]:
     return dict(section)
 
 
-def validated_postprocessing(run_dir: Path, class_names: Sequence[str], overrides: Sequence[str]) -> dict[str, Any] | None:
-    """The post-processing section to use for a model folder, or None to keep the checkpoint's own.
+def validated_postprocessing(path: Path, class_names: Sequence[str], overrides: Sequence[str]) -> dict[str, Any] | None:
+    """The post-processing section a saved decision (a ``postprocessing.json`` file) sets, or None to keep the checkpoint's own.
 
-    ``run_dir/postprocessing.json`` is applied unless an override sets ``postprocessing.*``
-    (explicit settings win). What happens is logged.
+    None too when ``path`` does not exist. The decision is applied unless an override sets
+    ``postprocessing.*`` (explicit settings win). What happens is logged.
     """
-    path = Path(run_dir) / POSTPROCESSING_FILE
-    if not Path(run_dir).is_dir() or not path.is_file():
+    path = Path(path)
+    if not path.is_file():
         return None
     if any(o.strip().startswith("postprocessing") for o in overrides):
         log.info("explicit --set postprocessing.* given: not applying the validated %s", path)

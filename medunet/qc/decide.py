@@ -22,8 +22,6 @@ from medunet.errors import DataError
 from medunet.io.atomic import atomic_write_text
 from medunet.qc.reference import QCReference
 
-#: File beside ``postprocessing.json`` in a run or cross-validation folder holding the calibrated thresholds.
-QC_FILE = "qc.json"
 _AXES = "RAS"
 
 
@@ -71,7 +69,7 @@ class Thresholds:
         return f"{self.source}: review below {self.score_review:.3g}, temperature {self.temperature:.3g}"
 
     @classmethod
-    def from_json(cls, raw: dict[str, Any], *, source: str = "qc.json") -> Thresholds:
+    def from_json(cls, raw: dict[str, Any], *, source: str = "QC thresholds") -> Thresholds:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:

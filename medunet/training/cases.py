@@ -12,6 +12,7 @@ from medunet.config import Config
 from medunet.errors import ConfigError, DataError
 from medunet.io.datalist import Case, Datalist, split_cases
 from medunet.io.nifti import read_nifti
+from medunet.model.layout import SPLIT_FILE
 from medunet.training import distributed as dist
 from medunet.training.records import write_split
 from medunet.training.splits import Fold
@@ -54,7 +55,7 @@ def split_for_run(
         if dist.is_main():
             write_split(run_dir, [c.name for c in train], [c.name for c in val], seed=config.data.split_seed, source="datalist")
         return train, val
-    saved = run_dir / "split.json"
+    saved = run_dir / SPLIT_FILE
     if resume and saved.is_file():
         names = set(json.loads(saved.read_text())["validation"])
         return [c for c in datalist.training if c.name not in names], [c for c in datalist.training if c.name in names]

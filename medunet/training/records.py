@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from medunet.io.atomic import atomic_write_text
+from medunet.model.layout import SPLIT_FILE
 from medunet.visualize import plot_training_curve
 
 
@@ -72,4 +73,4 @@ def _fmt(value: Any) -> str:
 def write_split(run_dir: Path, training: Sequence[str], validation: Sequence[str], *, seed: int, source: str) -> None:
     """Save the train/validation case names so the split can be audited and reused."""
     payload = {"source": source, "seed": seed, "training": list(training), "validation": list(validation)}
-    atomic_write_text(run_dir / "split.json", json.dumps(payload, indent=2))
+    atomic_write_text(run_dir / SPLIT_FILE, json.dumps(payload, indent=2))

@@ -24,6 +24,7 @@ from pathlib import Path
 from medunet.config import Config, DataConfig, apply_overrides, config_from_dict, load_config, read_yaml
 from medunet.errors import ConfigError, DataError
 from medunet.io.atomic import atomic_write_text
+from medunet.model.layout import CONFIG_FILE, LAST_CHECKPOINT, SPLITS_FILE
 
 log = logging.getLogger("medunet")
 
@@ -85,14 +86,14 @@ def resolve_training_config(
             raise ConfigError("--resume continues with the run's saved config; change it with --set instead of -c")
         from medunet.model.checkpoint import load_checkpoint
 
-        saved = load_checkpoint(run_dir / "last.pt").config
+        saved = load_checkpoint(run_dir / LAST_CHECKPOINT).config
         return config_from_dict(apply_overrides(saved, extra))
     if config_path is not None:
         config = load_config(config_path, extra)
-        if not (run_dir / "last.pt").exists():  # a new run (an existing one is refused by the trainer, and keeps its files)
+        if not (run_dir / LAST_CHECKPOINT).exists():  # a new run (an existing one is refused by the trainer, and keeps its files)
             keep_plan_fingerprint(config_path, run_dir)
         return config
-    if (run_dir / "last.pt").exists():  # an existing run (the trainer refuses it without --resume)
+    if (run_dir / LAST_CHECKPOINT).exists():  # an existing run (the trainer refuses it without --resume)
         return load_config(None, extra, modality=datalist_modality(datalist))
     return _planned_config(datalist, run_dir, extra, gpu_memory=gpu_memory)
 
@@ -143,14 +144,14 @@ def resolve_crossval_config(
     Raises:
         ConfigError: ``root`` holds a single run, or ``config_path`` is given for a restart.
     """
-    if (root / "last.pt").exists():
-        raise ConfigError(f"{root} holds a single training run (last.pt); choose another -o for cross-validation")
-    saved = root / "config.yaml"
-    if not (saved.is_file() and (root / "splits.json").is_file()):
+    if (root / LAST_CHECKPOINT).exists():
+        raise ConfigError(f"{root} holds a single training run ({LAST_CHECKPOINT}); choose another -o for cross-validation")
+    saved = root / CONFIG_FILE
+    if not (saved.is_file() and (root / SPLITS_FILE).is_file()):
         return resolve_training_config(datalist, root, config_path=config_path, overrides=overrides, device=device,
                                        allow_outside_root=allow_outside_root)
     if config_path is not None:
-        raise ConfigError(f"{root} holds a cross-validation that continues with its saved config.yaml; change it with --set, not -c")
+        raise ConfigError(f"{root} holds a cross-validation that continues with its saved {CONFIG_FILE}; change it with --set, not -c")
     extra = run_overrides(overrides, device=device, allow_outside_root=allow_outside_root)
     return config_from_dict(apply_overrides(read_yaml(saved), extra))
 

@@ -27,10 +27,10 @@ from typing import Any
 from medunet.errors import ConfigError, DataError
 from medunet.io.atomic import atomic_write_text
 from medunet.io.datalist import Datalist, load_datalist, read_json
+from medunet.model.layout import SPLITS_FILE
 
 log = logging.getLogger("medunet")
 
-SPLITS_FILE = "splits.json"
 DEFAULT_FOLDS = 5
 
 
@@ -45,11 +45,6 @@ class Fold:
     def as_dict(self) -> dict[str, list[str]]:
         """The fold as written in ``splits.json``."""
         return {"train": list(self.train), "val": list(self.val)}
-
-
-def fold_dir(root: Path, index: int) -> Path:
-    """The run folder of fold ``index`` under a cross-validation folder: ``root/fold_<index>``."""
-    return Path(root) / f"fold_{index}"
 
 
 def make_folds(names: Sequence[str], folds: int, *, seed: int) -> list[Fold]:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from medunet.config import Config, config_to_dict
 from medunet.errors import ConfigError
+from medunet.model.layout import CONFIG_FILE
 
 log = logging.getLogger("medunet")
 
@@ -119,7 +120,7 @@ class _MLflow:
         params = [Param(k, v[:500]) for k, v in _flat(config_to_dict(config)).items()]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[start : start + 100])
-        self.config_path = run_dir / "config.yaml"
+        self.config_path = run_dir / CONFIG_FILE
         self.uri = uri
 
     def log_epoch(self, epoch: int, row: dict[str, Any]) -> None:

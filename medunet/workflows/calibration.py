@@ -24,8 +24,9 @@ from medunet.evaluation import dice_per_class
 from medunet.inference.segmenter import Segmenter
 from medunet.io.datalist import Case, load_datalist
 from medunet.io.nifti import read_nifti, read_voxels
+from medunet.model.layout import QC_FILE, SPLIT_FILE
 from medunet.qc.calibrate import calibrate
-from medunet.qc.decide import QC_FILE, QCRecord, Thresholds, save_thresholds
+from medunet.qc.decide import QCRecord, Thresholds, save_thresholds
 
 log = logging.getLogger("medunet")
 
@@ -68,7 +69,7 @@ def fit(segmenter: Segmenter, known: Sequence[KnownCase], *, source: str) -> Thr
 def validation_cases(datalist_path: Path, run_dir: Path) -> list[Case]:
     """The cases a finished run validated on (its ``split.json``), at most :data:`MAX_CASES` of them."""
     datalist = load_datalist(datalist_path)
-    names = set(json.loads((run_dir / "split.json").read_text())["validation"])
+    names = set(json.loads((run_dir / SPLIT_FILE).read_text())["validation"])
     cases = [c for c in [*datalist.training, *datalist.validation] if c.name in names and c.label is not None]
     if len(cases) > MAX_CASES:
         cases = [cases[i] for i in np.linspace(0, len(cases) - 1, MAX_CASES).round().astype(int)]

@@ -19,9 +19,10 @@ Restarting the same command skips finished folds, resumes an interrupted one fro
 ``last.pt`` and redoes the prediction, evaluation and search (they are cheap next to training).
 The out-of-fold masks are predicted without any post-processing so the search starts from
 the network's own output. The dense CRF works on probabilities before their inversion to the
-input grid, so it cannot be replayed on saved masks: each case is also predicted with it
-(``oof_crf/``; read, preprocessed and predicted again) and the search keeps it only
-if those masks score better. QC is calibrated after that choice, on the kept pass's records and
+input grid, so it cannot be replayed on saved masks: each case's network probabilities (in
+preprocessed space) are finished twice, once as they are (``oof/``) and once refined by the CRF
+(``oof_crf/``), each inverted from the same prepared case; the network runs once per case. The
+search keeps the CRF only if its masks score better. QC is calibrated after that choice, on the kept pass's records and
 its post-processed masks. One gap remains: inference from the folder averages the folds, which the
 out-of-fold cases cannot (each fold's own model predicts them), so the ensemble's probabilities are
 calibrated as the single folds'.
@@ -42,16 +43,21 @@ from medunet.config import Config, save_config
 from medunet.io.atomic import atomic_write_text
 from medunet.io.datalist import Case, load_datalist
 from medunet.model.checkpoint import Checkpoint, load_checkpoint
-from medunet.postprocessing.search import (
+from medunet.model.layout import (
+    CONFIG_FILE,
+    CROSSVAL_FILE,
+    LAST_CHECKPOINT,
+    OOF_CRF_DIR,
+    OOF_DIR,
+    OOF_EVAL_DIR,
     POSTPROCESSING_FILE,
-    PostprocessingChoice,
-    load_search_cases,
-    save_choice,
-    search_postprocessing,
+    QC_FILE,
+    fold_dir,
 )
-from medunet.qc.decide import QC_FILE, QCRecord, Thresholds, save_thresholds
+from medunet.postprocessing.search import PostprocessingChoice, load_search_cases, save_choice, search_postprocessing
+from medunet.qc.decide import QCRecord, Thresholds, save_thresholds
 from medunet.qc.reference import QCReference, reference_of
-from medunet.training.splits import Fold, datalist_folds, fold_dir
+from medunet.training.splits import Fold, datalist_folds
 
 log = logging.getLogger("medunet")
 
@@ -89,7 +95,7 @@ def train_folds(datalist_path: Path, root: Path, config: Config, folds: list[Fol
     best: dict[int, float] = {}
     for fold in folds:
         run_dir = fold_dir(root, fold.index)
-        last = run_dir / "last.pt"
+        last = run_dir / LAST_CHECKPOINT
         resume = last.is_file()
         if resume:
             saved = load_checkpoint(last)
@@ -112,31 +118,36 @@ def predict_out_of_fold(
     (no post-processing) and, with ``try_crf``, ``root/oof_crf/<case>.nii.gz`` (only the dense CRF, with the run's
     ``postprocessing.crf`` settings; None is returned for it otherwise).
 
-    Also returns each case's QC record per pass (``"plain"``, ``"crf"``), made for calibration (default thresholds,
-    the expected Dice curve): the CRF changes the probabilities QC reads, so each pass has its own.
+    The network runs once per case: its probabilities stay in preprocessed space and are finished (inverted, and
+    for the CRF candidate refined first) once per pass, each from the same prepared case. Also returns each case's
+    QC record per pass (``"plain"``, ``"crf"``), made for calibration (default thresholds, the expected Dice curve):
+    the CRF changes the probabilities QC reads, so each pass has its own.
     """
     from tqdm.auto import tqdm
 
+    from medunet.inference.outputs import write_outputs
     from medunet.inference.segmenter import Segmenter
-    from medunet.io.nifti import write_mask
+    from medunet.inference.stages import refine
 
-    oof_dir, crf_dir = root / "oof", root / "oof_crf"
+    oof_dir, crf_dir = root / OOF_DIR, root / OOF_CRF_DIR
     total = sum(len(f.val) for f in folds)
     records: dict[str, dict[str, QCRecord]] = {"plain": {}, "crf": {}}
     with tqdm(total=total, desc="out-of-fold", unit="case", disable=not progress) as bar:
         for fold in folds:
-            plain = Segmenter.from_checkpoint(fold_dir(root, fold.index), device=device, overrides=NO_POSTPROCESSING)
-            plain.qc_thresholds = Thresholds()  # calibration starts from the defaults, whatever a previous run stored
-            post = plain.config.postprocessing
-            with_crf = replace(plain.config, postprocessing=replace(post, crf=replace(post.crf, enabled=True)))
-            refined = Segmenter(plain.models, with_crf, class_names=plain.class_names, in_channels=plain.in_channels,
-                                device=plain.device, source=plain.source, qc_reference=plain.qc_reference)
+            segmenter = Segmenter.from_checkpoint(fold_dir(root, fold.index), device=device, overrides=NO_POSTPROCESSING)
+            segmenter.qc_thresholds = Thresholds()  # calibration starts from the defaults, whatever a previous run stored
+            crf = replace(segmenter.config.postprocessing.crf, enabled=True)
             for name in fold.val:
-                for key, segmenter, folder in (("plain", plain, oof_dir), ("crf", refined, crf_dir))[:2 if try_crf else 1]:
-                    prepared = segmenter.prepare(list(cases[name].image), case=name)  # inversion consumes a prepared case's record
-                    prediction = segmenter.predict_case(prepared, qc=True, calibration=True)
-                    write_mask(prediction.labels, prepared.reference, folder / f"{name}.nii.gz", num_classes=plain.num_classes,
-                               overwrite=True)
+                prepared = segmenter.prepare(list(cases[name].image), case=name)
+                # The network runs once; both passes finish its probabilities, inverted through this segmenter's own chain:
+                # MONAI's inverse checks the transform instances that recorded the case, which is why a second Segmenter's
+                # chain (the CRF pass's, before) failed in Cropd.inverse on a case the first had prepared.
+                output = segmenter.network_output(prepared, members=True)
+                for key, folder in (("plain", oof_dir), ("crf", crf_dir))[:2 if try_crf else 1]:
+                    probabilities = refine(output, prepared, crf, timings={}) if key == "crf" else output
+                    prediction = segmenter.finish(prepared, probabilities, qc=True, calibration=True)
+                    write_outputs(segmenter.segmented(prepared, prediction), {"nifti": folder / f"{name}.nii.gz"},
+                                  class_names=segmenter.class_names, model_name=segmenter.model_name, overwrite=True)
                     assert prediction.qc is not None
                     records[key][name] = prediction.qc
                 bar.update()
@@ -161,7 +172,7 @@ def calibrate_qc(records: dict[str, dict[str, QCRecord]], choice: Postprocessing
 
     kept_crf = choice.crf is not None and choice.crf.enabled
     chosen = records["crf" if kept_crf else "plain"]
-    folder = root / ("oof_crf" if kept_crf else "oof")
+    folder = root / (OOF_CRF_DIR if kept_crf else OOF_DIR)
     post = config_from_dict({"postprocessing": choice.to_json()["postprocessing"]}).postprocessing
     names, targets = [], []
     for case in cases:
@@ -218,7 +229,7 @@ def run_crossval(
         datalist, root, folds=folds, seed=config.data.split_seed,
         splits_file=Path(splits_file) if splits_file else None, disjoint_validation=True,
     )
-    save_config(config, root / "config.yaml")
+    save_config(config, root / CONFIG_FILE)
     fold_dice = train_folds(datalist_path, root, config, fold_list, progress=progress)
 
     cases = {c.name: c for c in datalist.training}
@@ -227,7 +238,7 @@ def run_crossval(
     oof_dir, crf_dir, qc_records = predict_out_of_fold(root, fold_list, cases, device=device, progress=progress,
                                                        try_crf=config.postprocessing.crf.search)
     labels = resolve_labels(datalist, config)
-    evaluation = evaluate(oof_dir, oof_cases, labels, root / "oof_eval",
+    evaluation = evaluate(oof_dir, oof_cases, labels, root / OOF_EVAL_DIR,
                           nsd_tolerance_mm=config.evaluation.nsd_tolerance_mm, progress=progress)
 
     log.info("choosing post-processing on the out-of-fold predictions")
@@ -249,5 +260,5 @@ def run_crossval(
         "oof_dice_postprocessed": choice.dice_after,
         "qc": {"score_review": qc.score_review, **qc.achieved} if qc is not None else None,
     }
-    atomic_write_text(root / "crossval.json", json.dumps(summary, indent=2) + "\n")
-    return CrossvalResult(root, fold_dice, oof_dir, root / "oof_eval", evaluation.summary, choice, evaluation.report)
+    atomic_write_text(root / CROSSVAL_FILE, json.dumps(summary, indent=2) + "\n")
+    return CrossvalResult(root, fold_dice, oof_dir, root / OOF_EVAL_DIR, evaluation.summary, choice, evaluation.report)

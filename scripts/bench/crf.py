@@ -43,7 +43,7 @@ def score(segmenter: Segmenter, cases: list[dict], root: Path) -> tuple[np.ndarr
     for entry in cases:
         timings: dict[str, float] = {}
         prepared = segmenter.prepare(root / entry["image"], timings=timings)
-        labels = segmenter.labels_for(prepared, timings=timings)
+        labels = segmenter.predict_case(prepared, timings=timings, qc=False).labels
         reference = read_voxels(read_nifti(root / entry["label"]), case=None, path=None, dtype=np.int64)
         dice.append(dice_per_class(labels, reference, segmenter.num_classes))
         seconds.append(timings.get("crf", 0.0))

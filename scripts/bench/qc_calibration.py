@@ -53,8 +53,9 @@ from medunet.config import load_config
 from medunet.evaluation import dice_per_class
 from medunet.inference.segmenter import Segmenter
 from medunet.io.nifti import read_nifti, read_voxels
+from medunet.model.layout import QC_FILE
 from medunet.qc.calibrate import auroc, bad_cases, case_dice, spearman
-from medunet.qc.decide import QC_FILE, load_thresholds
+from medunet.qc.decide import load_thresholds
 from medunet.qc.signals import tempered
 from medunet.synthetic import CORRUPTIONS, as_stored, corrupt_phantom, grid_affine, make_phantom, save_nifti
 from medunet.workflows.demo import run_demo
