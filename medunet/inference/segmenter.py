@@ -98,23 +98,10 @@ class Segmenter:
     def from_checkpoint(
         cls, path: str | Path, *, device: str = "auto", overrides: Sequence[str] = (), folds: Sequence[int] | None = None
     ) -> Segmenter:
-        """Load a checkpoint, a run folder's best.pt, a cross-validation folder's fold ensemble or an exported package, safely.
+        """A Segmenter for any model source: a run folder, a checkpoint file, a cross-validation folder or a package.
 
-        A folder holding ``fold_<k>/`` runs loads every fold (or those in ``folds``) and averages their
-        probabilities. A ``postprocessing.json`` in the folder (chosen by ``medunet crossval``) replaces
-        the checkpoint's post-processing unless ``overrides`` set ``postprocessing.*`` themselves.
-        An exported package (``medunet export``) loads too: its networks run on ``inference.engine``.
-        See :func:`medunet.model.loader.load_model`.
-
-        Args:
-            path: a run folder, a cross-validation folder, a checkpoint file or a package folder.
-            device: auto, cpu, cuda or cuda:N.
-            overrides: dotted config overrides, e.g. ``["inference.overlap=0.25"]``.
-            folds: fold indices to ensemble (default: all folds found).
-
-        Raises:
-            CheckpointError: unreadable checkpoint, missing fold, or folds that disagree on classes, channels or preprocessing.
-            PackageError: a package that is incomplete, changed since export, or of an unknown schema.
+        What loads, how (``fold_<k>/`` ensembles, ``postprocessing.json``, ``overrides``, ``folds``) and
+        what it raises are :func:`medunet.model.loader.load_model`'s; ``path`` is its ``source``.
         """
         return cls.from_loaded(load_model(path, device=device, overrides=overrides, folds=folds))
 

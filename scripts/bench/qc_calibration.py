@@ -395,6 +395,14 @@ def graded_table(result: dict[str, Any]) -> str:
     return markdown_table(header, rows)
 
 
+def clean_graded_corrupted(run: Path, folder: Path, kinds: tuple[str, str], shape: Sequence[int], args: Any, *, seed: int) -> dict[str, Any]:
+    """``run`` on ``args.cases`` clean cases of ``kinds[0]``, ``args.graded_cases`` graded ones of ``kinds[1]`` and every corruption."""
+    sets = {"clean": clean_cases(folder, kinds[0], shape, args.cases, seed=seed),
+            "graded": clean_cases(folder / "graded", kinds[1], shape, args.graded_cases, seed=seed + 4000)}
+    corrupted = corrupted_cases(folder / "corrupted", shape, num_classes=3)
+    return evaluate_model(run, folder, sets, corrupted, ("background", "organ", "vessel"))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = bench_parser(__doc__, f"a 1-epoch demo, planned and lesion runs of 1 step on {QUICK_SHAPE}, 3 clean cases per set")
     parser.add_argument("--workdir", type=Path, help="folder for data, runs and predictions (default: temporary)")
@@ -430,19 +438,14 @@ def main(argv: list[str] | None = None) -> None:
         if "demo" in parts:
             tick = time.perf_counter()
             run = demo_model(root / "demo", quick=args.quick, skip_train=args.skip_train)
-            sets = {"clean": clean_cases(root / "demo-eval", "demo", demo_shape, args.cases, seed=EVAL_SEED),
-                    "graded": clean_cases(root / "demo-eval" / "graded", "graded", demo_shape, args.graded_cases, seed=EVAL_SEED + 4000)}
-            corrupted = corrupted_cases(root / "demo-eval" / "corrupted", demo_shape, num_classes=3)
-            result["demo"] = evaluate_model(run, root / "demo-eval", sets, corrupted, ("background", "organ", "vessel"))
+            result["demo"] = clean_graded_corrupted(run, root / "demo-eval", ("demo", "graded"), demo_shape, args, seed=EVAL_SEED)
             result["demo"]["seconds"] = round(time.perf_counter() - tick, 1)
         if "planned" in parts:
             tick = time.perf_counter()
             datalist = training_data(root / "planned-data", "hard", shape, args.train, args.validation)
             run = planned_model(root / "planned", datalist, args.epochs, args.iterations, patch, skip_train=args.skip_train)
-            sets = {"clean": clean_cases(root / "planned-eval", "hard", shape, args.cases, seed=EVAL_SEED + 1000),
-                    "graded": clean_cases(root / "planned-eval" / "graded", "graded_hard", shape, args.graded_cases, seed=EVAL_SEED + 5000)}
-            corrupted = corrupted_cases(root / "planned-eval" / "corrupted", shape, num_classes=3)
-            result["planned"] = evaluate_model(run, root / "planned-eval", sets, corrupted, ("background", "organ", "vessel"))
+            result["planned"] = clean_graded_corrupted(run, root / "planned-eval", ("hard", "graded_hard"), shape, args,
+                                                       seed=EVAL_SEED + 1000)
             result["planned"]["seconds"] = round(time.perf_counter() - tick, 1)
         if "absent_class" in parts:
             tick = time.perf_counter()
