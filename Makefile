@@ -11,8 +11,11 @@ setup:
 demo: setup
 	$(VENV)/bin/medunet demo --out medunet-demo --overwrite
 
+# One test process per CPU core (pytest-xdist), a whole module per process: the shared trained models
+# (tests/conftest.py) are built once for all of them. TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= auto
 test: setup
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: setup
 	$(VENV)/bin/ruff check medunet tests scripts
