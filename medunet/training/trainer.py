@@ -34,6 +34,7 @@ from medunet.config import Config, config_to_dict, save_config
 from medunet.errors import MedunetError, TrainingError, unwrap_error
 from medunet.io.datalist import DatalistSource, load_datalist
 from medunet.model.checkpoint import Checkpoint, TrainState, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from medunet.model.layout import BEST_CHECKPOINT, CONFIG_FILE, LAST_CHECKPOINT
 from medunet.model.networks import SegmentationNetwork, build_network
 from medunet.model.sliding import predict_probabilities
 from medunet.qc.reference import SharedRows, training_reference
@@ -188,7 +189,7 @@ def train(
 
 
 def _check_run_folder(run_dir: Path, resume: bool) -> None:
-    last_path = run_dir / "last.pt"
+    last_path = run_dir / LAST_CHECKPOINT
     if resume and not last_path.is_file():
         raise TrainingError(f"cannot resume: {last_path} does not exist")
     if not resume and last_path.exists():
@@ -240,7 +241,7 @@ class Trainer:
         self.qc_reference = training_reference(  # for QC at inference
             train_cases, config, self.class_names, self.datalist.modality, shared=qc_rows)
         if dist.is_main():
-            save_config(config, run_dir / "config.yaml")
+            save_config(config, run_dir / CONFIG_FILE)
         log.info(
             "medunet %s: %d training / %d validation cases, %d classes %s, device %s%s%s",
             __version__, len(train_cases), len(val_cases), self.num_classes, self.class_names, self.device,
@@ -254,7 +255,7 @@ class Trainer:
         self.metrics = MetricsLog(run_dir, self.class_names[1:], write=dist.is_main())
         self.snapshots = LearningSnapshots(run_dir, self.val_ds, self.class_names) if tc.snapshots and dist.is_main() else None
         if resume:
-            self._restore(run_dir / "last.pt")
+            self._restore(run_dir / LAST_CHECKPOINT)
 
     @property
     def num_classes(self) -> int:
@@ -463,9 +464,9 @@ class Trainer:
         self.metrics.add(row, draw=validated)
         if dist.is_main():
             saved = self.checkpoint(epoch + 1)
-            save_checkpoint(saved, self.run_dir / "last.pt")
+            save_checkpoint(saved, self.run_dir / LAST_CHECKPOINT)
             if improved:
-                save_checkpoint(saved, self.run_dir / "best.pt")
+                save_checkpoint(saved, self.run_dir / BEST_CHECKPOINT)
         if self.budget is not None:
             self.budget.epoch_done(self.steps_done, seconds=time_budget.clock() - started, step_seconds=self.step_seconds,
                                    validation_seconds=self.validation_seconds, validated=validated, last=last)
