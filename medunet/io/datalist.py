@@ -184,7 +184,7 @@ def read_json(path: Path, *, what: str) -> Any:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{what} is not valid JSON ({exc})", path=str(path)) from None
+        raise DataError(f"{what} is not valid JSON ({exc})", path=str(path)) from exc
 
 
 #: What names a datalist: its JSON file, or one already parsed (a run reads and decodes the file once and passes this down).
@@ -233,7 +233,7 @@ def _checked(raw: Any, path: Path, options: tuple[bool, bool, bool]) -> Datalist
         test = _parse_cases(raw.get("test"), "test", root, need_label=False, allow_outside_root=outside, must_exist=exist)
     except DataError as exc:
         if exc.path is None:
-            raise DataError(exc.problem, case=exc.case, path=str(path)) from None
+            raise DataError(exc.problem, case=exc.case, path=str(path)) from exc
         raise
     if need_training and not training:
         raise DataError('the "training" list is empty; add cases as {"image": ..., "label": ...}', path=str(path))

@@ -89,7 +89,7 @@ def load_planned_config(plan_path: str | Path, overrides: list[str]) -> tuple[Co
     try:
         return config_from_dict(values), note
     except ConfigError as exc:
-        raise ConfigError(f"{exc} (in the plan {plan_path} with --set overrides)") from None
+        raise ConfigError(f"{exc} (in the plan {plan_path} with --set overrides)") from exc
 
 
 def summary(result: PlanResult) -> list[str]:

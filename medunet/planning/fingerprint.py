@@ -224,7 +224,7 @@ def load_fingerprint(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read the fingerprint ({exc})", path=str(path)) from None
+        raise DataError(f"cannot read the fingerprint ({exc})", path=str(path)) from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise DataError(f"not a medunet fingerprint (format {FORMAT})", path=str(path))
     return data
