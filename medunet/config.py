@@ -697,7 +697,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), *
         return config_from_dict(values)
     except ConfigError as exc:
         where = f" in {path}" if path is not None else ""
-        raise ConfigError(f"{exc}{where}") from None
+        raise ConfigError(f"{exc}{where}") from exc
 
 
 def save_config(config: Config, path: str | Path) -> None:

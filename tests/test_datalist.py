@@ -389,3 +389,17 @@ def test_split_never_leaves_either_side_empty(n: int, fraction: float) -> None:
 def test_split_needs_two_cases(n: int) -> None:
     with pytest.raises(DataError, match="at least 2"):
         split_cases(cases(n), val_fraction=0.2, seed=0)
+
+
+def test_a_parsed_datalist_is_checked_again_under_other_options_without_reading_the_file(tmp_path: Path) -> None:
+    """One read per run: the loose parse of `medunet train` serves the stricter checks of the later steps."""
+    path = msd(tmp_path)
+    loose = load_datalist(path, allow_outside_root=True, need_training=False, require_files=False)
+    path.unlink()  # nothing below may read it again
+    assert load_datalist(loose, allow_outside_root=True, need_training=False, require_files=False) is loose
+    strict = load_datalist(loose)
+    assert strict == load_datalist(loose, allow_outside_root=False) and strict.training == loose.training
+    (tmp_path / "labelsTr/liver_1.nii").unlink()
+    with pytest.raises(DataError, match=r'"training"\[1\].label: file does not exist'):
+        load_datalist(loose)  # the same error the file would give
+    assert load_datalist(loose, require_files=False).training == loose.training

@@ -41,15 +41,15 @@ TOP = "__init__"
 #: the writers of every output format on them, the Segmenter (a facade over both), the batch runner on top.
 INSIDE: dict[str, list[tuple[str, ...]]] = {
     "model": [("layout",), ("engine", "networks", "sliding", "checkpoint"), ("package",), ("loader",)],
-    "inference": [("pipeline", "statistics", "stages"), ("outputs",), ("segmenter",), ("batch", "dicom_seg")],
+    "inference": [("pipeline", "statistics", "stages"), ("outputs",), ("segmenter",), ("batch",)],
 }
 #: The one module that spells the run-folder and package file names (see :func:`test_only_the_layout_spells_file_names`).
 LAYOUT = "medunet.model.layout"
 #: Names of the files and folders medunet writes for a model (constants of LAYOUT).
 LAYOUT_NAMES = ("best.pt", "last.pt", "qc.json", "postprocessing.json", "splits.json", "split.json", "crossval.json",
                 "config.yaml", "pipeline.json", "model_card.json", "MODEL_CARD.md")
-#: Modules still spelling them, to switch to the layout's constants: the trainer (its own refactoring is under way).
-LAYOUT_PENDING = {"medunet/training/trainer.py"}
+#: Modules still spelling them, to switch to the layout's constants (none left: the trainer uses them too).
+LAYOUT_PENDING: set[str] = set()
 
 
 def _unit(module: str) -> str:

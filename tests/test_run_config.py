@@ -102,3 +102,30 @@ def test_crossval_restart_uses_its_saved_config(tmp_path: Path) -> None:
     (root / "last.pt").write_bytes(b"")
     with pytest.raises(ConfigError, match="single training run"):
         resolve_crossval_config(tmp_path / "d.json", root)
+
+
+def test_one_read_of_the_datalist_and_of_the_qc_cases_gives_the_same_plan_and_reference(tmp_path: Path) -> None:
+    """`medunet train` without -c: one parse of the datalist for every step, and the QC rows computed while planning."""
+    from medunet.io.datalist import load_datalist, split_cases
+    from medunet.qc.reference import SharedRows, training_reference
+
+    datalist = write_dataset(tmp_path / "data", num_train=5, num_test=0, shape=(24, 24, 20))
+    by_path = resolve_training_config(datalist, tmp_path / "by_path", gpu_memory=8.0)
+    parsed = load_datalist(datalist, allow_outside_root=True, need_training=False, require_files=False)
+    rows = SharedRows()
+    shared = resolve_training_config(parsed, tmp_path / "shared", gpu_memory=8.0, qc_rows=rows)
+    assert shared == by_path
+    assert (tmp_path / "shared/fingerprint.json").read_text() == (tmp_path / "by_path/fingerprint.json").read_text()
+    strict = load_datalist(parsed)
+    train = split_cases(strict.training, val_fraction=shared.data.val_fraction, seed=shared.data.split_seed)[0]
+    assert set(rows.rows) == set(train) and len(rows.rows) == 4  # the reference's cases, each computed once
+    names = ["background", "organ"]
+    assert training_reference(train, shared, names, strict.modality, shared=rows) == training_reference(train, shared, names, strict.modality)
+
+
+def test_a_loose_parse_still_refuses_paths_outside_the_datalist_folder(tmp_path: Path) -> None:
+    from medunet.io.datalist import load_datalist
+
+    parsed = load_datalist(outside_root_datalist(tmp_path), allow_outside_root=True, need_training=False, require_files=False)
+    with pytest.raises(DataError, match="outside"):
+        resolve_training_config(parsed, tmp_path / "refused", gpu_memory=8.0)

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from tqdm import tqdm
 
 from medunet.check.findings import CaseSummary, CheckReport, FileSummary, Finding
 from medunet.check.inspect import FileTask, inspect_file, modality_kind
-from medunet.io.datalist import Case, Datalist, load_datalist
+from medunet.io.datalist import Case, Datalist, DatalistSource, datalist_file, load_datalist
 from medunet.io.geometry import AFFINE_TOLERANCE, describe_affine, same_grid, spacing_of
 
 Section = Literal["training", "validation", "test"]
@@ -32,7 +31,7 @@ def default_workers() -> int:
 
 
 def check_datalist(
-    path: str | Path,
+    path: DatalistSource,
     *,
     workers: int | None = None,
     allow_outside_root: bool = False,
@@ -43,7 +42,7 @@ def check_datalist(
     """Check every case of a datalist and report all problems at once.
 
     Args:
-        path: the datalist JSON (MSD/MONAI format).
+        path: the datalist JSON (MSD/MONAI format), or a :class:`Datalist` already read from it.
         workers: files inspected in parallel (default: one per CPU core, at most 8).
         allow_outside_root: accept absolute paths and paths leaving the datalist's folder.
         labels: class names to check label values against when the datalist has no "labels"
@@ -58,11 +57,11 @@ def check_datalist(
         DataError: the datalist itself cannot be parsed (not JSON, malformed entries, paths outside its folder).
     """
     start = time.perf_counter()
-    path = Path(path)
     datalist = load_datalist(path, allow_outside_root=allow_outside_root, need_training=False, require_files=False)
+    path = datalist_file(path)
     class_names = dict(datalist.labels or labels or {}) or None
     num_classes = len(class_names) if class_names else None
-    channels = _declared_channels(path)
+    channels = _declared_channels(datalist.raw)
     root = datalist.root
 
     plan = _plan(datalist, channels, num_classes)
@@ -126,9 +125,9 @@ def _plan(datalist: Datalist, channels: list[str] | None, num_classes: int | Non
     return plan
 
 
-def _declared_channels(path: Path) -> list[str] | None:
+def _declared_channels(decoded: dict[str, Any]) -> list[str] | None:
     """The datalist's "modality" as one name per channel ({"0": "T1", "1": "FLAIR"} -> ["T1", "FLAIR"])."""
-    raw = json.loads(path.read_text()).get("modality")  # valid JSON: load_datalist has parsed it already
+    raw = decoded.get("modality")  # the JSON load_datalist has decoded
     if isinstance(raw, dict) and raw:
         keys = sorted(raw, key=lambda k: (0, int(k)) if str(k).isdigit() else (1, str(k)))
         return [str(raw[k]) for k in keys]

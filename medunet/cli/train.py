@@ -55,7 +55,10 @@ def train(ctx: click.Context, datalist: Path, run_dir: Path, config_path: Path |
     The datalist is checked first (as `medunet check` does); errors stop before anything is trained.
     Under torchrun (docs/distributed.md) train.batch_size is per process; rank 0 alone checks, plans and writes.
     """
+    from medunet.errors import DataError
+    from medunet.io.datalist import Datalist, load_datalist
     from medunet.model.layout import BEST_CHECKPOINT, LAST_CHECKPOINT, fold_dir
+    from medunet.qc.reference import SharedRows
     from medunet.training import distributed
     from medunet.training.run_config import check_before_training, resolve_training_config
     from medunet.training.splits import fold_for_training
@@ -69,25 +72,31 @@ def train(ctx: click.Context, datalist: Path, run_dir: Path, config_path: Path |
 
         require_tracking(None, trackers)
     root, run_dir = run_dir, (fold_dir(run_dir, fold) if fold is not None else run_dir)
+    # The datalist is read and decoded once: every step gets this object and checks it under its own options.
+    try:
+        parsed: Path | Datalist = load_datalist(datalist, allow_outside_root=True, need_training=False, require_files=False)
+    except DataError:  # unreadable or malformed: each step reports it where (and as) it would from the file
+        parsed = datalist
+    qc_rows = SharedRows()  # filled while planning, used by the trainer's QC reference (one read of those cases)
     with distributed.session():  # under torchrun: rank 0 checks, plans and writes splits; the others wait for its result
         if not resume and not skip_check and not (run_dir / LAST_CHECKPOINT).exists():  # (an existing run is refused by the trainer)
             distributed.run_on_main(lambda: check_before_training(
-                datalist, config_path=config_path, overrides=overrides, allow_outside_root=allow_outside_root,
+                parsed, config_path=config_path, overrides=overrides, allow_outside_root=allow_outside_root,
                 progress=ctx.obj["progress"], show=lambda text: click.echo(text, err=True)))
         config = distributed.run_on_main(lambda: resolve_training_config(
-            datalist, run_dir, config_path=config_path, overrides=overrides, device=device, resume=resume,
-            allow_outside_root=allow_outside_root, gpu_memory=gpu_memory))
+            parsed, run_dir, config_path=config_path, overrides=overrides, device=device, resume=resume,
+            allow_outside_root=allow_outside_root, gpu_memory=gpu_memory, qc_rows=qc_rows))
         split = None if fold is None else distributed.run_on_main(lambda: fold_for_training(
-            datalist, root, fold=fold, folds=folds, seed=config.data.split_seed, splits_file=splits_file,
+            parsed, root, fold=fold, folds=folds, seed=config.data.split_seed, splits_file=splits_file,
             allow_outside_root=config.data.allow_outside_root,
         ))
-        result = run_training(datalist, run_dir, config, resume=resume, progress=ctx.obj["progress"], fold=split)
+        result = run_training(parsed, run_dir, config, resume=resume, progress=ctx.obj["progress"], fold=split, qc_rows=qc_rows)
         if not distributed.is_main():
             return
     if result.best_epoch > 0:  # QC fitted to this model on its validation cases (qc.json), as `medunet infer` will apply it
         from medunet.workflows.calibration import calibrate_run
 
-        calibrate_run(datalist, run_dir, device=config.inference.device, progress=ctx.obj["progress"])
+        calibrate_run(parsed, run_dir, device=config.inference.device, progress=ctx.obj["progress"])
     per_class = ", ".join(f"{k} {v:.3f}" for k, v in result.class_dice.items())
     click.echo(
         f"best validation mean Dice {result.best_dice:.4f} (IoU {result.best_iou:.4f}) at epoch {result.best_epoch} ({per_class}); "

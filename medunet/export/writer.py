@@ -24,10 +24,11 @@ from medunet.errors import ExportError, OutputExistsError
 from medunet.export import bundle
 from medunet.export.card import card_json, card_markdown
 from medunet.export.networks import ONNX_OPSET, export_onnx, export_torchscript
-from medunet.inference.segmenter import Segmenter
 from medunet.model.checkpoint import Checkpoint, fold_checkpoints, load_checkpoint, resolve_checkpoint
 from medunet.model.layout import CARD_FILE, CARD_MARKDOWN, PIPELINE_FILE, QC_FILE, is_package
+from medunet.model.loader import LoadedModel, load_model
 from medunet.model.package import INPUT_NAME, OUTPUT_NAME, SCHEMA_VERSION, SECTIONS, describe_steps, sha256_file
+from medunet.qc.decide import Thresholds
 
 log = logging.getLogger("medunet")
 
@@ -71,17 +72,17 @@ def _staging(out: Path, overwrite: bool) -> Iterator[Path]:
         raise
 
 
-def _pipeline(config: Config, segmenter: Segmenter, modality: Any, networks: list[dict[str, Any]]) -> dict[str, Any]:
+def _pipeline(config: Config, loaded: LoadedModel, modality: Any, networks: list[dict[str, Any]]) -> dict[str, Any]:
     values = config_to_dict(config)
     inference = {**values["inference"], "roi_size": list(config.roi_size()), "device": "auto", "engine": "auto"}
     return {
         "schema_version": SCHEMA_VERSION,
         "medunet_version": __version__,
-        "classes": segmenter.class_names,
-        "in_channels": segmenter.in_channels,
+        "classes": loaded.class_names,
+        "in_channels": loaded.in_channels,
         "modality": modality if isinstance(modality, (str, dict)) else config.data.modality,
-        "network_io": {"input": {"name": INPUT_NAME, "shape": ["batch", segmenter.in_channels, "x", "y", "z"], "dtype": "float32"},
-                       "output": {"name": OUTPUT_NAME, "shape": ["batch", segmenter.num_classes, "x", "y", "z"], "dtype": "float32",
+        "network_io": {"input": {"name": INPUT_NAME, "shape": ["batch", loaded.in_channels, "x", "y", "z"], "dtype": "float32"},
+                       "output": {"name": OUTPUT_NAME, "shape": ["batch", loaded.num_classes, "x", "y", "z"], "dtype": "float32",
                                   "meaning": "logits; softmax over the class axis"},
                        "spatial_multiple_of": list(config.model.total_stride()), "onnx_opset": ONNX_OPSET},
         "config": {s: (inference if s == "inference" else values[s]) for s in SECTIONS},
@@ -113,26 +114,26 @@ def export_model(source: str | Path, out: str | Path, formats: Sequence[str], *,
     _check_target(out, overwrite)
     by_fold: dict[int | None, Path] = {k: v for k, v in fold_checkpoints(source, folds).items()} or {None: resolve_checkpoint(source)}
     checkpoints: dict[int | None, Checkpoint] = {k: load_checkpoint(p) for k, p in by_fold.items()}
-    segmenter = Segmenter.from_checkpoint(source, device="cpu", overrides=[*overrides, "inference.engine=torch"], folds=folds)
-    config = replace(segmenter.config, inference=replace(segmenter.config.inference, engine="auto", device="auto"))
+    loaded = load_model(source, device="cpu", overrides=[*overrides, "inference.engine=torch"], folds=folds)  # networks, config, QC
+    config = replace(loaded.config, inference=replace(loaded.config.inference, engine="auto", device="auto"))
     if "bundle" in formats:
-        problems = bundle.bundle_problems(config, folds=len(checkpoints), in_channels=segmenter.in_channels)
+        problems = bundle.bundle_problems(config, folds=len(checkpoints), in_channels=loaded.in_channels)
         if problems:
             raise ExportError(f"--format bundle cannot reproduce this model: {'; '.join(problems)}")
     with _staging(out, overwrite) as tmp:
-        networks, checks = _write_networks(tmp, segmenter, list(checkpoints), formats, config)
+        networks, checks = _write_networks(tmp, loaded, list(checkpoints), formats, config)
         written = [n["file"] for n in networks]
         modality = next(iter(checkpoints.values())).modality
-        written.append(_write_qc(tmp, segmenter))
-        pipeline = {**_pipeline(config, segmenter, modality, networks), "qc": QC_FILE}
+        written.append(_write_qc(tmp, loaded))
+        pipeline = {**_pipeline(config, loaded, modality, networks), "qc": QC_FILE}
         (tmp / PIPELINE_FILE).write_text(json.dumps(pipeline, indent=2) + "\n")
         if "bundle" in formats:
             modality_name = pipeline["modality"] if isinstance(pipeline["modality"], str) else config.data.modality
-            written += bundle.write_bundle_configs(tmp, config, segmenter.class_names, modality=modality_name, version=__version__,
+            written += bundle.write_bundle_configs(tmp, config, loaded.class_names, modality=modality_name, version=__version__,
                                                    qc_file=QC_FILE)
         files = {name: sha256_file(tmp / name) for name in [PIPELINE_FILE, *written]}
         card = card_json(checkpoints, source=source, checkpoint_paths=by_fold, pipeline=pipeline, checks=checks, files=files,
-                         qc_reference=segmenter.qc_reference, thresholds=segmenter.qc_thresholds)
+                         qc_reference=loaded.qc_reference, thresholds=loaded.qc_thresholds or Thresholds())
         (tmp / CARD_MARKDOWN).write_text(card_markdown(card))
         card["files"][CARD_MARKDOWN] = sha256_file(tmp / CARD_MARKDOWN)
         (tmp / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
@@ -140,19 +141,19 @@ def export_model(source: str | Path, out: str | Path, formats: Sequence[str], *,
     return out
 
 
-def _write_qc(tmp: Path, segmenter: Segmenter) -> str:
+def _write_qc(tmp: Path, loaded: LoadedModel) -> str:
     """Write the package's ``qc.json``: the reference and calibration the checkpoint's QC uses, so the package's QC equals it.
 
     For a run that is its ``qc.json`` (validation cases); for a crossval folder the root's (out-of-fold
     cases); the defaults where there is none. The reference is the (first) checkpoint's, or null.
     """
-    reference = segmenter.qc_reference.to_json() if segmenter.qc_reference is not None else None
-    payload = {"format": 1, "reference": reference, "thresholds": segmenter.qc_thresholds.to_json()}
+    reference = loaded.qc_reference.to_json() if loaded.qc_reference is not None else None
+    payload = {"format": 1, "reference": reference, "thresholds": (loaded.qc_thresholds or Thresholds()).to_json()}
     (tmp / QC_FILE).write_text(json.dumps(payload, indent=2) + "\n")
     return QC_FILE
 
 
-def _write_networks(tmp: Path, segmenter: Segmenter, folds: list[int | None], formats: Sequence[str],
+def _write_networks(tmp: Path, loaded: LoadedModel, folds: list[int | None], formats: Sequence[str],
                     config: Config) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Write each fold's network in each format; the pipeline.json entries and the measured logit differences."""
     window = list(config.roi_size())
@@ -160,11 +161,11 @@ def _write_networks(tmp: Path, segmenter: Segmenter, folds: list[int | None], fo
     probe = [max(s, w - s) for w, s in zip(window, stride)]  # another valid size than the traced one (and cheaper)
     wanted = [f for f in ("onnx", "torchscript") if f in formats or (f == "torchscript" and "bundle" in formats)]
     networks, checks = [], {}
-    for fold, model in zip(folds, segmenter.models):
+    for fold, model in zip(folds, loaded.networks):
         for fmt in wanted:
             name = _network_name(fmt, fold, formats)
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             write = export_onnx if fmt == "onnx" else export_torchscript
-            checks[name] = write(model, tmp / name, in_channels=segmenter.in_channels, window=window, probe=probe)
+            checks[name] = write(model, tmp / name, in_channels=loaded.in_channels, window=window, probe=probe)
             networks.append({"file": name, "format": fmt, "fold": fold, "sha256": sha256_file(tmp / name)})
     return networks, checks

@@ -89,7 +89,7 @@ def case_statistics(
     try:
         rows = label_statistics(labels, voxels, spacing_of(image.affine), class_names)
     except ValueError as exc:
-        raise DataError(f"cannot compute statistics: {exc}", case=case, path=str(mask_path)) from None
+        raise DataError(f"cannot compute statistics: {exc}", case=case, path=str(mask_path)) from exc
     return [{"case": case, **row} for row in rows]
 
 
@@ -108,7 +108,7 @@ def prediction_statistics(
     try:
         rows = label_statistics(np.asarray(labels, dtype=np.int64), voxels, spacing_of(image.affine), class_names)
     except ValueError as exc:
-        raise DataError(f"cannot compute statistics: {exc}", case=case, path=name) from None
+        raise DataError(f"cannot compute statistics: {exc}", case=case, path=name) from exc
     return [{"case": case, **row} for row in rows]
 
 

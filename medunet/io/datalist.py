@@ -57,6 +57,10 @@ class Datalist:
     test: list[Case] = field(default_factory=list)
     labels: dict[int, str] | None = None
     modality: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """The decoded JSON, so a caller checking under other options (:func:`load_datalist`) does not read the file again."""
+    options: tuple[bool, bool, bool] | None = field(default=None, compare=False, repr=False)
+    """(allow_outside_root, need_training, require_files) it was checked under; None: built by hand."""
 
     @property
     def root(self) -> Path:
@@ -180,20 +184,43 @@ def read_json(path: Path, *, what: str) -> Any:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{what} is not valid JSON ({exc})", path=str(path)) from None
+        raise DataError(f"{what} is not valid JSON ({exc})", path=str(path)) from exc
+
+
+#: What names a datalist: its JSON file, or one already parsed (a run reads and decodes the file once and passes this down).
+DatalistSource = str | Path | Datalist
+
+
+def datalist_file(source: DatalistSource) -> Path:
+    """The JSON file of a datalist source."""
+    return source.path if isinstance(source, Datalist) else Path(source)
 
 
 def load_datalist(
-    path: str | Path, *, allow_outside_root: bool = False, need_training: bool = True, require_files: bool = True
+    source: DatalistSource, *, allow_outside_root: bool = False, need_training: bool = True, require_files: bool = True
 ) -> Datalist:
     """Read and check a datalist JSON; every referenced file must exist (unless ``require_files`` is False,
     as for ``medunet check``, which reports every missing file instead of stopping at the first).
 
+    ``source`` may be a :class:`Datalist` parsed before (one read of the file per run): checked under the
+    same options, it is returned as is; under others, its decoded JSON is checked again (no file read),
+    with the same results and errors as reading the file would give.
+
     Raises:
         DataError: naming the entry and file when anything is missing or malformed.
     """
-    path = Path(path)
-    raw = read_json(path, what="datalist")
+    options = (allow_outside_root, need_training, require_files)
+    if isinstance(source, Datalist) and source.options is not None:
+        if source.options == options:
+            return source
+        return _checked(source.raw, source.path, options)
+    path = Path(source) if not isinstance(source, Datalist) else source.path
+    return _checked(read_json(path, what="datalist"), path, options)
+
+
+def _checked(raw: Any, path: Path, options: tuple[bool, bool, bool]) -> Datalist:
+    """The datalist of the decoded JSON ``raw`` of ``path``, checked under ``options`` (see :func:`load_datalist`)."""
+    allow_outside_root, need_training, require_files = options
     if not isinstance(raw, dict):
         raise DataError("datalist must be a JSON object with a \"training\" list", path=str(path))
     root = path.parent
@@ -206,7 +233,7 @@ def load_datalist(
         test = _parse_cases(raw.get("test"), "test", root, need_label=False, allow_outside_root=outside, must_exist=exist)
     except DataError as exc:
         if exc.path is None:
-            raise DataError(exc.problem, case=exc.case, path=str(path)) from None
+            raise DataError(exc.problem, case=exc.case, path=str(path)) from exc
         raise
     if need_training and not training:
         raise DataError('the "training" list is empty; add cases as {"image": ..., "label": ...}', path=str(path))
@@ -221,6 +248,8 @@ def load_datalist(
         test=test,
         labels=_parse_labels(raw.get("labels"), path),
         modality=_parse_modality(raw.get("modality")),
+        raw=raw,
+        options=options,
     )
 
 

@@ -188,7 +188,7 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> Path:
             torch.save(checkpoint.to_dict(), tmp)
     except (OSError, RuntimeError) as exc:  # torch reports a full disk as RuntimeError
         reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-        raise CheckpointError(f"cannot write checkpoint {path} ({reason}); the previous one is intact") from None
+        raise CheckpointError(f"cannot write checkpoint {path} ({reason}); the previous one is intact") from exc
     return path
 
 

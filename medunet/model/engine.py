@@ -37,9 +37,9 @@ def import_onnx_extra(name: str, *, needed_for: str, error: type[MedunetError], 
     """
     try:
         return importlib.import_module(name)
-    except ImportError:
+    except ImportError as exc:  # kept as the cause: a package that is installed but fails to import shows why under --debug
         hint = f" ({alternative})" if alternative else ""
-        raise error(f"{needed_for} needs {name}, which is not installed: pip install 'medunet[onnx]'{hint}") from None
+        raise error(f"{needed_for} needs {name}, which is not installed: pip install 'medunet[onnx]'{hint}") from exc
 
 
 def onnxruntime_available() -> bool:

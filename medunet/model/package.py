@@ -153,7 +153,7 @@ def _read_json(root: Path, name: str) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise PackageError(f"package {root}: file {name} is not valid JSON ({exc}); re-export the model") from None
+        raise PackageError(f"package {root}: file {name} is not valid JSON ({exc}); re-export the model") from exc
     if not isinstance(value, dict):
         raise PackageError(f"package {root}: file {name} does not hold a JSON object; re-export the model")
     return value
@@ -207,7 +207,7 @@ def read_package(path: str | Path, *, overrides: Sequence[str] = (), folds: Sequ
         in_channels = int(pipeline["in_channels"])
         values = {s: pipeline["config"][s] for s in SECTIONS}
     except (KeyError, TypeError, ValueError) as exc:
-        raise PackageError(f"package {root}: file {PIPELINE_FILE} lacks {exc} or has it malformed; re-export the model") from None
+        raise PackageError(f"package {root}: file {PIPELINE_FILE} lacks {exc} or has it malformed; re-export the model") from exc
     unknown = sorted({n.format for n in networks} - set(FORMAT_ENGINE))
     if unknown or not networks:
         raise PackageError(f"package {root}: file {PIPELINE_FILE} lists no networks or unknown formats {unknown}")
@@ -219,7 +219,7 @@ def read_package(path: str | Path, *, overrides: Sequence[str] = (), folds: Sequ
         exported = config_from_dict(values)
         config = config_from_dict(apply_overrides(values, overrides))
     except ConfigError as exc:
-        raise PackageError(f"package {root}: file {PIPELINE_FILE}: {exc}") from None
+        raise PackageError(f"package {root}: file {PIPELINE_FILE}: {exc}") from exc
     if pipeline.get("steps") != describe_steps(exported):
         raise PackageError(f"package {root}: file {PIPELINE_FILE}: its steps disagree with its config sections; re-export the model")
     if folds is not None:

@@ -114,8 +114,8 @@ class DicomWebPacs:
             session.auth = (self.connection.username, self.connection.password or "")
         try:
             client = DICOMwebClient(self.url, session=session, timeout=self.connection.timeout)
-        except ValueError:
-            raise PacsError(f"DICOMweb URL must look like http://host:port/dicom-web, got {self.url!r}") from None
+        except ValueError as exc:
+            raise PacsError(f"DICOMweb URL must look like http://host:port/dicom-web, got {self.url!r}") from exc
         client.set_http_retry_params(retry=False)  # bounded retries are ours (see _request)
         return client
 
@@ -127,27 +127,27 @@ class DicomWebPacs:
         for attempt in range(1, attempts + 1):
             try:
                 return call()
-            except requests.Timeout:
+            except requests.Timeout as exc:
                 raise PacsError(
                     f"{what}: no answer from {self.url} within {self.connection.timeout:g} s; "
                     "check the server's load or raise --timeout"
-                ) from None
+                ) from exc
             except requests.ConnectionError as exc:
                 if attempt == attempts:
                     raise PacsError(
                         f"{what}: cannot connect to {self.url} ({_reason(exc)}) after {attempts} attempt(s); "
                         "check --url and that the DICOMweb service is running"
-                    ) from None
+                    ) from exc
             except requests.HTTPError as exc:
                 status = exc.response.status_code if exc.response is not None else 0
                 if status not in RETRY_STATUSES or attempt == attempts:
-                    raise PacsError(f"{what}: {_explain_status(status, self.url)}") from None
+                    raise PacsError(f"{what}: {_explain_status(status, self.url)}") from exc
             except requests.RequestException as exc:
-                raise PacsError(f"{what}: request to {self.url} failed ({type(exc).__name__})") from None
+                raise PacsError(f"{what}: request to {self.url} failed ({type(exc).__name__})") from exc
             except ValueError as exc:  # an answer that is not DICOMweb (HTML page, broken multipart, bad JSON)
                 raise PacsError(
                     f"{what}: {self.url} gave an answer that is not DICOMweb ({type(exc).__name__}); check that the URL is the DICOMweb root"
-                ) from None
+                ) from exc
             time.sleep(min(0.5 * 2 ** (attempt - 1), 5.0))
             log.debug("%s: retrying (%d of %d)", what, attempt + 1, attempts)
         raise AssertionError("unreachable")  # pragma: no cover

@@ -11,10 +11,11 @@ from typing import Any
 
 from medunet.config import Config, apply_overrides, config_from_dict, parse_override, read_yaml
 from medunet.errors import ConfigError
-from medunet.io.datalist import load_datalist
+from medunet.io.datalist import DatalistSource, datalist_file, load_datalist
 from medunet.planning.fingerprint import compute_fingerprint
 from medunet.planning.plan_yaml import write_plan
 from medunet.planning.planner import Plan, make_plan
+from medunet.qc.reference import SharedRows
 
 #: Budget used when no GPU is visible and none is given.
 DEFAULT_GPU_MEMORY_GB = 8.0
@@ -40,7 +41,7 @@ def default_gpu_memory_gb() -> float:
 
 
 def plan_datalist(
-    datalist_path: str | Path,
+    datalist_path: DatalistSource,
     out: str | Path,
     *,
     gpu_memory_gb: float | None = None,
@@ -49,20 +50,23 @@ def plan_datalist(
     overwrite: bool = False,
     allow_outside_root: bool = False,
     fingerprint_to: str | Path | None = None,
+    qc_rows: SharedRows | None = None,
 ) -> PlanResult:
     """Fingerprint the datalist's training cases, plan a config and write it (YAML) with the fingerprint (JSON).
+
+    ``qc_rows``: see :func:`~medunet.planning.fingerprint.compute_fingerprint` (a training run's QC reference).
 
     Raises:
         DataError: a case cannot be read. ConfigError: nothing fits the budget. OutputExistsError: outputs exist.
     """
     budget = gpu_memory_gb if gpu_memory_gb is not None else default_gpu_memory_gb()
     datalist = load_datalist(datalist_path, allow_outside_root=allow_outside_root)
-    fingerprint = compute_fingerprint(datalist, workers=workers)
+    fingerprint = compute_fingerprint(datalist, workers=workers, qc_rows=qc_rows)
     plan = make_plan(fingerprint, modality=modality, gpu_memory_gb=budget)
     if allow_outside_root:
         plan.set("data.allow_outside_root", True, "the datalist's paths leave its folder (--allow-outside-root)")
     plan_path, json_path = write_plan(
-        plan, fingerprint, out, fingerprint_to=fingerprint_to, overwrite=overwrite, source=Path(datalist_path).name,
+        plan, fingerprint, out, fingerprint_to=fingerprint_to, overwrite=overwrite, source=datalist_file(datalist_path).name,
         gpu_memory_gb=budget,
     )
     return PlanResult(plan, fingerprint, plan_path, json_path)
@@ -85,7 +89,7 @@ def load_planned_config(plan_path: str | Path, overrides: list[str]) -> tuple[Co
     try:
         return config_from_dict(values), note
     except ConfigError as exc:
-        raise ConfigError(f"{exc} (in the plan {plan_path} with --set overrides)") from None
+        raise ConfigError(f"{exc} (in the plan {plan_path} with --set overrides)") from exc
 
 
 def summary(result: PlanResult) -> list[str]:

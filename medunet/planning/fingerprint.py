@@ -34,6 +34,7 @@ from medunet.io.atomic import atomic_write_text
 from medunet.io.datalist import Case, Datalist
 from medunet.io.geometry import require_same_grid, spacing_of
 from medunet.io.image import load_volume
+from medunet.qc.reference import SharedRows
 from medunet.transforms import CT_BODY_HU, check_label_values
 
 log = logging.getLogger("medunet")
@@ -78,10 +79,14 @@ def _crop_shape(mask: np.ndarray) -> list[int]:
     return _bounding_shape([np.asarray(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)])
 
 
-def _case_stats(case: Case, index: int, *, orientation: str, samples_per_case: int, num_classes: int | None) -> _CaseStats:
+def _case_stats(
+    case: Case, index: int, *, orientation: str, samples_per_case: int, num_classes: int | None, qc_rows: SharedRows | None
+) -> _CaseStats:
     image, reference = load_volume(list(case.image), case=case.name)
     assert case.label is not None
     label_volume, label_ref = load_volume(case.label, case=case.name)
+    if qc_rows is not None and qc_rows.wants(case):  # the QC reference's row, from these arrays: one read serves both
+        qc_rows.add(case, image.numpy(), label_volume.numpy()[0], np.asarray(reference.affine))
     require_same_grid(label_volume.shape[1:], label_ref.affine, image.shape[1:], reference.affine,  # as at training time
                       what="label", against="the image's", case=case.name, path=str(case.label), error=DataError)
     arrays, spacing = reorient([*image.numpy(), label_volume.numpy()[0]], reference.affine, orientation)
@@ -137,9 +142,12 @@ def _summary(values: np.ndarray) -> dict[str, list[float]]:
 
 
 def compute_fingerprint(
-    datalist: Datalist, *, orientation: str = "RAS", workers: int = 2, max_samples: int = MAX_SAMPLES
+    datalist: Datalist, *, orientation: str = "RAS", workers: int = 2, max_samples: int = MAX_SAMPLES,
+    qc_rows: SharedRows | None = None,
 ) -> dict[str, Any]:
     """Fingerprint the training cases of ``datalist`` (see the module docstring for what is collected).
+
+    With ``qc_rows``, the cases it expects also get their QC reference rows from the volumes read here.
 
     Raises:
         DataError: a case cannot be read or its label is not integer-valued (run ``medunet check`` for a full report).
@@ -150,7 +158,8 @@ def compute_fingerprint(
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         stats = list(
             pool.map(
-                lambda ic: _case_stats(ic[1], ic[0], orientation=orientation, samples_per_case=per_case, num_classes=declared),
+                lambda ic: _case_stats(ic[1], ic[0], orientation=orientation, samples_per_case=per_case, num_classes=declared,
+                                       qc_rows=qc_rows),
                 enumerate(cases),
             )
         )
@@ -215,7 +224,7 @@ def load_fingerprint(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read the fingerprint ({exc})", path=str(path)) from None
+        raise DataError(f"cannot read the fingerprint ({exc})", path=str(path)) from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise DataError(f"not a medunet fingerprint (format {FORMAT})", path=str(path))
     return data

@@ -334,7 +334,7 @@ def load_choice(path: Path, class_names: Sequence[str]) -> dict[str, Any]:
         section = payload["postprocessing"]
         config_from_dict({"postprocessing": section})  # strict check of every field
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path} is not a valid post-processing decision ({type(exc).__name__}: {exc}); delete it or re-run crossval") from None
+        raise ConfigError(f"{path} is not a valid post-processing decision ({type(exc).__name__}: {exc}); delete it or re-run crossval") from exc
     unknown = sorted(set(section.get("classes", {})) - set(class_names))
     if unknown:
         raise CheckpointError(f"{path} names classes {unknown} that the model does not have ({class_names}); delete it or re-run crossval")

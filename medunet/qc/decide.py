@@ -92,7 +92,7 @@ def load_thresholds(path: Path) -> Thresholds:
     try:
         raw = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read the QC thresholds ({exc}); delete the file to use the defaults", path=str(path)) from None
+        raise DataError(f"cannot read the QC thresholds ({exc}); delete the file to use the defaults", path=str(path)) from exc
     if not isinstance(raw, dict):
         raise DataError("QC thresholds must be a JSON object; delete the file to use the defaults", path=str(path))
     return Thresholds.from_json(raw, source=str(path))

@@ -10,9 +10,10 @@ sides are measured the same way.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,12 @@ MAX_CASES = 32
 
 def is_ct(config: Config, modality: Any = None) -> bool:
     """True when the model takes CT in Hounsfield units (a CT normalisation, or a CT first channel)."""
-    if config.data.normalization in ("ct_window", "ct_clip_zscore"):
+    return ct_input(config.data.normalization, modality)
+
+
+def ct_input(normalization: str, modality: Any = None) -> bool:
+    """:func:`is_ct` from the normalisation alone (before the config is complete, e.g. while planning)."""
+    if normalization in ("ct_window", "ct_clip_zscore"):
         return True
     first = modality.get("0") if isinstance(modality, dict) else modality
     return isinstance(first, str) and first.upper() == "CT"
@@ -54,14 +60,68 @@ def _read_row(case: Case, *, ct: bool, num_classes: int) -> dict[str, Any]:
     return case_row(image.numpy(), label, np.asarray(reference.affine), ct=ct, num_classes=num_classes)
 
 
-def training_reference(cases: Sequence[Case], config: Config, class_names: Sequence[str], modality: Any = None) -> QCReference:
-    """The QC reference of a training run (see :func:`summarise`), from at most :data:`MAX_CASES` of its cases."""
-    ct = is_ct(config, modality)
+def reference_cases(cases: Sequence[Case]) -> list[Case]:
+    """The training cases the reference is computed from: all, or :data:`MAX_CASES` evenly spaced ones."""
     chosen = list(cases)
     if len(chosen) > MAX_CASES:
         chosen = [chosen[i] for i in np.linspace(0, len(chosen) - 1, MAX_CASES).round().astype(int)]
+    return chosen
+
+
+@dataclass
+class SharedRows:
+    """QC rows (:func:`case_row`) computed by another pass over the same volumes, so the reference need not read them again.
+
+    ``medunet train`` without ``-c`` plans first: the planning fingerprint reads every training case and,
+    for the cases :meth:`expect` names, computes their rows from the very arrays the reference would read
+    (:func:`load_volume` of the image channels and the label). A row is used only for the same case
+    (name and files), CT flag and class count; any other case is read as before.
+    """
+
+    ct: bool = False
+    num_classes: int = 0
+    wanted: frozenset[Case] = frozenset()
+    rows: dict[Case, dict[str, Any]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def expect(self, cases: Sequence[Case], *, ct: bool, num_classes: int) -> None:
+        """Compute rows for ``cases`` (the reference's expected cases) with this CT flag and class count."""
+        self.ct, self.num_classes, self.wanted = ct, num_classes, frozenset(cases)
+
+    def wants(self, case: Case) -> bool:
+        """Whether the pass reading ``case`` should compute its row."""
+        return case in self.wanted
+
+    def add(self, case: Case, image: np.ndarray, label: np.ndarray, affine: np.ndarray) -> None:
+        """Compute and keep the row of ``case`` from its image channels, label and the image's affine."""
+        row = case_row(image, label, affine, ct=self.ct, num_classes=self.num_classes)
+        with self._lock:
+            self.rows[case] = row
+
+    def row(self, case: Case, *, ct: bool, num_classes: int) -> dict[str, Any] | None:
+        """The kept row of ``case`` when it was computed for this CT flag and class count, else None."""
+        if ct != self.ct or num_classes != self.num_classes:
+            return None
+        return self.rows.get(case)
+
+
+def training_reference(
+    cases: Sequence[Case], config: Config, class_names: Sequence[str], modality: Any = None, *, shared: SharedRows | None = None
+) -> QCReference:
+    """The QC reference of a training run (see :func:`summarise`), from at most :data:`MAX_CASES` of its cases.
+
+    Rows ``shared`` holds for a chosen case are used instead of reading it again (the same values).
+    """
+    ct = is_ct(config, modality)
+    chosen = reference_cases(cases)
+    num_classes = len(class_names)
+
+    def row_of(case: Case) -> dict[str, Any]:
+        kept = shared.row(case, ct=ct, num_classes=num_classes) if shared is not None else None
+        return kept if kept is not None else _read_row(case, ct=ct, num_classes=num_classes)
+
     with ThreadPoolExecutor(max_workers=2) as pool:
-        rows = list(pool.map(lambda c: _read_row(c, ct=ct, num_classes=len(class_names)), chosen))
+        rows = list(pool.map(row_of, chosen))
     log.debug("QC reference from %d training cases", len(rows))
     return summarise(rows, class_names=class_names, ct=ct, modality=modality)
 

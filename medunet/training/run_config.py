@@ -24,7 +24,9 @@ from pathlib import Path
 from medunet.config import Config, DataConfig, apply_overrides, config_from_dict, load_config, read_yaml
 from medunet.errors import ConfigError, DataError
 from medunet.io.atomic import atomic_write_text
+from medunet.io.datalist import Datalist, DatalistSource, datalist_file, load_datalist, split_cases
 from medunet.model.layout import CONFIG_FILE, LAST_CHECKPOINT, SPLITS_FILE
+from medunet.qc.reference import SharedRows, ct_input, reference_cases
 
 log = logging.getLogger("medunet")
 
@@ -53,10 +55,11 @@ def overridden_data(overrides: Sequence[str]) -> DataConfig:
     return config_from_dict({"data": data}).data
 
 
-def datalist_modality(datalist: Path) -> str:
+def datalist_modality(datalist: DatalistSource) -> str:
     """ "MRI" when the datalist's "modality" names an MR sequence, else "CT" (the default preset)."""
     try:
-        modality = json.loads(datalist.read_text()).get("modality")
+        decoded = datalist.raw if isinstance(datalist, Datalist) else json.loads(Path(datalist).read_text())
+        modality = decoded.get("modality")
     except (OSError, ValueError, AttributeError):
         return "CT"  # the datalist itself is checked, with a proper error, when training starts
     text = " ".join(map(str, modality.values())) if isinstance(modality, dict) else str(modality or "")
@@ -64,7 +67,7 @@ def datalist_modality(datalist: Path) -> str:
 
 
 def resolve_training_config(
-    datalist: Path,
+    datalist: DatalistSource,
     run_dir: Path,
     *,
     config_path: Path | None = None,
@@ -73,8 +76,12 @@ def resolve_training_config(
     resume: bool = False,
     allow_outside_root: bool = False,
     gpu_memory: float | None = None,
+    qc_rows: SharedRows | None = None,
 ) -> Config:
     """The config ``medunet train DATALIST -o RUN_DIR`` trains with (see the module docstring for the rules).
+
+    When it plans, the planning pass also fills ``qc_rows`` for the cases the run's QC reference will
+    likely read (:func:`expect_reference_rows`), so the trainer need not read them again.
 
     Raises:
         ConfigError: ``config_path`` given with ``resume``, or a bad config/override.
@@ -95,7 +102,7 @@ def resolve_training_config(
         return config
     if (run_dir / LAST_CHECKPOINT).exists():  # an existing run (the trainer refuses it without --resume)
         return load_config(None, extra, modality=datalist_modality(datalist))
-    return _planned_config(datalist, run_dir, extra, gpu_memory=gpu_memory)
+    return _planned_config(datalist, run_dir, extra, gpu_memory=gpu_memory, qc_rows=qc_rows)
 
 
 def keep_plan_fingerprint(config_path: Path, run_dir: Path) -> Path | None:
@@ -115,19 +122,41 @@ def keep_plan_fingerprint(config_path: Path, run_dir: Path) -> Path | None:
     return run_dir / FINGERPRINT_FILE
 
 
-def _planned_config(datalist: Path, run_dir: Path, extra: Sequence[str], *, gpu_memory: float | None) -> Config:
+def _planned_config(
+    datalist: DatalistSource, run_dir: Path, extra: Sequence[str], *, gpu_memory: float | None, qc_rows: SharedRows | None
+) -> Config:
     """Plan a config from the data into ``run_dir/plan.yaml`` and apply the overrides to it."""
     from medunet.planning.api import load_planned_config, plan_datalist
 
     data = overridden_data(extra)  # a mistyped key or value fails before any data is read
+    if qc_rows is not None:
+        expect_reference_rows(qc_rows, load_datalist(datalist, allow_outside_root=data.allow_outside_root), data)
     planned = plan_datalist(datalist, run_dir / "plan.yaml", fingerprint_to=run_dir / FINGERPRINT_FILE, overwrite=True,
-                            allow_outside_root=data.allow_outside_root, gpu_memory_gb=gpu_memory)
+                            allow_outside_root=data.allow_outside_root, gpu_memory_gb=gpu_memory, qc_rows=qc_rows)
     log.info("no -c given: planned a config from the data (%s; --set overrides apply on top); edit it and pass -c to change it",
              planned.plan_path)
     config, note = load_planned_config(planned.plan_path, list(extra))
     if note:
         log.warning(note)
     return config
+
+
+def expect_reference_rows(qc_rows: SharedRows, datalist: Datalist, data: DataConfig) -> None:
+    """Name, in ``qc_rows``, the cases a new run's QC reference will read, as far as the data settings tell.
+
+    They are the reference's choice among the run's training cases: the "training" list when the datalist has
+    a "validation" list, else its seeded split. The class count is the datalist's "labels" (nothing is expected
+    without them: the trainer finds the classes from the labels), the CT flag the CT-ness of its first channel
+    or of the normalisation the overrides set. A plan or a fold that ends up choosing otherwise just reads
+    the cases not covered (:meth:`SharedRows.row` checks the case, the CT flag and the class count).
+    """
+    if not datalist.labels or len(datalist.training) < 2:
+        return
+    train = list(datalist.training)
+    if not datalist.validation:
+        train = split_cases(train, val_fraction=data.val_fraction, seed=data.split_seed)[0]
+    ct = ct_input(data.normalization, datalist.modality)  # as the trainer's is_ct(config, datalist.modality)
+    qc_rows.expect(reference_cases(train), ct=ct, num_classes=len(datalist.labels))
 
 
 def resolve_crossval_config(
@@ -157,7 +186,7 @@ def resolve_crossval_config(
 
 
 def check_before_training(
-    datalist: Path,
+    datalist: DatalistSource,
     *,
     config_path: Path | None = None,
     overrides: Sequence[str] = (),
@@ -183,6 +212,7 @@ def check_before_training(
     if report.findings and show is not None:
         show(report.format_findings(limit=40))
     if not report.ok:  # the first error as the one-line reason; all of them were shown
+        datalist = datalist_file(datalist)
         first, more = report.errors[0], len(report.errors) - 1
         raise DataError(
             f"{first.message}{f' (and {more} more error(s), listed above)' if more else ''}. Nothing was trained: fix the "

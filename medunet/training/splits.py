@@ -26,7 +26,7 @@ from typing import Any
 
 from medunet.errors import ConfigError, DataError
 from medunet.io.atomic import atomic_write_text
-from medunet.io.datalist import Datalist, load_datalist, read_json
+from medunet.io.datalist import Datalist, DatalistSource, load_datalist, read_json
 from medunet.model.layout import SPLITS_FILE
 
 log = logging.getLogger("medunet")
@@ -206,7 +206,7 @@ def datalist_folds(
 
 
 def fold_for_training(
-    datalist_path: Path, root: Path, *, fold: int, folds: int | None, seed: int, splits_file: Path | None, allow_outside_root: bool
+    datalist_path: DatalistSource, root: Path, *, fold: int, folds: int | None, seed: int, splits_file: Path | None, allow_outside_root: bool
 ) -> Fold:
     """The fold ``medunet train --fold`` trains: from ``root/splits.json``, made and saved on first use.
 

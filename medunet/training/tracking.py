@@ -41,11 +41,11 @@ def require_tracking(config: Config | None, names: Sequence[str] = ()) -> None:
         module, extra = _NEEDS[name]
         try:
             importlib.import_module(module)
-        except ImportError:
+        except ImportError as exc:  # the cause shows, under --debug, why an installed package fails to import
             raise ConfigError(
                 f"train.tracking includes {name}, but its package is not installed: pip install 'medunet[{extra}]' "
                 f"(or remove {name} from train.tracking)"
-            ) from None
+            ) from exc
 
 
 def _selected(config: Config) -> list[str]:

@@ -32,11 +32,12 @@ from tqdm.auto import tqdm
 from medunet._version import __version__
 from medunet.config import Config, config_to_dict, save_config
 from medunet.errors import MedunetError, TrainingError, unwrap_error
-from medunet.io.datalist import load_datalist
+from medunet.io.datalist import DatalistSource, load_datalist
 from medunet.model.checkpoint import Checkpoint, TrainState, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from medunet.model.layout import BEST_CHECKPOINT, CONFIG_FILE, LAST_CHECKPOINT
 from medunet.model.networks import SegmentationNetwork, build_network
 from medunet.model.sliding import predict_probabilities
-from medunet.qc.reference import training_reference
+from medunet.qc.reference import SharedRows, training_reference
 from medunet.runtime import amp_dtype, autocast, derived_seed, seed_everything
 from medunet.training import budget as time_budget
 from medunet.training import distributed as dist
@@ -150,7 +151,7 @@ def validate(
 
 
 def train(
-    datalist_path: str | Path,
+    datalist_path: DatalistSource,
     run_dir: str | Path,
     config: Config,
     *,
@@ -158,13 +159,16 @@ def train(
     progress: bool = True,
     fold: Fold | None = None,
     callbacks: Sequence[EpochCallback] = (),
+    qc_rows: SharedRows | None = None,
 ) -> TrainResult:
     """Train (or resume) a model on a datalist; see the module docstring for the run folder.
 
     With ``fold`` (see :mod:`medunet.training.splits`) the fold's train/val case names replace the split.
     Started by torchrun, it joins the process group (if the caller has not) and trains with DDP.
     Each of ``callbacks`` is called after every epoch with an :class:`EpochRecord`; one returning
-    True ends training there (the epoch's checkpoints are already saved).
+    True ends training there (the epoch's checkpoints are already saved). ``datalist_path`` may be the
+    :class:`~medunet.io.datalist.Datalist` the caller parsed; ``qc_rows``, QC reference rows an earlier pass
+    over the cases computed (:class:`~medunet.qc.reference.SharedRows`).
 
     Raises:
         MedunetError: bad data, config or checkpoint, or a non-finite loss.
@@ -174,17 +178,18 @@ def train(
         _check_run_folder(run_dir, resume)
         run_dir.mkdir(parents=True, exist_ok=True)
         if not dist.is_main():
-            result = Trainer(Path(datalist_path), run_dir, config, resume=resume, progress=False, fold=fold).fit(callbacks)
+            result = Trainer(datalist_path, run_dir, config, resume=resume, progress=False, fold=fold, qc_rows=qc_rows).fit(callbacks)
             dist.barrier()  # return once rank 0 has written the last files
             return result
         with _run_log(run_dir):
-            result = Trainer(Path(datalist_path), run_dir, config, resume=resume, progress=progress, fold=fold).fit(callbacks)
+            result = Trainer(datalist_path, run_dir, config, resume=resume, progress=progress, fold=fold,
+                             qc_rows=qc_rows).fit(callbacks)
             dist.barrier()
             return result
 
 
 def _check_run_folder(run_dir: Path, resume: bool) -> None:
-    last_path = run_dir / "last.pt"
+    last_path = run_dir / LAST_CHECKPOINT
     if resume and not last_path.is_file():
         raise TrainingError(f"cannot resume: {last_path} does not exist")
     if not resume and last_path.exists():
@@ -215,8 +220,8 @@ class Trainer:
     """
 
     def __init__(
-        self, datalist_path: Path, run_dir: Path, config: Config, *, resume: bool = False, progress: bool = True,
-        fold: Fold | None = None,
+        self, datalist_path: DatalistSource, run_dir: Path, config: Config, *, resume: bool = False, progress: bool = True,
+        fold: Fold | None = None, qc_rows: SharedRows | None = None,
     ) -> None:
         self.config, self.run_dir, self.progress = config, run_dir, progress
         tc = config.train
@@ -233,9 +238,10 @@ class Trainer:
         self.class_names = [labels[i] for i in sorted(labels)]
         self.in_channels = len(self.datalist.training[0].image)
         train_cases, val_cases = split_for_run(self.datalist, config, run_dir, resume, fold)
-        self.qc_reference = training_reference(train_cases, config, self.class_names, self.datalist.modality)  # for QC at inference
+        self.qc_reference = training_reference(  # for QC at inference
+            train_cases, config, self.class_names, self.datalist.modality, shared=qc_rows)
         if dist.is_main():
-            save_config(config, run_dir / "config.yaml")
+            save_config(config, run_dir / CONFIG_FILE)
         log.info(
             "medunet %s: %d training / %d validation cases, %d classes %s, device %s%s%s",
             __version__, len(train_cases), len(val_cases), self.num_classes, self.class_names, self.device,
@@ -249,7 +255,7 @@ class Trainer:
         self.metrics = MetricsLog(run_dir, self.class_names[1:], write=dist.is_main())
         self.snapshots = LearningSnapshots(run_dir, self.val_ds, self.class_names) if tc.snapshots and dist.is_main() else None
         if resume:
-            self._restore(run_dir / "last.pt")
+            self._restore(run_dir / LAST_CHECKPOINT)
 
     @property
     def num_classes(self) -> int:
@@ -458,9 +464,9 @@ class Trainer:
         self.metrics.add(row, draw=validated)
         if dist.is_main():
             saved = self.checkpoint(epoch + 1)
-            save_checkpoint(saved, self.run_dir / "last.pt")
+            save_checkpoint(saved, self.run_dir / LAST_CHECKPOINT)
             if improved:
-                save_checkpoint(saved, self.run_dir / "best.pt")
+                save_checkpoint(saved, self.run_dir / BEST_CHECKPOINT)
         if self.budget is not None:
             self.budget.epoch_done(self.steps_done, seconds=time_budget.clock() - started, step_seconds=self.step_seconds,
                                    validation_seconds=self.validation_seconds, validated=validated, last=last)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from medunet.errors import MedunetError
 from medunet.evaluation import dice_per_class
 from medunet.inference.segmenter import Segmenter
-from medunet.io.datalist import Case, load_datalist
+from medunet.io.datalist import Case, DatalistSource, load_datalist
 from medunet.io.nifti import read_nifti, read_voxels
 from medunet.model.layout import QC_FILE, SPLIT_FILE
 from medunet.qc.calibrate import calibrate
@@ -66,7 +66,7 @@ def fit(segmenter: Segmenter, known: Sequence[KnownCase], *, source: str) -> Thr
                      class_names=segmenter.class_names, source=source, base=base)
 
 
-def validation_cases(datalist_path: Path, run_dir: Path) -> list[Case]:
+def validation_cases(datalist_path: DatalistSource, run_dir: Path) -> list[Case]:
     """The cases a finished run validated on (its ``split.json``), at most :data:`MAX_CASES` of them."""
     datalist = load_datalist(datalist_path)
     names = set(json.loads((run_dir / SPLIT_FILE).read_text())["validation"])
@@ -76,13 +76,13 @@ def validation_cases(datalist_path: Path, run_dir: Path) -> list[Case]:
     return cases
 
 
-def calibrate_run(datalist_path: str | Path, run_dir: str | Path, *, device: str = "auto", progress: bool = True) -> Thresholds | None:
+def calibrate_run(datalist_path: DatalistSource, run_dir: str | Path, *, device: str = "auto", progress: bool = True) -> Thresholds | None:
     """Fit the QC calibration of a finished run on its validation cases and save it as ``run_dir/qc.json``.
 
     Returns None (and keeps any earlier ``qc.json``) when the run has fewer than two labelled
     validation cases, or a case cannot be predicted: calibration must never cost a user the model.
     """
-    datalist_path, run_dir = Path(datalist_path), Path(run_dir)
+    run_dir = Path(run_dir)
     try:
         cases = validation_cases(datalist_path, run_dir)
         if len(cases) < 2:

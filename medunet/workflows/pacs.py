@@ -85,14 +85,14 @@ def segment_from_pacs(
         pacs: the DICOMweb service.
         study_uid: StudyInstanceUID to search.
         series_uid: the series to segment; needed when the study holds several image series.
-        model_name: recorded in the SEG (default: see :func:`medunet.inference.dicom_seg.model_name_of`).
+        model_name: recorded in the SEG (default: :attr:`~medunet.inference.segmenter.Segmenter.model_name`).
         keep: a folder that also receives a copy of the SEG (``<series uid>.seg.dcm``).
 
     Raises:
         PacsError: the PACS is unreachable, refuses the login, times out, or lacks the study/series.
         MedunetError: the retrieved series cannot be read or segmented (the PACS is left unchanged).
     """
-    from medunet.inference.dicom_seg import model_name_of, predict_dicom_seg
+    from medunet.inference.segmenter import predict_dicom_seg
     from medunet.io.dicom import read_series
 
     started = time.perf_counter()
@@ -104,7 +104,7 @@ def segment_from_pacs(
         paths = pacs.retrieve_series(study_uid, chosen.series_uid, folder)
         series = read_series(folder, series_uid=chosen.series_uid, case=chosen.series_uid)
         seg_path = Path(tmp) / "result.seg.dcm"
-        predict_dicom_seg(segmenter, series, seg_path, model_name=model_name or model_name_of(segmenter))
+        predict_dicom_seg(segmenter, series, seg_path, model_name=model_name or segmenter.model_name)
         import pydicom
 
         seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
