@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -322,7 +323,7 @@ class ServeConfig:
         return Path(self.audit_log) if self.audit_log else self.storage / "audit.jsonl"
 
 
-def _check_known(names: tuple[str, ...], known: dict[str, object], where: str, section: str) -> None:
+def _check_known(names: tuple[str, ...], known: Mapping[str, object], where: str, section: str) -> None:
     for name in names:
         if name not in known:
             raise ConfigError(f"{where} names {name!r}, which is not in {section} ({', '.join(sorted(known)) or 'none defined'})" + _suggest(name, known))

@@ -429,7 +429,7 @@ class JobStore:
         """
         now = time.time() if now is None else now
         with self._tx() as tx:
-            where, params = "id = ? AND state = 'running'", [job_id]
+            where, params = "id = ? AND state = 'running'", list[Any]([job_id])
             if worker is not None:
                 where, params = where + " AND worker = ?", [job_id, worker]
             if not tx.run(f"UPDATE jobs SET state = 'sending', sending_at = ?, qc_decision = ?, result_dir = ?, lease_expires_at = NULL "
@@ -449,7 +449,7 @@ class JobStore:
         """Record that a running job failed (one line saying why); False if it was no longer running (for ``worker``)."""
         now = time.time() if now is None else now
         with self._tx() as tx:
-            where, params = "id = ? AND state = 'running'", [job_id]
+            where, params = "id = ? AND state = 'running'", list[Any]([job_id])
             if worker is not None:
                 where, params = where + " AND worker = ?", [job_id, worker]
             if not tx.run(f"UPDATE jobs SET state = 'failed', error = ?, finished_at = ?, lease_expires_at = NULL WHERE {where}",
