@@ -309,13 +309,13 @@ class JobStore:
 
     def _touch_series(self, tx: _Tx, first: ReceivedInstance, now: float) -> None:
         """Create the series (receiving), or mark new instances on it, re-opening it and superseding its waiting jobs."""
+        if tx.run("INSERT INTO series (uid, study_uid, modality, body_part, description, state, first_received_at, last_received_at) "
+                  "VALUES (?, ?, ?, ?, ?, 'receiving', ?, ?) ON CONFLICT (uid) DO NOTHING",
+                  (first.series_instance_uid, first.study_instance_uid, first.modality, first.body_part_examined,
+                   first.series_description, now, now)):
+            return  # new (two receivers recording one new series at once: the second lands below)
         row = tx.one("SELECT state FROM series WHERE uid = ?", (first.series_instance_uid,))
-        if row is None:
-            tx.run("INSERT INTO series (uid, study_uid, modality, body_part, description, state, first_received_at, last_received_at) "
-                   "VALUES (?, ?, ?, ?, ?, 'receiving', ?, ?)",
-                   (first.series_instance_uid, first.study_instance_uid, first.modality, first.body_part_examined,
-                    first.series_description, now, now))
-            return
+        assert row is not None
         tx.run("UPDATE series SET last_received_at = ? WHERE uid = ?", (now, first.series_instance_uid))
         if row["state"] == "receiving":
             return
