@@ -587,6 +587,15 @@ def config_from_dict(values: Mapping[str, Any]) -> Config:
     return _build(Config, values or {}, "")
 
 
+def section_from_dict(cls: type, values: Mapping[str, Any], where: str = "") -> Any:
+    """Build config dataclass ``cls`` from plain dicts with the same strict checks as :func:`config_from_dict`.
+
+    For configs other than the training :class:`Config` (``medunet serve``'s): unknown keys get a "did you mean",
+    every value is checked against its field's type, and messages name the field under ``where``.
+    """
+    return _build(cls, values or {}, where)
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     """Plain nested dicts/lists (YAML- and checkpoint-safe) from a config dataclass."""
 

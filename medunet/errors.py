@@ -75,6 +75,10 @@ class PacsError(MedunetError):
     """A PACS (DICOMweb) request failed: unreachable, refused credentials, timed out, or not found."""
 
 
+class ServeError(MedunetError):
+    """The ``medunet serve`` service cannot do what was asked: its database is unreachable, a job is unknown, an extra is missing."""
+
+
 class CaseError(MedunetError):
     """One case of a batch failed for a reason medunet did not foresee (a bug, a driver error); the other cases go on."""
 
