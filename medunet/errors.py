@@ -75,6 +75,10 @@ class PacsError(MedunetError):
     """A PACS (DICOMweb) request failed: unreachable, refused credentials, timed out, or not found."""
 
 
+class SendError(MedunetError):
+    """Results could not be sent to a DICOM destination: the host is down, refused the association, or did not answer in time."""
+
+
 class CaseError(MedunetError):
     """One case of a batch failed for a reason medunet did not foresee (a bug, a driver error); the other cases go on."""
 

@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("training", "inference"),
     ("evaluation", "export"),
     ("workflows",),
+    ("serve",),
     ("cli",),
     ("__main__",),
 ]

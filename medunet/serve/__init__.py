@@ -1,0 +1,1 @@
+"""medunet serve: a DICOM node and REST service that segments what a PACS sends and sends the results back."""
