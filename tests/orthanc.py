@@ -46,6 +46,7 @@ class Orthanc:
 
     def __init__(self, folder: Path, *, dicom_aet: str | None = None) -> None:
         """Start Orthanc in ``folder``; with ``dicom_aet`` its DICOM server listens too (on :attr:`dicom_port`, any calling AE may store)."""
+        self.folder = folder
         self.http = requests.Session()
         self.http.trust_env = False  # straight to loopback, whatever proxy the environment names
         self.http.auth = (USER, PASSWORD)

@@ -74,6 +74,8 @@ REJECT_BUSY = (0x02, 0x03, 0x02)
 REJECT_DISK = (0x02, 0x03, 0x01)
 _REASONS = {REJECT_CALLING_AE: "calling AE title not recognised", REJECT_CALLED_AE: "called AE title not recognised",
             REJECT_PEER: "no reason given", REJECT_BUSY: "local limit exceeded", REJECT_DISK: "temporary congestion"}
+#: Uncompressed transfer syntaxes in order of preference: explicit VR little endian, deflated, implicit, big endian.
+_NATIVE_PREFERENCE = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 #: Header attributes read from each instance (no patient attributes).
 _FACTS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "BodyPartExamined",
@@ -99,15 +101,23 @@ def is_image(instance: ReceivedInstance) -> bool:
 
 
 def decodable_transfer_syntaxes() -> list[str]:
-    """The transfer syntaxes whose pixel data this installation decodes (pydicom's native ones and its installed plugins)."""
+    """The transfer syntaxes whose pixel data this installation decodes (pydicom's native ones and its installed plugins).
+
+    Compressed ones first: pynetdicom accepts, of the syntaxes a peer proposes for a context, the first
+    of this list, and a peer holding compressed data proposes its own syntax beside the uncompressed
+    ones; preferring it keeps the instance as the peer holds it (no conversion on the sender's side).
+    """
     from pydicom.pixels.decoders.base import _PIXEL_DATA_DECODERS, get_decoder
+    from pydicom.uid import UID
 
     found = []
     for uid in _PIXEL_DATA_DECODERS:
         with contextlib.suppress(NotImplementedError, ValueError):
             if get_decoder(uid).is_available:
-                found.append(str(uid))
-    return found
+                found.append(UID(uid))
+    compressed = [str(u) for u in found if u.is_compressed]
+    native = [str(u) for u in found if not u.is_compressed]
+    return compressed + sorted(native, key=lambda u: _NATIVE_PREFERENCE.index(u) if u in _NATIVE_PREFERENCE else len(native))
 
 
 def discard_unreleased(storage: Path, known: Callable[[str], bool]) -> list[str]:
@@ -137,7 +147,7 @@ class _Session:
     peer_port: int
     folder: Path
     instances: dict[str, ReceivedInstance] = field(default_factory=dict)
-    state: str = "open"  # open -> released | aborted (then closed)
+    state: str = "open"  # open -> released | aborted | failed (the sink raised)
     refused: int = 0
 
 
@@ -332,11 +342,15 @@ class DicomNode:
                 _fsync_folder(session.folder)
                 self.sink.on_released(session.association_id, session.calling_ae, session.peer_ip, instances)
         except Exception as exc:
-            log.error("DICOM node: the store did not take association %s (%s); dropping the connection so %s sends again",
-                      session.association_id, type(exc).__name__, session.calling_ae, exc_info=True)
             with self._lock:
-                session.state = "aborted"
+                session.state = "failed"
             _drop_connection(assoc)
+            shutil.rmtree(session.folder, ignore_errors=True)
+            log.error("DICOM node: the store did not take association %s (%s); dropped the connection so %s sends again, "
+                      "deleted its %d instance(s)", session.association_id, type(exc).__name__, session.calling_ae, len(instances),
+                      exc_info=True)
+            self._audit("association-aborted", association_id=session.association_id, calling_ae=session.calling_ae,
+                        called_ae=session.called_ae, peer_ip=session.peer_ip, instances=len(instances), reason="store failed")
             return
         series = sorted({i.series_instance_uid for i in instances})
         log.info("DICOM node: association %s from %s released with %d instance(s) of %d series",
@@ -358,11 +372,9 @@ class DicomNode:
             session = self._sessions.pop(id(event.assoc), None)
             if session is None:
                 return
-            released = session.state == "released"
-            if not released:
-                session.state = "aborted"
-        if released:
-            return
+            if session.state in ("released", "failed"):  # handed to the store, or already deleted by _release
+                return
+            session.state = "aborted"
         shutil.rmtree(session.folder, ignore_errors=True)
         log.warning("DICOM node: association %s from %s (%s) ended without a release; deleted its %d instance(s)",
                     session.association_id, session.calling_ae, session.peer_ip, len(session.instances))

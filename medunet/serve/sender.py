@@ -16,16 +16,18 @@ Files are sent as they are encoded: no decoding, no change of transfer syntax.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 import socket
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from medunet.errors import SendError, parse_error
-from medunet.io.atomic import atomic_path
 from medunet.net.dicomweb import DicomWebPacs, PacsConnection
 
 log = logging.getLogger("medunet")
@@ -78,11 +80,11 @@ def _identify(path: Path) -> _File:
         raise parse_error("cannot read the DICOM file to send", exc, case=None, path=str(path)) from None
 
 
-def _unreachable(host: str, port: int, timeout: float) -> str:
-    """Why no association came up, found by a plain TCP connection: refused, timed out, unresolvable, or it answered."""
+def _unreachable(host: str, port: int, timeout: float) -> str | None:
+    """Why a plain TCP connection to the destination fails (refused, timed out, unresolvable), or None if it connects."""
     try:
         with socket.create_connection((host, port), timeout=timeout):
-            return f"it accepted the connection but did not answer the association request within {timeout:g} s"
+            return None
     except TimeoutError:
         return f"no answer within {timeout:g} s; check the host, the port and any firewall"
     except socket.gaierror:
@@ -91,15 +93,17 @@ def _unreachable(host: str, port: int, timeout: float) -> str:
         return f"{(exc.strerror or type(exc).__name__).lower()}; check that the destination is running and listening on port {port}"
 
 
-def _association_failure(assoc: Any, destination: str, host: str, port: int, timeout: float) -> SendError:
+def _association_failure(assoc: Any, destination: str, calling_ae: str, host: str, port: int, timeout: float) -> SendError:
+    known = f"check that it knows calling AE title {calling_ae!r} and that {destination.split('@')[0]!r} is its AE title"
     if assoc.is_rejected:
         reply = assoc.acceptor.primitive
         reason = f"{reply.result_str}, {reply.source_str}: {reply.reason_str}" if reply is not None else "rejected"
-        return SendError(f"{destination} rejected the association ({reason}); "
-                         "check that it knows this calling AE title and that the called AE title is right")
-    if assoc.is_aborted:
-        return SendError(f"{destination} aborted the association request; check its log for why it refuses this sender")
-    return SendError(f"cannot reach {destination}: {_unreachable(host, port, timeout)}")
+        return SendError(f"{destination} rejected the association ({reason}); {known}")
+    why = _unreachable(host, port, timeout)
+    if why is None and assoc.is_aborted:
+        return SendError(f"{destination} aborted the association request; {known}")
+    why = why or f"it accepts connections but did not answer the association request within {timeout:g} s; check that it is a DICOM node"
+    return SendError(f"cannot reach {destination}: {why}")
 
 
 def _status_result(file: _File, destination: str, status: Any) -> SendResult:
@@ -144,7 +148,7 @@ def send_dicom(
         ae.add_requested_context(sop_class, [syntax])
     assoc = ae.associate(host, port, ae_title=destination_ae)
     if not assoc.is_established:
-        raise _association_failure(assoc, destination, host, port, timeout)
+        raise _association_failure(assoc, destination, calling_ae, host, port, timeout)
     results: list[SendResult] = []
     try:
         for file in identified:
@@ -169,16 +173,32 @@ def send_dicom(
 
 
 def send_folder(folder: Path, files: Sequence[Path]) -> list[SendResult]:
-    """Copy ``files`` into ``folder`` as ``<SOP Instance UID>.dcm``, each atomically (a reader never sees half a file)."""
+    """Copy ``files`` into ``folder`` as ``<SOP Instance UID>.dcm``, each atomically (a reader never sees half a file).
+
+    The copy is written as a hidden ``.part`` file, fsynced and renamed, so software watching the
+    folder for ``*.dcm`` sees only whole files.
+    """
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     results = []
     for file in (_identify(Path(p)) for p in files):
-        target = folder / f"{file.sop_instance_uid}.dcm"
-        with atomic_path(target) as tmp:
-            shutil.copyfile(file.path, tmp)
+        _copy_atomic(file.path, folder / f"{file.sop_instance_uid}.dcm")
         results.append(SendResult(file.sop_instance_uid, file.path, str(folder), True, None, "stored"))
     log.info("copied %d instance(s) to %s", len(results), folder)
     return results
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle, open(source, "rb") as data:
+            shutil.copyfileobj(data, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def send_stowrs(url: str, files: Sequence[Path], *, timeout: float = 30.0, retries: int = 2) -> list[SendResult]:
