@@ -79,6 +79,10 @@ class ServeError(MedunetError):
     """The ``medunet serve`` service cannot do what was asked: its database is unreachable, a job is unknown, an extra is missing."""
 
 
+class SendError(MedunetError):
+    """Results could not be sent to a DICOM destination: the host is down, refused the association, or did not answer in time."""
+
+
 class CaseError(MedunetError):
     """One case of a batch failed for a reason medunet did not foresee (a bug, a driver error); the other cases go on."""
 

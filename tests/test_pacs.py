@@ -7,12 +7,8 @@ must equal a direct local run of the same model on the same series, voxel for vo
 from __future__ import annotations
 
 import base64
-import contextlib
-import json
 import logging
-import shutil
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,111 +18,14 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-import requests
+from orthanc import ORTHANC, PASSWORD, PLUGIN, USER, Orthanc, free_port, needs_orthanc
 
 from medunet.cli import main
 from medunet.errors import PacsError
 from medunet.net.dicomweb import PASSWORD_ENV, USER_ENV, DicomWebPacs, PacsConnection
 from medunet.synthetic import grid_affine, make_phantom, write_dicom_series
 
-USER, PASSWORD = "medunet-test", "pw-CANARY-7f3a"  # the password must never show up in any output
 NO_MODEL = Path("no-such-run")  # connection and login are checked before the model is loaded
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def dicomweb_plugin() -> Path | None:
-    """The Orthanc DICOMweb plugin from the Debian package orthanc-dicomweb, wherever dpkg put it."""
-    if shutil.which("dpkg") is not None:
-        listed = subprocess.run(["dpkg", "-L", "orthanc-dicomweb"], capture_output=True, text=True, timeout=10).stdout
-        found = [Path(line) for line in listed.splitlines() if Path(line).name.startswith("libOrthancDicomWeb.so")]
-        if found:
-            return sorted(found, key=lambda p: len(p.name))[0]
-    fallback = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-    return fallback if fallback.exists() else None
-
-
-ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
-PLUGIN = dicomweb_plugin()
-needs_orthanc = pytest.mark.skipif(
-    ORTHANC is None or PLUGIN is None,
-    reason="Orthanc with its DICOMweb plugin is not installed (Debian packages orthanc, orthanc-dicomweb; .ci/run installs them)",
-)
-
-
-class Orthanc:
-    """A throw-away Orthanc on 127.0.0.1 with a temporary storage folder and basic-auth login."""
-
-    def __init__(self, folder: Path) -> None:
-        self.http = requests.Session()
-        self.http.trust_env = False  # straight to loopback, whatever proxy the environment names
-        self.http.auth = (USER, PASSWORD)
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.dicomweb = f"{self.base}/dicom-web"
-        config = {
-            "Name": "medunet-test",
-            "StorageDirectory": str(folder / "storage"),
-            "IndexDirectory": str(folder / "storage"),
-            "HttpPort": self.port,
-            "DicomPort": free_port(),
-            "DicomServerEnabled": False,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": True,
-            "RegisteredUsers": {USER: PASSWORD},
-            "Plugins": [str(PLUGIN)],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-            "SaveJobs": False,
-        }
-        (folder / "orthanc.json").write_text(json.dumps(config))
-        self.log = folder / "orthanc.log"
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen([str(ORTHANC), str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with contextlib.suppress(requests.ConnectionError):
-                if self.http.get(f"{self.base}/system", timeout=2).ok:
-                    return
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.1)
-        self.stop()
-        pytest.fail(f"Orthanc did not start; its log ends with:\n{self.log.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-
-    def rest(self, path: str) -> object:
-        answer = self.http.get(f"{self.base}{path}", timeout=10)
-        answer.raise_for_status()
-        return answer.json() if "json" in answer.headers.get("Content-Type", "") else answer.content
-
-    def upload(self, paths: list[Path]) -> None:
-        for path in paths:
-            self.http.post(f"{self.base}/instances", data=path.read_bytes(), timeout=10).raise_for_status()
-
-    def instances(self) -> list[str]:
-        return list(self.rest("/instances"))  # type: ignore[arg-type]
-
-    def seg_files(self, study_uid: str) -> list[bytes]:
-        """Every SEG instance stored under ``study_uid``, fetched through Orthanc's own REST API (not DICOMweb)."""
-        found = []
-        for series in self.rest("/series?expand"):  # type: ignore[union-attr]
-            if series["MainDicomTags"].get("Modality") != "SEG":
-                continue
-            study = self.rest(f"/studies/{series['ParentStudy']}")
-            if study["MainDicomTags"]["StudyInstanceUID"] == study_uid:  # type: ignore[index]
-                found += [self.rest(f"/instances/{i}/file") for i in series["Instances"]]
-        return found  # type: ignore[return-value]
-
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:

@@ -18,7 +18,7 @@ import numpy as np
 from medunet.errors import DataError, GeometryError
 from medunet.inference.stages import SegmentedCase
 from medunet.io.dicom import DicomSeries
-from medunet.io.dicom_seg import write_dicom_seg
+from medunet.io.dicom_seg import ResultUids, write_dicom_seg
 from medunet.io.nifti import label_dtype, write_float_map, write_mask
 from medunet.io.rtstruct import write_rtstruct
 
@@ -66,12 +66,15 @@ def write_uncertainty(result: SegmentedCase, path: str | Path, *, overwrite: boo
 
 
 def write_outputs(
-    result: SegmentedCase, targets: Mapping[str, Path], *, class_names: Sequence[str], model_name: str, overwrite: bool = False
+    result: SegmentedCase, targets: Mapping[str, Path], *, class_names: Sequence[str], model_name: str, overwrite: bool = False,
+    uids: ResultUids | None = None,
 ) -> list[Path]:
     """Write the mask in every asked format (``targets``: format of :data:`OUTPUT_FORMATS` -> file) from one result.
 
     The DICOM objects are written first: if one cannot be (e.g. a resampled series), no NIfTI is left.
-    ``model_name`` is recorded in the DICOM objects (e.g. the run folder's name). Returns the files, in that order.
+    ``model_name`` is recorded in the DICOM objects (e.g. the run folder's name). ``uids`` (from
+    :func:`medunet.io.dicom_seg.result_uids`) fixes the SEG's and RTSTRUCT's UIDs, so a result written
+    again is the same instance; None draws random ones. Returns the files, in that order.
     """
     unknown = sorted(set(targets) - set(OUTPUT_FORMATS))
     if unknown:
@@ -81,9 +84,11 @@ def write_outputs(
     if "dicom-seg" in targets or "rtstruct" in targets:
         series = source_series(result, list(targets))
         if "dicom-seg" in targets:
-            written.append(write_dicom_seg(labels, series, class_names, targets["dicom-seg"], model_name=model_name, overwrite=overwrite))
+            written.append(write_dicom_seg(labels, series, class_names, targets["dicom-seg"], model_name=model_name, overwrite=overwrite,
+                                           uids=uids.seg if uids else None))
         if "rtstruct" in targets:
-            written.append(write_rtstruct(labels, series, class_names, targets["rtstruct"], model_name=model_name, overwrite=overwrite))
+            written.append(write_rtstruct(labels, series, class_names, targets["rtstruct"], model_name=model_name, overwrite=overwrite,
+                                          uids=uids.rtstruct if uids else None))
     if "nifti" in targets:
         written.append(write_nifti(result, targets["nifti"], num_classes=len(class_names), overwrite=overwrite))
     return written

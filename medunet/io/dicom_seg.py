@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,47 @@ _EQUIPMENT_IDENTIFYING = (
 )
 #: LPS (DICOM patient coordinates) <-> RAS (NIfTI world): negate x and y.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class ObjectUids:
+    """The Series and SOP Instance UIDs of one written DICOM object (SEG or RTSTRUCT)."""
+
+    series_instance_uid: str
+    sop_instance_uid: str
+
+    def __post_init__(self) -> None:
+        from pydicom.uid import UID
+
+        for name, value in (("series_instance_uid", self.series_instance_uid), ("sop_instance_uid", self.sop_instance_uid)):
+            if not UID(value).is_valid:
+                raise ConfigError(f"{name} {value!r} is not a valid DICOM UID; derive UIDs with medunet.io.dicom_seg.result_uids")
+
+
+@dataclass(frozen=True)
+class ResultUids:
+    """The UIDs of a case's DICOM results, one pair per format: the same UIDs re-create the same objects for a PACS."""
+
+    seg: ObjectUids
+    rtstruct: ObjectUids
+
+
+def result_uids(seed: str) -> ResultUids:
+    """Valid UIDs derived from ``seed`` alone (e.g. a job id and model name): the same seed always gives the same UIDs.
+
+    A service that re-creates a result after a crash writes it with the UIDs it wrote the first time,
+    so sending it again replaces (or is ignored as) the same instance instead of adding a duplicate.
+    """
+    from pydicom.uid import generate_uid
+
+    if not seed:
+        raise ValueError("result_uids needs a non-empty seed (e.g. the job id)")
+
+    def pair(kind: str) -> ObjectUids:
+        return ObjectUids(series_instance_uid=str(generate_uid(entropy_srcs=["medunet", seed, kind, "series"])),
+                          sop_instance_uid=str(generate_uid(entropy_srcs=["medunet", seed, kind, "instance"])))
+
+    return ResultUids(seg=pair("seg"), rtstruct=pair("rtstruct"))
 
 
 def generic_property_codes() -> tuple[Code, Code]:
@@ -208,6 +250,7 @@ def write_dicom_seg(
     omit_empty_frames: bool = True,
     property_codes: Mapping[int, tuple[Code, Code]] | None = None,
     series_number: int = 900,
+    uids: ObjectUids | None = None,
 ) -> Path:
     """Write ``labels`` (on ``source.image``'s grid) as a BINARY DICOM SEG referencing ``source``, atomically.
 
@@ -224,6 +267,8 @@ def write_dicom_seg(
         property_codes: per class, a (category, type) pair of codes replacing the generic
             "Tissue" (see :func:`generic_property_codes`).
         series_number: SeriesNumber of the new SEG series.
+        uids: the SEG's Series and SOP Instance UIDs (e.g. from :func:`result_uids`, so a re-created
+            result is the same instance); None draws new random ones.
 
     Raises:
         OutputExistsError: ``output`` exists and ``overwrite`` is False.
@@ -243,9 +288,9 @@ def write_dicom_seg(
         pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(),
+        series_instance_uid=hd.UID(uids.series_instance_uid) if uids else hd.UID(),
         series_number=series_number,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=hd.UID(uids.sop_instance_uid) if uids else hd.UID(),
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name="medunet",

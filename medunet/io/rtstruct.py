@@ -42,7 +42,7 @@ import numpy as np
 from medunet._version import __version__
 from medunet.errors import ConfigError, OutputExistsError
 from medunet.io.atomic import atomic_path
-from medunet.io.dicom_seg import MANUFACTURER, class_name_map, long_string, source_frames
+from medunet.io.dicom_seg import MANUFACTURER, ObjectUids, class_name_map, long_string, source_frames
 
 if TYPE_CHECKING:
     from pydicom import Dataset
@@ -145,7 +145,7 @@ def _referenced_frame_of_reference(source: DicomSeries) -> Dataset:
     return frame
 
 
-def _header(source: DicomSeries, model_name: str, series_number: int) -> Dataset:
+def _header(source: DicomSeries, model_name: str, series_number: int, uids: ObjectUids | None) -> Dataset:
     """File meta, SOP common, patient/study and frame of reference (copied), RT series, equipment, structure set identification."""
     from pydicom import Dataset
     from pydicom.dataset import FileMetaDataset
@@ -157,7 +157,7 @@ def _header(source: DicomSeries, model_name: str, series_number: int) -> Dataset
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = UID(RT_STRUCTURE_SET_STORAGE)
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(uids.sop_instance_uid) if uids else generate_uid()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.SpecificCharacterSet = first.get("SpecificCharacterSet", "ISO_IR 192")
@@ -173,7 +173,7 @@ def _header(source: DicomSeries, model_name: str, series_number: int) -> Dataset
     ds.FrameOfReferenceUID = first.FrameOfReferenceUID  # Frame of Reference module: the source's patient coordinates
     ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
     ds.Modality = "RTSTRUCT"
-    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = UID(uids.series_instance_uid) if uids else generate_uid()
     ds.SeriesNumber = series_number
     ds.SeriesDate, ds.SeriesTime = date, time
     ds.SeriesDescription = long_string(f"medunet structures ({model_name})")
@@ -197,6 +197,7 @@ def write_rtstruct(
     model_name: str,
     overwrite: bool = False,
     series_number: int = 901,
+    uids: ObjectUids | None = None,
 ) -> Path:
     """Write ``labels`` (on ``source.image``'s grid) as an RT Structure Set referencing ``source``, atomically.
 
@@ -209,6 +210,8 @@ def write_rtstruct(
         model_name: recorded in the structure set's label and name and each ROI's generation description.
         overwrite: replace an existing ``output``.
         series_number: SeriesNumber of the new RTSTRUCT series.
+        uids: the structure set's Series and SOP Instance UIDs (e.g. from
+            :func:`medunet.io.dicom_seg.result_uids`); None draws new random ones.
 
     Raises:
         OutputExistsError: ``output`` exists and ``overwrite`` is False.
@@ -226,7 +229,7 @@ def write_rtstruct(
     if not foreground:
         raise ConfigError(f"no foreground class to write as an ROI (classes {sorted(names)}); class_names must name classes 1..K-1")
 
-    ds = _header(source, model_name, series_number)
+    ds = _header(source, model_name, series_number, uids)
     frame_uid = source.datasets[0].FrameOfReferenceUID
     ds.ReferencedFrameOfReferenceSequence = [_referenced_frame_of_reference(source)]
     rois, contours, observations = [], [], []
