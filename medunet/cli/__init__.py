@@ -6,7 +6,7 @@ one line and exit with status 1 (3 when only some cases of a batch failed); so d
 exception (what failed, its type and message); ``--debug`` shows the traceback instead.
 """
 
-from medunet.cli import check, crossval, demo, dicom, evaluate, export, infer, pacs, plan, train  # noqa: F401  (registers the commands)
+from medunet.cli import check, crossval, demo, dicom, evaluate, export, infer, pacs, plan, serve, train  # noqa: F401  (registers the commands)
 from medunet.cli.app import EXIT_ERROR, EXIT_PARTIAL, EXIT_QC_REVIEW, cli, main
 
 __all__ = ["EXIT_ERROR", "EXIT_PARTIAL", "EXIT_QC_REVIEW", "cli", "main"]

@@ -17,11 +17,13 @@ Life of a series and its jobs (every method takes ``now``, UNIX seconds, so test
     requeue_expired()                                        # lost workers' jobs: back to queued, failed after max attempts
     finish(job_id, qc_decision, result_dir, deliveries)      # running -> sending (no deliveries: done / review)
     fail(job_id, error)                                      # running -> failed
+    release(job_id, worker)                                  # running -> queued (a worker shutting down)
     due_deliveries(worker, lease_seconds) -> [Delivery]      # pending and due; leased to this sender
     delivery_sent(id) / delivery_failed(id, error, next_attempt_at)   # dead after max attempts
                                                              # all sent: done (QC accepted) or review; any dead: failed
     retry(job_id)                                            # failed -> queued, or its dead deliveries -> pending
     jobs(state, limit, offset), job(id) -> JobDetail, counts(), stage_durations()
+    association_known(id), series_instances(series_uid) -> [(SOP Instance UID, path)]
 
 Rules worth knowing:
 
@@ -541,6 +543,16 @@ class JobStore:
             assert found is not None
             return _job(found)
 
+    def release(self, job_id: int, worker: str, *, now: float | None = None) -> bool:
+        """Hand a running job back to the queue (a worker shutting down); False if ``worker`` no longer held it."""
+        now = time.time() if now is None else now
+        with self._tx() as tx:
+            if not tx.run("UPDATE jobs SET state = 'queued', worker = NULL, lease_expires_at = NULL, queued_at = ? "
+                          "WHERE id = ? AND worker = ? AND state = 'running'", (now, job_id, worker)):
+                return False
+            tx.event(job_id, now, "requeued", f"worker {worker} shut down")
+            return True
+
     # ------------------------------------------------------------------ reading
 
     def jobs(self, state: str | None = None, limit: int = 50, offset: int = 0) -> list[Job]:
@@ -559,6 +571,17 @@ class JobStore:
             events = tx.all("SELECT at, event, detail FROM events WHERE job_id = ? ORDER BY id", (job_id,))
             deliveries = tx.all(f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE job_id = ? ORDER BY id", (job_id,))
             return JobDetail(_job(row), tuple(Event(**e) for e in events), tuple(_delivery(d) for d in deliveries))
+
+    def association_known(self, association_id: str) -> bool:
+        """Whether a released association with this id was recorded (see :func:`medunet.serve.receiver.discard_unreleased`)."""
+        with self._tx(write=False) as tx:
+            return tx.one("SELECT 1 AS found FROM associations WHERE id = ?", (association_id,)) is not None
+
+    def series_instances(self, series_uid: str) -> list[tuple[str, str]]:
+        """(SOP Instance UID, stored file) of every instance of a series, in SOP Instance UID order."""
+        with self._tx(write=False) as tx:
+            rows = tx.all("SELECT sop_instance_uid, path FROM instances WHERE series_uid = ? ORDER BY sop_instance_uid", (series_uid,))
+            return [(str(r["sop_instance_uid"]), str(r["path"])) for r in rows]
 
     def series_state(self, series_uid: str) -> tuple[str, str | None] | None:
         """A series' state and (when skipped) the reason, or None if it was never received."""
