@@ -354,7 +354,7 @@ class Service:
         os.rename(partial, final)
         _fsync_tree(results, files=False)
         item_of = {"dicom-seg": uids.seg.sop_instance_uid, "rtstruct": uids.rtstruct.sop_instance_uid,
-                   "nifti": f"{uids.seg.sop_instance_uid}.nii.gz", "qc": f"{uids.seg.sop_instance_uid}.qc.json"}
+                   "nifti": f"{uids.seg.sop_instance_uid}.nii.gz", "qc": f"{uids.seg.sop_instance_uid}.{QC_FILE}"}
         items = [DeliveryItem(name, item_of[f], str(final / RESULT_FILES[f])) for name in names for f in self.config.destinations[name].formats]
         return decision, final, items
 
