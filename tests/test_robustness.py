@@ -111,6 +111,9 @@ COMMANDS = {
     "dicom ls": (["dicom", "ls", "{t}/series"], "medunet.io.dicom.list_series"),
     "pacs": (["pacs", "--url", "http://127.0.0.1:9/dicom-web", "-m", "{t}/run", "--study", "1.2.3"],
              "medunet.net.dicomweb.DicomWebPacs"),
+    # the one file that must exist (click checks it): the example config in the repository
+    "serve": (["serve", "-c", str(Path(__file__).resolve().parents[1] / "configs" / "serve.example.yaml")],
+              "medunet.serve.config.load_serve_config"),
 }
 
 
