@@ -145,8 +145,8 @@ KILL_MOMENTS = ("received", "running", "sending")
 class ServeProcess:
     """``python -m medunet serve -c config`` as a subprocess that the drill kills with SIGKILL and restarts."""
 
-    def __init__(self, config_path: Path, api_port: int, log_path: Path) -> None:
-        self.config_path, self.api_port, self.log_path = config_path, api_port, log_path
+    def __init__(self, config_path: Path, api_port: int, log_path: Path, args: tuple[str, ...] = ()) -> None:
+        self.config_path, self.api_port, self.log_path, self.args = config_path, api_port, log_path, args
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -155,7 +155,7 @@ class ServeProcess:
 
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "medunet", "serve", "-c", str(self.config_path)], stdout=log,
+            self.process = subprocess.Popen([sys.executable, "-m", "medunet", "serve", "-c", str(self.config_path), *self.args], stdout=log,
                                             stderr=subprocess.STDOUT, env=env)
         self.starts += 1
         if not wait_for(lambda: api_ok(self.api_port) or self.process.poll() is not None, timeout, 0.1) or self.process.poll() is not None:

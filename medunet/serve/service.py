@@ -18,6 +18,11 @@ or, in a test, ``service.start()`` ... ``service.stop()``. The threads:
   the last attempt.
 - **api**: FastAPI on uvicorn (:mod:`medunet.serve.api`).
 
+Which of them a process runs is its ``roles`` (:data:`ROLES`; :data:`MODES` names the sets the CLI offers):
+everything by default; ``medunet serve --worker`` only workers, heartbeat and sender (and the API if asked), so
+several worker processes on several machines share one PostgreSQL queue and one storage folder;
+``--receiver-only`` the node, the scheduler and the API, no model loaded.
+
 Every state change of a job is one log line (job id, model, state; UIDs, never a patient attribute).
 """
 
@@ -31,7 +36,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +66,10 @@ RESULT_FILES = {"dicom-seg": "result.seg.dcm", "rtstruct": "result.rtstruct.dcm"
 TICK_S = 0.5
 #: States after which a job does not change on its own.
 FINAL_STATES = ("done", "review", "failed", "superseded")
+#: The parts a process may run: the DICOM node, the scheduler, the workers (with their heartbeat), the sender, the API.
+ROLES = frozenset({"node", "scheduler", "workers", "sender", "api"})
+#: The roles of ``medunet serve`` (all), ``--worker`` and ``--receiver-only``; a worker adds "api" when given ``--api-port``.
+MODES = {"all": ROLES, "worker": frozenset({"workers", "sender"}), "receiver": frozenset({"node", "scheduler", "api"})}
 
 
 def _one_line(exc: BaseException) -> str:
@@ -99,9 +108,15 @@ class Service:
         config: the service's configuration.
         segmenters: already loaded models by name (tests); None loads every configured model once.
         worker_id: names this process's workers in the job store; default ``<host>:<pid>``.
+        roles: the parts this process runs (:data:`ROLES`, the default: all); models load only with "workers".
     """
 
-    def __init__(self, config: ServeConfig, *, segmenters: Mapping[str, Segmenter] | None = None, worker_id: str | None = None) -> None:
+    def __init__(self, config: ServeConfig, *, segmenters: Mapping[str, Segmenter] | None = None, worker_id: str | None = None,
+                 roles: Collection[str] = ROLES) -> None:
+        unknown = sorted(set(roles) - ROLES)
+        if unknown or not roles:
+            raise ValueError(f"roles must be a non-empty subset of {sorted(ROLES)}, got {sorted(roles)}")
+        self.roles = frozenset(roles)
         self.config = config
         self.storage = config.storage
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
@@ -112,7 +127,8 @@ class Service:
         self._threads: list[threading.Thread] = []
         self._running: dict[int, str] = {}  # job id -> worker holding it in this process
         self._lock = threading.Lock()
-        self.segmenters: dict[str, Segmenter] = dict(segmenters) if segmenters is not None else self._load_models()
+        self.segmenters: dict[str, Segmenter] = ({} if "workers" not in self.roles else
+                                                 dict(segmenters) if segmenters is not None else self._load_models())
         self.node: DicomNode | None = None
         self.api: ApiServer | None = None
 
@@ -152,38 +168,58 @@ class Service:
             log.exception("cannot write the audit log %s", self.audit.path)
 
     def _clean_storage(self) -> None:
-        """After a crash: unreleased incoming folders, private inputs, and result folders left half written."""
-        discard_unreleased(self.storage, self.store.association_known)
-        shutil.rmtree(self.storage / WORK, ignore_errors=True)
-        results = self.storage / RESULTS
-        for folder in sorted(results.glob(f"*{PARTIAL}")) if results.is_dir() else []:
-            job = self.store.job(int(folder.name[: -len(PARTIAL)])) if folder.name[: -len(PARTIAL)].isdigit() else None
+        """After a crash: unreleased incoming folders (the node's), and private inputs and half-written result folders of
+        jobs not running (a job running in another process sharing the storage keeps its folders)."""
+        if "node" in self.roles:
+            discard_unreleased(self.storage, self.store.association_known)
+        if "workers" not in self.roles:
+            return
+        results, work = self.storage / RESULTS, self.storage / WORK
+        leftovers = [*(sorted(results.glob(f"*{PARTIAL}")) if results.is_dir() else []), *(sorted(work.iterdir()) if work.is_dir() else [])]
+        for folder in leftovers:
+            name = folder.name.removesuffix(PARTIAL)
+            job = self.store.job(int(name)) if name.isdigit() else None
             if job is None or job.job.state != "running":
                 shutil.rmtree(folder, ignore_errors=True)
 
+    def _loops(self) -> list[tuple[str, Callable[[], None]]]:
+        """The background threads of this process's roles, by name."""
+        loops: list[tuple[str, Callable[[], None]]] = []
+        if "scheduler" in self.roles:
+            loops.append(("scheduler", self._schedule_loop))
+        if "sender" in self.roles:
+            loops.append(("sender", self._send_loop))
+        if "workers" in self.roles:
+            loops.append(("heartbeat", self._heartbeat_loop))
+            for model in self.segmenters:
+                loops += [(f"worker-{model}-{i}", self._worker_loop(model, f"{self.worker_id}:{model}:{i}"))
+                          for i in range(self.config.workers.jobs_per_model)]
+        return loops
+
     def start(self) -> Service:
-        """Start the node, the API and the background threads; returns at once."""
+        """Start the node, the API and the background threads of this process's roles; returns at once."""
         self.storage.mkdir(parents=True, exist_ok=True)
         self._clean_storage()
         node = self.config.node
-        self.node = _ConfiguredNode(node.allows, self.storage, _Sink(self.store), ae_title=node.ae_title, host=node.host, port=node.port,
-                                    max_associations=node.max_associations, min_free_mb=node.min_free_disk_mb, on_event=self.audit_event)
-        loops: list[tuple[str, Callable[[], None]]] = [("scheduler", self._schedule_loop), ("sender", self._send_loop),
-                                                       ("heartbeat", self._heartbeat_loop)]
-        for model in self.segmenters:
-            loops += [(f"worker-{model}-{i}", self._worker_loop(model, f"{self.worker_id}:{model}:{i}"))
-                      for i in range(self.config.workers.jobs_per_model)]
-        for name, target in loops:
+        if "node" in self.roles:
+            self.node = _ConfiguredNode(node.allows, self.storage, _Sink(self.store), ae_title=node.ae_title, host=node.host, port=node.port,
+                                        max_associations=node.max_associations, min_free_mb=node.min_free_disk_mb, on_event=self.audit_event)
+        for name, target in self._loops():
             thread = threading.Thread(target=target, name=f"medunet-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        app = create_app(self.store, self.models, storage=self.storage, min_free_disk_mb=node.min_free_disk_mb,
-                         liveness={"node": lambda: self.node is not None,
-                                   **{t.name.removeprefix("medunet-"): t.is_alive for t in self._threads}})
-        self.api = ApiServer(app, self.config.api.host, self.config.api.port).start()
-        self.node.start()
-        log.info("medunet serve running: DICOM node %s on %s:%d, API on http://%s:%d, %d model(s), database %s",
-                 node.ae_title, node.host, self.node.port, self.api.host, self.api.port, len(self.segmenters), self.store.backend)
+        if "api" in self.roles:
+            liveness: dict[str, Callable[[], bool]] = {"node": lambda: self.node is not None} if "node" in self.roles else {}
+            app = create_app(self.store, self.models, storage=self.storage, min_free_disk_mb=node.min_free_disk_mb,
+                             liveness={**liveness, **{t.name.removeprefix("medunet-"): t.is_alive for t in self._threads}})
+            self.api = ApiServer(app, self.config.api.host, self.config.api.port).start()
+        if self.node is not None:
+            self.node.start()
+        parts = [f"DICOM node {node.ae_title} on {node.host}:{self.node.port}" if self.node is not None else "no DICOM node",
+                 f"API on http://{self.api.host}:{self.api.port}" if self.api is not None else "no API",
+                 *(["scheduler"] if "scheduler" in self.roles else []), *(["sender"] if "sender" in self.roles else []),
+                 f"{len(self.segmenters)} model(s)" if "workers" in self.roles else "no workers"]
+        log.info("medunet serve running (worker id %s): %s, database %s", self.worker_id, ", ".join(parts), self.store.backend)
         return self
 
     def stop(self, *, grace_s: float = 30.0) -> None:
