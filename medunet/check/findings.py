@@ -57,6 +57,8 @@ class FileSummary:
     digest: str | None = None
     values: dict[str, int] | None = None
     """Label files: voxel count per value (finite values; non-integers as written)."""
+    highest: float | None = None
+    """Label files: the highest finite value (0 for an empty one), exact where ``values``' keys are rounded."""
     problems: list[Finding] = field(default_factory=list)
 
     @property

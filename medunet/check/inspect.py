@@ -240,6 +240,7 @@ def _value_counts(values: np.ndarray) -> Counter[float]:
 def _check_label(task: FileTask, values: np.ndarray, summary: FileSummary, problem: Report) -> None:
     counts = _value_counts(values)
     summary.values = {f"{v:g}": n for v, n in sorted(counts.items())}
+    summary.highest = max(counts) if counts else 0.0
     k = task.num_classes
     bad = {v: n for v, n in sorted(counts.items()) if v != round(v) or v < 0 or (k is not None and v > k - 1)}
     if bad:

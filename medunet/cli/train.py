@@ -78,19 +78,22 @@ def train(ctx: click.Context, datalist: Path, run_dir: Path, config_path: Path |
     except DataError:  # unreadable or malformed: each step reports it where (and as) it would from the file
         parsed = datalist
     qc_rows = SharedRows()  # filled while planning, used by the trainer's QC reference (one read of those cases)
+    known_labels = None  # the check's highest value per label file: the classes of a datalist without "labels"
     with distributed.session():  # under torchrun: rank 0 checks, plans and writes splits; the others wait for its result
         if not resume and not skip_check and not (run_dir / LAST_CHECKPOINT).exists():  # (an existing run is refused by the trainer)
-            distributed.run_on_main(lambda: check_before_training(
+            known_labels = distributed.run_on_main(lambda: check_before_training(
                 parsed, config_path=config_path, overrides=overrides, allow_outside_root=allow_outside_root,
                 progress=ctx.obj["progress"], show=lambda text: click.echo(text, err=True)))
         config = distributed.run_on_main(lambda: resolve_training_config(
             parsed, run_dir, config_path=config_path, overrides=overrides, device=device, resume=resume,
-            allow_outside_root=allow_outside_root, gpu_memory=gpu_memory, qc_rows=qc_rows))
+            allow_outside_root=allow_outside_root, gpu_memory=gpu_memory, qc_rows=qc_rows,
+            known_labels=known_labels))
         split = None if fold is None else distributed.run_on_main(lambda: fold_for_training(
             parsed, root, fold=fold, folds=folds, seed=config.data.split_seed, splits_file=splits_file,
             allow_outside_root=config.data.allow_outside_root,
         ))
-        result = run_training(parsed, run_dir, config, resume=resume, progress=ctx.obj["progress"], fold=split, qc_rows=qc_rows)
+        result = run_training(parsed, run_dir, config, resume=resume, progress=ctx.obj["progress"], fold=split, qc_rows=qc_rows,
+                              known_labels=known_labels)
         if not distributed.is_main():
             return
     if result.best_epoch > 0:  # QC fitted to this model on its validation cases (qc.json), as `medunet infer` will apply it

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,22 +19,49 @@ from medunet.training import distributed as dist
 from medunet.training.records import write_split
 from medunet.training.splits import Fold
 
+if TYPE_CHECKING:
+    from medunet.check.findings import CaseSummary
+
 log = logging.getLogger("medunet")
 
 
-def resolve_labels(datalist: Datalist, config: Config) -> dict[int, str]:
-    """Class names: the datalist's "labels", else data.labels, else found from the training labels."""
+def resolve_labels(datalist: Datalist, config: Config, known: Mapping[Path, float] | None = None) -> dict[int, str]:
+    """Class names: the datalist's "labels", else data.labels, else found from the training labels.
+
+    ``known`` maps label files to their highest value as the data check found it (:func:`label_maxima`):
+    those files are not read again.
+    """
     if datalist.labels:
         return datalist.labels
     if config.data.labels:
         return {int(k): v for k, v in config.data.labels.items()}
     highest = 0
     for case in datalist.training:
-        assert case.label is not None
-        data = np.asarray(read_nifti(case.label, case=case.name, check_grid=False).dataobj)
-        highest = max(highest, int(np.nanmax(data)) if data.size else 0)
+        highest = max(highest, _highest_label(case, known or {}))
     log.warning("no \"labels\" in the datalist or config; found classes 0..%d in the training labels", highest)
+    return class_names_up_to(highest)
+
+
+def class_names_up_to(highest: int) -> dict[int, str]:
+    """The class names of labels whose highest value is ``highest`` when no names are declared."""
     return {i: ("background" if i == 0 else f"class_{i}") for i in range(max(highest, 1) + 1)}
+
+
+def _highest_label(case: Case, known: Mapping[Path, float]) -> int:
+    assert case.label is not None
+    if case.label in known:
+        return int(known[case.label])
+    data = np.asarray(read_nifti(case.label, case=case.name, check_grid=False).dataobj)
+    return int(np.nanmax(data)) if data.size else 0
+
+
+def label_maxima(cases: Iterable[CaseSummary], root: Path) -> dict[Path, float]:
+    """The highest value of every label file a passed data check read (its ``training`` and ``validation`` cases).
+
+    Only from a check without errors: there every label value is a finite, non-negative integer, so
+    ``int`` of it is what reading the file and taking ``nanmax`` gives.
+    """
+    return {root / c.label.path: c.label.highest for c in cases if c.label is not None and c.label.highest is not None}
 
 
 def split_for_run(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from medunet.config import Config, DataConfig, apply_overrides, config_from_dict, load_config, read_yaml
@@ -27,6 +27,7 @@ from medunet.io.atomic import atomic_write_text
 from medunet.io.datalist import Datalist, DatalistSource, datalist_file, load_datalist, split_cases
 from medunet.model.layout import CONFIG_FILE, LAST_CHECKPOINT, SPLITS_FILE
 from medunet.qc.reference import SharedRows, ct_input, reference_cases
+from medunet.training.cases import class_names_up_to, label_maxima
 
 log = logging.getLogger("medunet")
 
@@ -77,11 +78,14 @@ def resolve_training_config(
     allow_outside_root: bool = False,
     gpu_memory: float | None = None,
     qc_rows: SharedRows | None = None,
+    known_labels: Mapping[Path, float] | None = None,
 ) -> Config:
     """The config ``medunet train DATALIST -o RUN_DIR`` trains with (see the module docstring for the rules).
 
     When it plans, the planning pass also fills ``qc_rows`` for the cases the run's QC reference will
-    likely read (:func:`expect_reference_rows`), so the trainer need not read them again.
+    likely read (:func:`expect_reference_rows`), so the trainer need not read them again. ``known_labels``:
+    the data check's highest value per label file (:func:`check_before_training`), for the class count
+    of a datalist without "labels".
 
     Raises:
         ConfigError: ``config_path`` given with ``resume``, or a bad config/override.
@@ -102,7 +106,7 @@ def resolve_training_config(
         return config
     if (run_dir / LAST_CHECKPOINT).exists():  # an existing run (the trainer refuses it without --resume)
         return load_config(None, extra, modality=datalist_modality(datalist))
-    return _planned_config(datalist, run_dir, extra, gpu_memory=gpu_memory, qc_rows=qc_rows)
+    return _planned_config(datalist, run_dir, extra, gpu_memory=gpu_memory, qc_rows=qc_rows, known_labels=known_labels)
 
 
 def keep_plan_fingerprint(config_path: Path, run_dir: Path) -> Path | None:
@@ -123,14 +127,15 @@ def keep_plan_fingerprint(config_path: Path, run_dir: Path) -> Path | None:
 
 
 def _planned_config(
-    datalist: DatalistSource, run_dir: Path, extra: Sequence[str], *, gpu_memory: float | None, qc_rows: SharedRows | None
+    datalist: DatalistSource, run_dir: Path, extra: Sequence[str], *, gpu_memory: float | None, qc_rows: SharedRows | None,
+    known_labels: Mapping[Path, float] | None = None,
 ) -> Config:
     """Plan a config from the data into ``run_dir/plan.yaml`` and apply the overrides to it."""
     from medunet.planning.api import load_planned_config, plan_datalist
 
     data = overridden_data(extra)  # a mistyped key or value fails before any data is read
     if qc_rows is not None:
-        expect_reference_rows(qc_rows, load_datalist(datalist, allow_outside_root=data.allow_outside_root), data)
+        expect_reference_rows(qc_rows, load_datalist(datalist, allow_outside_root=data.allow_outside_root), data, known_labels)
     planned = plan_datalist(datalist, run_dir / "plan.yaml", fingerprint_to=run_dir / FINGERPRINT_FILE, overwrite=True,
                             allow_outside_root=data.allow_outside_root, gpu_memory_gb=gpu_memory, qc_rows=qc_rows)
     log.info("no -c given: planned a config from the data (%s; --set overrides apply on top); edit it and pass -c to change it",
@@ -141,22 +146,35 @@ def _planned_config(
     return config
 
 
-def expect_reference_rows(qc_rows: SharedRows, datalist: Datalist, data: DataConfig) -> None:
+def expect_reference_rows(
+    qc_rows: SharedRows, datalist: Datalist, data: DataConfig, known_labels: Mapping[Path, float] | None = None
+) -> None:
     """Name, in ``qc_rows``, the cases a new run's QC reference will read, as far as the data settings tell.
 
     They are the reference's choice among the run's training cases: the "training" list when the datalist has
-    a "validation" list, else its seeded split. The class count is the datalist's "labels" (nothing is expected
-    without them: the trainer finds the classes from the labels), the CT flag the CT-ness of its first channel
+    a "validation" list, else its seeded split. The class count is the datalist's "labels", else the one the trainer
+    will find from the training labels when ``known_labels`` (the data check's highest value per label file) covers
+    them all (nothing is expected otherwise), the CT flag the CT-ness of its first channel
     or of the normalisation the overrides set. A plan or a fold that ends up choosing otherwise just reads
     the cases not covered (:meth:`SharedRows.row` checks the case, the CT flag and the class count).
     """
-    if not datalist.labels or len(datalist.training) < 2:
+    num_classes = len(datalist.labels) if datalist.labels else _found_classes(datalist, data, known_labels or {})
+    if not num_classes or len(datalist.training) < 2:
         return
     train = list(datalist.training)
     if not datalist.validation:
         train = split_cases(train, val_fraction=data.val_fraction, seed=data.split_seed)[0]
     ct = ct_input(data.normalization, datalist.modality)  # as the trainer's is_ct(config, datalist.modality)
-    qc_rows.expect(reference_cases(train), ct=ct, num_classes=len(datalist.labels))
+    qc_rows.expect(reference_cases(train), ct=ct, num_classes=num_classes)
+
+
+def _found_classes(datalist: Datalist, data: DataConfig, known: Mapping[Path, float]) -> int | None:
+    """The class count :func:`~medunet.training.cases.resolve_labels` finds without declared labels, or None when unknown."""
+    if data.labels:
+        return len(data.labels)
+    if not datalist.training or any(c.label is None or c.label not in known for c in datalist.training):
+        return None
+    return len(class_names_up_to(max(int(known[c.label]) for c in datalist.training if c.label is not None)))
 
 
 def resolve_crossval_config(
@@ -193,8 +211,11 @@ def check_before_training(
     allow_outside_root: bool = False,
     progress: bool = False,
     show: Callable[[str], None] | None = None,
-) -> None:
+) -> dict[Path, float]:
     """Run the datalist check (as ``medunet check``) and refuse to train when it finds errors.
+
+    Returns the highest value of every label file it read (:func:`~medunet.training.cases.label_maxima`),
+    so that finding the classes need not read them again.
 
     The check reads ``data.labels`` and ``data.allow_outside_root`` from the run's config file and
     overrides, as training will. ``show`` receives the formatted findings, when there are any.
@@ -221,3 +242,4 @@ def check_before_training(
             path=str(datalist.parent / first.path) if first.path else None,  # report paths are relative to the datalist
         )
     log.info("data check: %s", report.summary_line())
+    return label_maxima(report.cases, datalist_file(datalist).parent)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,6 +160,7 @@ def train(
     fold: Fold | None = None,
     callbacks: Sequence[EpochCallback] = (),
     qc_rows: SharedRows | None = None,
+    known_labels: Mapping[Path, float] | None = None,
 ) -> TrainResult:
     """Train (or resume) a model on a datalist; see the module docstring for the run folder.
 
@@ -168,7 +169,8 @@ def train(
     Each of ``callbacks`` is called after every epoch with an :class:`EpochRecord`; one returning
     True ends training there (the epoch's checkpoints are already saved). ``datalist_path`` may be the
     :class:`~medunet.io.datalist.Datalist` the caller parsed; ``qc_rows``, QC reference rows an earlier pass
-    over the cases computed (:class:`~medunet.qc.reference.SharedRows`).
+    over the cases computed (:class:`~medunet.qc.reference.SharedRows`); ``known_labels``, the data check's highest value
+    per label file (:func:`~medunet.training.run_config.check_before_training`), so finding the classes need not read them.
 
     Raises:
         MedunetError: bad data, config or checkpoint, or a non-finite loss.
@@ -178,12 +180,13 @@ def train(
         _check_run_folder(run_dir, resume)
         run_dir.mkdir(parents=True, exist_ok=True)
         if not dist.is_main():
-            result = Trainer(datalist_path, run_dir, config, resume=resume, progress=False, fold=fold, qc_rows=qc_rows).fit(callbacks)
+            result = Trainer(datalist_path, run_dir, config, resume=resume, progress=False, fold=fold, qc_rows=qc_rows,
+                             known_labels=known_labels).fit(callbacks)
             dist.barrier()  # return once rank 0 has written the last files
             return result
         with _run_log(run_dir):
             result = Trainer(datalist_path, run_dir, config, resume=resume, progress=progress, fold=fold,
-                             qc_rows=qc_rows).fit(callbacks)
+                             qc_rows=qc_rows, known_labels=known_labels).fit(callbacks)
             dist.barrier()
             return result
 
@@ -221,7 +224,7 @@ class Trainer:
 
     def __init__(
         self, datalist_path: DatalistSource, run_dir: Path, config: Config, *, resume: bool = False, progress: bool = True,
-        fold: Fold | None = None, qc_rows: SharedRows | None = None,
+        fold: Fold | None = None, qc_rows: SharedRows | None = None, known_labels: Mapping[Path, float] | None = None,
     ) -> None:
         self.config, self.run_dir, self.progress = config, run_dir, progress
         tc = config.train
@@ -234,7 +237,7 @@ class Trainer:
         if dist.is_main():
             require_tracking(config)  # a missing tracker package stops the run before any data is read
         self.datalist = load_datalist(datalist_path, allow_outside_root=config.data.allow_outside_root)
-        labels = resolve_labels(self.datalist, config)
+        labels = resolve_labels(self.datalist, config, known_labels)
         self.class_names = [labels[i] for i in sorted(labels)]
         self.in_channels = len(self.datalist.training[0].image)
         train_cases, val_cases = split_for_run(self.datalist, config, run_dir, resume, fold)
