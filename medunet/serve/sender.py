@@ -182,13 +182,15 @@ def send_folder(folder: Path, files: Sequence[Path]) -> list[SendResult]:
     folder.mkdir(parents=True, exist_ok=True)
     results = []
     for file in (_identify(Path(p)) for p in files):
-        _copy_atomic(file.path, folder / f"{file.sop_instance_uid}.dcm")
+        copy_atomic(file.path, folder / f"{file.sop_instance_uid}.dcm")
         results.append(SendResult(file.sop_instance_uid, file.path, str(folder), True, None, "stored"))
     log.info("copied %d instance(s) to %s", len(results), folder)
     return results
 
 
-def _copy_atomic(source: Path, target: Path) -> None:
+def copy_atomic(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` through a hidden, uniquely named ``.part`` file: fsynced, then renamed over it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle, open(source, "rb") as data:

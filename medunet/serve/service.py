@@ -48,7 +48,7 @@ from medunet.serve.config import Destination, ServeConfig
 from medunet.serve.receiver import NON_IMAGE_MODALITIES, REJECT_CALLING_AE, DicomNode, discard_unreleased
 from medunet.serve.records import Delivery, DeliveryItem, Job, ReceivedInstance
 from medunet.serve.routing import route, skip_reason
-from medunet.serve.sender import send_dicom, send_folder, send_stowrs
+from medunet.serve.sender import copy_atomic, send_dicom, send_folder, send_stowrs
 from medunet.serve.store import JobStore
 
 if TYPE_CHECKING:
@@ -453,7 +453,7 @@ def _deliver(destination: Destination, deliveries: Sequence[Delivery], *, callin
         for result in send_folder(folder, [Path(d.path) for d in dicom]):
             outcomes.update({d.id: None if result.ok else result.message for d in dicom if Path(d.path) == result.path})
         for delivery in (d for d in deliveries if not d.path.endswith(".dcm")):
-            _copy_atomic(Path(delivery.path), folder / delivery.item)
+            copy_atomic(Path(delivery.path), folder / delivery.item)
             outcomes[delivery.id] = None
         return outcomes
     files = [Path(d.path) for d in deliveries]
@@ -466,16 +466,6 @@ def _deliver(destination: Destination, deliveries: Sequence[Delivery], *, callin
     by_path = {r.path: r for r in results}
     return {d.id: (None if by_path[Path(d.path)].ok else by_path[Path(d.path)].message) if Path(d.path) in by_path
             else "no answer for this file" for d in deliveries}
-
-
-def _copy_atomic(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(f".{target.name}.part")
-    with open(source, "rb") as data, open(part, "wb") as handle:
-        shutil.copyfileobj(data, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(part, target)
 
 
 def _fsync_tree(folder: Path, *, files: bool = True) -> None:
