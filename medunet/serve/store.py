@@ -480,9 +480,7 @@ class JobStore:
         """Record a delivery as sent; its job becomes done (or review) when nothing of it is left to send."""
         now = time.time() if now is None else now
         with self._tx() as tx:
-            row = tx.one("SELECT job_id, destination, item FROM deliveries WHERE id = ?", (delivery_id,))
-            if row is None:
-                raise ServeError(f"no delivery {delivery_id} in the job database")
+            row = _delivery_row(tx, delivery_id)
             if tx.run("UPDATE deliveries SET state = 'sent', sent_at = ?, last_error = NULL WHERE id = ? AND state = 'pending'", (now, delivery_id)):
                 tx.event(row["job_id"], now, "sent", f"{row['item']} to {row['destination']}")
                 self._settle(tx, row["job_id"], now)
@@ -491,9 +489,7 @@ class JobStore:
         """Record a failed send: retried at ``next_attempt_at``, or dead after the last attempt (its job then fails)."""
         now = time.time() if now is None else now
         with self._tx() as tx:
-            row = tx.one("SELECT job_id, destination, item, attempts, state FROM deliveries WHERE id = ?", (delivery_id,))
-            if row is None:
-                raise ServeError(f"no delivery {delivery_id} in the job database")
+            row = _delivery_row(tx, delivery_id)
             if row["state"] != "pending":
                 state_now: DeliveryState = row["state"]
                 return state_now
@@ -615,3 +611,11 @@ class JobStore:
                 if row[start] is not None and row[end] is not None:
                     found[name].append(max(0.0, float(row[end]) - float(row[start])))
         return found
+
+
+def _delivery_row(tx: _Tx, delivery_id: int) -> dict[str, Any]:
+    """The delivery's job, destination, item, attempts and state; an unknown id is a :class:`ServeError`."""
+    row = tx.one("SELECT job_id, destination, item, attempts, state FROM deliveries WHERE id = ?", (delivery_id,))
+    if row is None:
+        raise ServeError(f"no delivery {delivery_id} in the job database")
+    return row
